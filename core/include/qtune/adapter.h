@@ -1,0 +1,58 @@
+// The second interface the trainer knows: trainable low-rank weights beside one frozen base
+// projection (Adapter), and the plugin-side factory that makes them (AdapterFactory).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "qtune/export.h"
+#include "qtune/options.h"
+#include "qtune/tensor_state.h"
+
+namespace qtune {
+
+/// Trainable parameters beside one base projection W[out, in]. A torch Module: its registered
+/// parameters are what the optimizer trains; parameter names follow PEFT (lora_A.weight ...).
+class QTUNE_API Adapter : public torch::nn::Module {
+ public:
+  ~Adapter() override;
+
+  /// delta[..., out] added to the base output for x[..., in]; computed in x's dtype. Returns a
+  /// zero tensor when disabled.
+  virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+  /// The dense update ΔW[out, in] in fp32 such that base + adapter == x @ (W + ΔW)^T
+  /// (dropout off). Used for merging.
+  virtual torch::Tensor delta_weight() const = 0;
+  /// Tensors under PEFT-relative keys ("lora_A.weight", "lora_B.weight") and the options.
+  virtual TensorState state() const = 0;
+  /// Copies tensors from a state of the same shapes; throws UserError naming a missing key or
+  /// a shape mismatch.
+  virtual void load(const TensorState& state) = 0;
+  /// The adapter-specific fields of a PEFT adapter_config.json (peft_type, r, lora_alpha, ...).
+  virtual Json peft_config() const = 0;
+
+  /// A disabled adapter adds nothing (the reference model for KL terms, A/B evaluation).
+  void set_enabled(bool enabled) { enabled_ = enabled; }
+  bool enabled() const { return enabled_; }
+
+ private:
+  bool enabled_ = true;
+};
+
+/// An adapter plugin's factory.
+class QTUNE_API AdapterFactory {
+ public:
+  virtual ~AdapterFactory();
+  virtual std::string name() const = 0;
+  /// Every option with its default (rank, alpha, dropout, use_rslora, init for LoRA).
+  virtual std::vector<OptionSpec> option_schema() const = 0;
+  /// A new adapter for a projection in_features -> out_features with resolved options; its
+  /// parameters are fp32 on CPU. Throws UserError on a bad option value.
+  virtual std::shared_ptr<Adapter> create(int64_t in_features, int64_t out_features,
+                                          const Json& options) const = 0;
+};
+
+}  // namespace qtune

@@ -1,0 +1,32 @@
+// WeightSource: where a model's full-precision weights come from, by Hugging Face Llama name
+// ("model.layers.0.self_attn.q_proj.weight"). Safetensors directories, llama2.c checkpoints and
+// synthetic random models all present themselves this way, so the model builder can quantize
+// layer by layer while loading without knowing the file format.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "qtune/export.h"
+
+namespace qtune {
+
+class QTUNE_API WeightSource {
+ public:
+  virtual ~WeightSource();
+  /// Where the weights come from, for messages.
+  virtual std::string describe() const = 0;
+  virtual bool has(const std::string& name) const = 0;
+  /// Shape without loading the data.
+  virtual std::vector<int64_t> shape(const std::string& name) const = 0;
+  /// A fresh, contiguous CPU tensor in `dtype` (a copy: the caller may keep or drop it).
+  /// Throws UserError naming the tensor and the source when it is missing.
+  virtual torch::Tensor get(const std::string& name, torch::ScalarType dtype) const = 0;
+  /// Every tensor name.
+  virtual std::vector<std::string> names() const = 0;
+};
+
+}  // namespace qtune

@@ -1,0 +1,17 @@
+// Out-of-line destructors of the exported interface classes, so their vtables and type info live
+// in libqtune_core (one copy shared by every plugin).
+#include "qtune/adapter.h"
+#include "qtune/quantized_weight.h"
+#include "qtune/tokenizer.h"
+#include "qtune/weight_source.h"
+
+namespace qtune {
+
+QuantizedWeight::~QuantizedWeight() = default;
+QuantBackend::~QuantBackend() = default;
+Adapter::~Adapter() = default;
+AdapterFactory::~AdapterFactory() = default;
+WeightSource::~WeightSource() = default;
+Tokenizer::~Tokenizer() = default;
+
+}  // namespace qtune

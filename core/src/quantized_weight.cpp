@@ -1,0 +1,59 @@
+// Default QuantizedWeight methods: row-tiled dequantize-then-matmul, and nbytes from state().
+#include "qtune/quantized_weight.h"
+
+#include <algorithm>
+
+namespace qtune {
+
+int64_t QuantizedWeight::tile_rows() const {
+  // ~8 MB of fp32 W per tile: big enough for an efficient GEMM, small enough that the transient
+  // copy is noise next to activations. A small matrix is one tile.
+  const int64_t per_row = std::max<int64_t>(1, in_features()) * 4;
+  return std::max<int64_t>(64, (int64_t{8} << 20) / per_row);
+}
+
+torch::Tensor QuantizedWeight::dequantize_rows(int64_t begin, int64_t end, torch::ScalarType dtype,
+                                               torch::Device device) const {
+  return dequantize(dtype, device).slice(0, begin, end).contiguous();
+}
+
+torch::Tensor QuantizedWeight::linear(const torch::Tensor& x) const {
+  const int64_t out = out_features(), tile = tile_rows();
+  if (tile >= out)
+    return torch::matmul(x, dequantize(x.scalar_type(), x.device()).t());
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  torch::Tensor y = torch::empty(sizes, x.options());
+  for (int64_t r = 0; r < out; r += tile) {
+    const int64_t e = std::min(out, r + tile);
+    y.narrow(-1, r, e - r).copy_(
+        torch::matmul(x, dequantize_rows(r, e, x.scalar_type(), x.device()).t()));
+  }
+  return y;
+}
+
+torch::Tensor QuantizedWeight::linear_grad_input(const torch::Tensor& g) const {
+  const int64_t out = out_features(), tile = tile_rows();
+  if (tile >= out) return torch::matmul(g, dequantize(g.scalar_type(), g.device()));
+  torch::Tensor gx;
+  for (int64_t r = 0; r < out; r += tile) {
+    const int64_t e = std::min(out, r + tile);
+    auto part = torch::matmul(g.narrow(-1, r, e - r),
+                              dequantize_rows(r, e, g.scalar_type(), g.device()));
+    if (gx.defined())
+      gx.add_(part);
+    else
+      gx = part;
+  }
+  return gx;
+}
+
+int64_t QuantizedWeight::nbytes() const {
+  TensorState s = state();
+  int64_t total = 0;
+  for (const auto& [_, t] : s.tensors) total += t.numel() * t.element_size();
+  total += static_cast<int64_t>(s.meta.dump().size());
+  return total;
+}
+
+}  // namespace qtune

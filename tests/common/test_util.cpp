@@ -1,0 +1,94 @@
+// Shared test helpers (see test_util.h).
+#include "test_util.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include <gtest/gtest.h>
+
+namespace fs = std::filesystem;
+
+namespace qtune::test {
+
+static std::string env_or(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::string(v) : fallback;
+}
+
+std::string data_path(const std::string& file) {
+  std::string dir = env_or("QTUNE_DATA", env_or("QTUNE_DEFAULT_DATA", "../shared/data"));
+  std::string path = file.empty() ? dir : (fs::path(dir) / file).string();
+  if (!fs::exists(path)) {
+    std::string msg = "test data missing: " + path +
+                      " (the shared data folder must sit at ../shared/data beside the checkout, "
+                      "or set QTUNE_DATA)";
+    ADD_FAILURE() << msg;
+    throw std::runtime_error(msg);
+  }
+  return path;
+}
+
+std::string build_dir() { return env_or("QTUNE_BUILD_DIR", "."); }
+std::string source_dir() { return env_or("QTUNE_SOURCE_DIR", ".."); }
+std::string bin_path(const std::string& program) { return build_dir() + "/bin/" + program; }
+std::string plugin_dir() { return build_dir() + "/lib/qtune/plugins"; }
+
+static std::vector<std::string>* dirs_ptr() {
+  static auto* dirs = [] {
+    auto* v = new std::vector<std::string>();
+    std::atexit([] {
+      std::error_code ec;
+      if (!std::getenv("QTUNE_KEEP_TEMP"))
+        for (const auto& d : *dirs_ptr()) fs::remove_all(d, ec);
+    });
+    return v;
+  }();
+  return dirs;
+}
+
+std::string temp_dir(const std::string& tag) {
+  std::string pattern = (fs::temp_directory_path() / ("qtune-" + tag + "-XXXXXX")).string();
+  std::vector<char> buf(pattern.begin(), pattern.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed for " + pattern);
+  dirs_ptr()->push_back(buf.data());
+  return buf.data();
+}
+
+RunResult run_program(const std::vector<std::string>& args, const std::vector<std::string>& env) {
+  std::string out_file = temp_dir("run") + "/out.txt";
+  pid_t pid = fork();
+  if (pid == 0) {
+    FILE* f = std::freopen(out_file.c_str(), "w", stdout);
+    (void)f;
+    dup2(fileno(stdout), fileno(stderr));
+    for (const auto& kv : env) putenv(const_cast<char*>(kv.c_str()));
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    std::fprintf(stderr, "exec %s failed\n", argv[0]);
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  RunResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.output = read_file(out_file);
+  return r;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace qtune::test

@@ -1,0 +1,31 @@
+// Helpers shared by the test suites: where the shared data and the built tree are, and running a
+// built program to capture its exit code and output.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace qtune::test {
+
+/// ../shared/data (or $QTUNE_DATA). Fails the calling test loudly (ADD_FAILURE + throw) when the
+/// folder or `file` in it is missing: data tests never skip silently.
+std::string data_path(const std::string& file = "");
+/// The CMake build dir (for bin/ and lib/qtune/plugins).
+std::string build_dir();
+std::string source_dir();
+std::string bin_path(const std::string& program);
+std::string plugin_dir();
+
+/// A fresh empty temporary directory, removed when the process exits.
+std::string temp_dir(const std::string& tag);
+
+struct RunResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+/// Runs `args[0]` with the rest as arguments (no shell), capturing output.
+RunResult run_program(const std::vector<std::string>& args, const std::vector<std::string>& env = {});
+
+std::string read_file(const std::string& path);
+
+}  // namespace qtune::test
