@@ -1,6 +1,7 @@
 // Out-of-line destructors of the exported interface classes, so their vtables and type info live
 // in libqtune_core (one copy shared by every plugin).
 #include "qtune/adapter.h"
+#include "qtune/error.h"
 #include "qtune/quantized_weight.h"
 #include "qtune/tokenizer.h"
 #include "qtune/weight_source.h"
@@ -13,5 +14,9 @@ Adapter::~Adapter() = default;
 AdapterFactory::~AdapterFactory() = default;
 WeightSource::~WeightSource() = default;
 Tokenizer::~Tokenizer() = default;
+
+TensorState WeightSource::quantized(const std::string& name) const {
+  throw UserError("no pre-quantized state for " + name + " in " + describe());
+}
 
 }  // namespace qtune

@@ -52,7 +52,8 @@ int64_t QuantizedWeight::nbytes() const {
   TensorState s = state();
   int64_t total = 0;
   for (const auto& [_, t] : s.tensors) total += t.numel() * t.element_size();
-  total += static_cast<int64_t>(s.meta.dump().size());
+  // meta (shape, options) is rebuilt on demand by state(); in memory a weight holds only a few
+  // scalars beside its tensors, so the JSON text is not counted.
   return total;
 }
 

@@ -44,7 +44,8 @@ class QTUNE_API QuantizedWeight {
   /// of the result rebuilds an identical weight. meta always holds "backend", "shape" and
   /// "options".
   virtual TensorState state() const = 0;
-  /// Bytes really held: every tensor in state(), metadata included.
+  /// Bytes really held: every tensor in state() (packed codes, scales, code tables); the
+  /// default sums them. A backend holding more (e.g. scalars outside tensors) adds it.
   virtual int64_t nbytes() const;
   /// Moves every tensor to `device` in place (handles from state() see the move).
   virtual void to(torch::Device device) = 0;

@@ -11,6 +11,8 @@
 #include <torch/torch.h>
 
 #include "qtune/export.h"
+#include "qtune/model_config.h"
+#include "qtune/tensor_state.h"
 
 namespace qtune {
 
@@ -27,6 +29,25 @@ class QTUNE_API WeightSource {
   virtual torch::Tensor get(const std::string& name, torch::ScalarType dtype) const = 0;
   /// Every tensor name.
   virtual std::vector<std::string> names() const = 0;
+
+  /// A pre-quantized directory (written by qtune-quantize) also holds packed states: when
+  /// has_quantized(name) is true, quantized(name) returns the TensorState to hand to
+  /// QuantBackend::load (meta holds "backend"), and get(name) may be unavailable.
+  virtual bool has_quantized(const std::string& name) const { return false; }
+  virtual TensorState quantized(const std::string& name) const;
 };
+
+/// A model on disk: its architecture and its weights. `tokenizer_path` is the tokenizer found
+/// beside the model (tokenizer.model in an HF directory), empty when there is none.
+struct QTUNE_API ModelFiles {
+  ModelConfig config;
+  std::unique_ptr<WeightSource> weights;
+  std::string tokenizer_path;
+};
+
+/// Opens a Hugging Face directory (config.json + model.safetensors or a sharded index) or a
+/// llama2.c .bin checkpoint. Weights stay memory-mapped until get() is called. Throws UserError
+/// naming the path and what is wrong.
+QTUNE_API ModelFiles open_model(const std::string& path);
 
 }  // namespace qtune
