@@ -1,0 +1,210 @@
+// The Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied head)
+// and the builder that fills every projection slot according to the tuning spec:
+//   full  -> dense trainable weight
+//   lora  -> dense frozen weight + adapter (on targeted slots)
+//   qlora -> quantized frozen weight + adapter (every frozen linear is quantized)
+// QLoRA is LoRA with a quantized base: one builder, one code path.
+#pragma once
+
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "qtune/adapter.h"
+#include "qtune/export.h"
+#include "qtune/model_config.h"
+#include "qtune/quantized_linear.h"
+#include "qtune/quantized_weight.h"
+#include "qtune/weight_source.h"
+
+namespace qtune {
+
+enum class TrainType { kFull, kLora, kQlora };
+/// "full" | "lora" | "qlora"; throws UserError naming `train_type` otherwise.
+QTUNE_API TrainType parse_train_type(const std::string& s);
+QTUNE_API std::string to_string(TrainType t);
+/// "fp32" | "bf16" (also "float32", "bfloat16"); throws UserError naming `key` otherwise.
+QTUNE_API torch::ScalarType parse_dtype(const std::string& s, const std::string& key = "dtype");
+
+/// The projection kinds an adapter can target, by short name.
+/// q,k,v,o -> self_attn.{q,k,v,o}_proj; gate,up,down -> mlp.*_proj; output -> lm_head.
+QTUNE_API const std::vector<std::string>& all_target_modules();
+/// Expands "all-linear" and validates names; throws UserError naming `key` for an unknown one.
+QTUNE_API std::set<std::string> parse_target_modules(const std::vector<std::string>& names,
+                                                     const std::string& key);
+
+/// What to put in each projection slot.
+struct QTUNE_API TuningSpec {
+  TrainType train_type = TrainType::kFull;
+  /// Compute dtype: activations and frozen dense weights. Trainable weights are fp32 masters.
+  torch::ScalarType dtype = torch::kFloat32;
+  std::shared_ptr<QuantBackend> quant;  // required for qlora
+  Json quant_options = Json::object();  // resolved
+  bool quant_skip_output = false;       // keep the output head dense under qlora
+  std::shared_ptr<AdapterFactory> adapter;  // required for lora/qlora
+  Json adapter_options = Json::object();    // resolved
+  std::set<std::string> target_modules;     // short names, see all_target_modules()
+};
+
+/// One projection y = x @ W^T (+ adapter(x)). The base is a dense trainable parameter, a dense
+/// frozen buffer, or a QuantizedLinear; an adapter (submodule "adapter") is optional.
+class QTUNE_API LinearSlotImpl : public torch::nn::Module {
+ public:
+  enum class Kind { kDense, kFrozenDense, kQuantized };
+  /// Dense: `weight` [out, in] becomes parameter "weight" (trainable) or buffer "weight".
+  /// `shared` = true keeps the tensor unregistered (a tied head that belongs to the embedding).
+  LinearSlotImpl(torch::Tensor weight, bool trainable, bool shared = false);
+  /// Quantized frozen base (its packed tensors become buffers of submodule "base").
+  explicit LinearSlotImpl(std::shared_ptr<QuantizedWeight> weight);
+
+  torch::Tensor forward(const torch::Tensor& x);
+  void attach_adapter(std::shared_ptr<Adapter> adapter);
+
+  Kind kind() const { return kind_; }
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+  const std::shared_ptr<Adapter>& adapter() const { return adapter_; }
+  std::shared_ptr<QuantizedWeight> quantized() const;
+  /// The dense base weight tensor (undefined for quantized slots).
+  const torch::Tensor& dense() const { return weight_; }
+  /// The base as a dense [out, in] matrix (dequantized if needed), adapter not included.
+  torch::Tensor base_weight(torch::ScalarType dtype) const;
+  /// Bytes the base really holds (quantized: nbytes(); dense: numel * element size).
+  int64_t base_nbytes() const;
+
+ private:
+  Kind kind_;
+  int64_t in_ = 0, out_ = 0;
+  torch::Tensor weight_;
+  QuantizedLinear base_{nullptr};
+  std::shared_ptr<Adapter> adapter_;
+};
+TORCH_MODULE(LinearSlot);
+
+/// Root-mean-square norm with a learned scale, computed in fp32.
+class QTUNE_API RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(torch::Tensor weight, double eps, bool trainable);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+/// Keys and values of every layer for incremental decoding.
+struct QTUNE_API KVCache {
+  std::vector<torch::Tensor> k, v;  // per layer [B, kv_heads, capacity, head_dim]
+  int64_t length = 0;               // positions filled
+};
+
+class QTUNE_API AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const ModelConfig& c, LinearSlot q, LinearSlot k, LinearSlot v, LinearSlot o);
+  /// x [B, T, dim]; cos/sin [T, head_dim] for the positions of x; cache may be null.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache, int64_t layer);
+  LinearSlot q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+ private:
+  int64_t heads_, kv_heads_, head_dim_;
+};
+TORCH_MODULE(Attention);
+
+class QTUNE_API MlpImpl : public torch::nn::Module {
+ public:
+  MlpImpl(LinearSlot gate, LinearSlot up, LinearSlot down);
+  torch::Tensor forward(const torch::Tensor& x);
+  LinearSlot gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+class QTUNE_API DecoderLayerImpl : public torch::nn::Module {
+ public:
+  DecoderLayerImpl(RMSNorm in_norm, Attention attn, RMSNorm post_norm, Mlp mlp);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache, int64_t layer);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  Mlp mlp{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+/// Holds the embedding ("weight" [vocab, dim]) so module paths match Hugging Face's.
+class QTUNE_API EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(torch::Tensor weight, bool trainable);
+  torch::Tensor forward(const torch::Tensor& tokens);
+  torch::Tensor weight;
+};
+TORCH_MODULE(Embedding);
+
+/// The decoder stack ("model." in Hugging Face names).
+class QTUNE_API LlamaBackboneImpl : public torch::nn::Module {
+ public:
+  LlamaBackboneImpl() = default;
+  Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(LlamaBackbone);
+
+/// A Llama causal LM: parameter and buffer paths are the Hugging Face ones
+/// ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight").
+class QTUNE_API LlamaForCausalLMImpl : public torch::nn::Module {
+ public:
+  /// Builds the model slot by slot from `weights`, quantizing each frozen projection as soon as
+  /// it is read (peak memory ~ the quantized model + one full-precision matrix).
+  LlamaForCausalLMImpl(const ModelConfig& config, const WeightSource& weights,
+                       const TuningSpec& spec);
+
+  /// tokens [B, T] int64 -> logits [B, T, vocab] in fp32. With a cache, tokens continue at
+  /// position cache->length and the cache is extended.
+  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
+  /// Mean cross-entropy over targets != -100 (fp32 scalar), and the number of such targets.
+  std::pair<torch::Tensor, int64_t> loss(const torch::Tensor& tokens, const torch::Tensor& targets);
+
+  /// A cache sized for `batch` sequences of up to `capacity` positions.
+  KVCache new_cache(int64_t batch, int64_t capacity) const;
+
+  const ModelConfig& config() const { return config_; }
+  const TuningSpec& spec() const { return spec_; }
+  /// Every projection slot by module path ("model.layers.0.self_attn.q_proj", "lm_head").
+  const std::vector<std::pair<std::string, LinearSlot>>& slots() const { return slots_; }
+  /// Parameters the optimizer trains (requires_grad), with their paths.
+  std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters() const;
+  int64_t num_trainable_parameters() const;
+  /// Parameters of the dense model this one represents (what the config implies).
+  int64_t num_total_parameters() const { return config_.num_parameters(); }
+  /// Bytes held by the frozen/trainable base projections (all slots' bases).
+  int64_t linear_weight_bytes() const;
+  /// Bytes of the whole base: projections + embedding + norms (adapters excluded).
+  int64_t base_weight_bytes() const;
+  /// Recompute each decoder layer in backward instead of keeping its activations.
+  void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+  /// Turns every adapter on or off (off = the base model).
+  void set_adapters_enabled(bool on);
+
+  LlamaBackbone model{nullptr};
+  LinearSlot lm_head{nullptr};
+
+ private:
+  ModelConfig config_;
+  TuningSpec spec_;
+  std::vector<std::pair<std::string, LinearSlot>> slots_;
+  torch::Tensor inv_freq_;
+  bool checkpointing_ = false;
+  std::pair<torch::Tensor, torch::Tensor> rope(int64_t start, int64_t length,
+                                               torch::ScalarType dtype) const;
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+/// Random weights for a config (normal, std 0.02; norms 1): a WeightSource for benchmarks and
+/// tests at sizes no file holds. Tensors are generated on demand from (seed, name).
+QTUNE_API std::unique_ptr<WeightSource> random_weights(const ModelConfig& config, uint64_t seed);
+
+}  // namespace qtune
