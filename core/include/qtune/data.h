@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "qtune/export.h"
+#include "qtune/options.h"
 
 namespace qtune {
 
@@ -122,9 +122,9 @@ struct QTUNE_API LoaderState {
   int64_t num_examples = 0;
   int64_t batch_size = 0;
 
-  nlohmann::json to_json() const;
+  Json to_json() const;
   /// Throws UserError naming the missing or mistyped field.
-  static LoaderState from_json(const nlohmann::json& j);
+  static LoaderState from_json(const Json& j);
 };
 
 /// Endless batches over a dataset. With shuffle, epoch e visits the examples in a permutation
