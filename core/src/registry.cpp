@@ -28,6 +28,11 @@ struct Registry::Impl {
   std::vector<std::string> errors;
   // Never unloaded: kept here until exit, and deliberately leaked by global().
   std::vector<boost::dll::shared_library> libraries;
+
+  // A Registry of its own (tests) must not unload either: the body runs before the members are
+  // destroyed, so the factories above are released while their code is still mapped, and the
+  // handles are leaked so anything a plugin made may outlive the registry.
+  ~Impl() { new std::vector<boost::dll::shared_library>(std::move(libraries)); }
 };
 
 Registry::Registry() : impl_(std::make_shared<Impl>()) {}
