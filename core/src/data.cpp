@@ -2,6 +2,8 @@
 // document-level validation split, and the deterministic, resumable batch loader.
 #include "qtune/data.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -11,8 +13,6 @@
 #include <random>
 #include <sstream>
 #include <stdexcept>
-
-#include <spdlog/spdlog.h>
 
 #include "qtune/error.h"
 #include "qtune/options.h"
@@ -158,9 +158,9 @@ std::shared_ptr<TokenDataset> make_text_split(const std::vector<std::string>& do
   std::vector<int32_t> stream = tokenize_documents(docs, which, tokenizer);
   stats.tokens = static_cast<int64_t>(stream.size());
   auto ds = std::make_shared<PackedTextDataset>(std::move(stream), seq_len, std::move(stats));
-  QTUNE_CHECK(ds->size() > 0, what, " from '", source, "' has ", ds->stats().tokens,
-              " tokens in ", ds->stats().documents, " documents, fewer than data.seq_len + 1 = ",
-              seq_len + 1, " needed for one block; lower data.seq_len or use more text");
+  QTUNE_CHECK(ds->size() > 0, what, " from '", source, "' has ", ds->stats().tokens, " tokens in ",
+              ds->stats().documents, " documents, fewer than data.seq_len + 1 = ", seq_len + 1,
+              " needed for one block; lower data.seq_len or use more text");
   return ds;
 }
 
@@ -188,8 +188,8 @@ struct AlpacaRecord {
 
 // `where` is "<file> record [i]" or "<file> line n".
 AlpacaRecord parse_record(const Json& j, const std::string& where) {
-  QTUNE_CHECK(j.is_object(), where, ": expected an object with \"instruction\" and \"output\", got ",
-              j.type_name());
+  QTUNE_CHECK(j.is_object(), where,
+              ": expected an object with \"instruction\" and \"output\", got ", j.type_name());
   AlpacaRecord r;
   for (const char* key : {"instruction", "output"}) {
     QTUNE_CHECK(j.contains(key), where, ": key \"", key, "\" is missing");
@@ -219,8 +219,8 @@ std::vector<AlpacaRecord> read_alpaca(const std::string& path, const std::string
     try {
       all = Json::parse(text);
     } catch (const Json::parse_error& e) {
-      throw UserError(detail::concat(path, " line ", line_of_byte(text, e.byte),
-                                     ": invalid JSON (", e.what(), ")"));
+      throw UserError(detail::concat(path, " line ", line_of_byte(text, e.byte), ": invalid JSON (",
+                                     e.what(), ")"));
     }
     for (size_t i = 0; i < all.size(); ++i)
       records.push_back(parse_record(all[i], detail::concat(path, " record [", i, "]")));
@@ -247,9 +247,10 @@ std::vector<AlpacaRecord> read_alpaca(const std::string& path, const std::string
     }
   } else {
     throw UserError(detail::concat(
-        path, ": not Alpaca data: expected a JSON array of {\"instruction\", \"input\", "
-              "\"output\"} objects or one such object per line (JSONL); set data.format: text "
-              "for plain text"));
+        path,
+        ": not Alpaca data: expected a JSON array of {\"instruction\", \"input\", "
+        "\"output\"} objects or one such object per line (JSONL); set data.format: text "
+        "for plain text"));
   }
   QTUNE_CHECK(!records.empty(), path, ": no records");
   return records;
@@ -437,8 +438,8 @@ DataSplits load_data(const DataConfig& config, const Tokenizer& tokenizer) {
     const auto records = read_alpaca(config.path, text);
     std::vector<int64_t> train_idx = all_indices(static_cast<int64_t>(records.size()));
     if (config.val_fraction > 0) {
-      auto [train, val] = split_indices(static_cast<int64_t>(records.size()),
-                                        config.val_fraction, config.seed, config.path, "records");
+      auto [train, val] = split_indices(static_cast<int64_t>(records.size()), config.val_fraction,
+                                        config.seed, config.path, "records");
       train_idx = std::move(train);
       out.val = make_alpaca_split(records, val, tokenizer, config.seq_len, config.path,
                                   "the validation split");
@@ -455,9 +456,9 @@ DataSplits load_data(const DataConfig& config, const Tokenizer& tokenizer) {
                                 config.seq_len, config.val_path, "the validation file");
     } else {
       const auto records = read_alpaca(config.val_path, val_text);
-      out.val = make_alpaca_split(records, all_indices(static_cast<int64_t>(records.size())),
-                                  tokenizer, config.seq_len, config.val_path,
-                                  "the validation file");
+      out.val =
+          make_alpaca_split(records, all_indices(static_cast<int64_t>(records.size())), tokenizer,
+                            config.seq_len, config.val_path, "the validation file");
     }
   }
   log_split("train", *out.train);
@@ -525,10 +526,9 @@ LoaderState LoaderState::from_json(const Json& j) {
   QTUNE_CHECK(j.is_object(), "data loader state must be an object, got ", j.dump());
   auto unsigned_field = [&](const char* key) -> uint64_t {
     QTUNE_CHECK(j.contains(key), "data loader state: missing field '", key, "'");
-    QTUNE_CHECK(j[key].is_number_unsigned() ||
-                    (j[key].is_number_integer() && j[key].get<int64_t>() >= 0),
-                "data loader state: field '", key, "' must be a non-negative integer, got ",
-                j[key].dump());
+    QTUNE_CHECK(
+        j[key].is_number_unsigned() || (j[key].is_number_integer() && j[key].get<int64_t>() >= 0),
+        "data loader state: field '", key, "' must be a non-negative integer, got ", j[key].dump());
     return j[key].get<uint64_t>();
   };
   LoaderState s;
@@ -551,9 +551,9 @@ DataLoader::DataLoader(std::shared_ptr<const TokenDataset> dataset, int64_t batc
   QTUNE_CHECK(batch_size_ >= 1, "batch_size must be >= 1, got ", batch_size_);
   const int64_t n = dataset_->size();
   batches_per_epoch_ = drop_last_ ? n / batch_size_ : (n + batch_size_ - 1) / batch_size_;
-  QTUNE_CHECK(batches_per_epoch_ > 0, "'", dataset_->stats().source, "' gives ", n,
-              " examples of ", dataset_->seq_len(), " tokens, fewer than batch_size ",
-              batch_size_, "; lower the batch size or data.seq_len, or add data");
+  QTUNE_CHECK(batches_per_epoch_ > 0, "'", dataset_->stats().source, "' gives ", n, " examples of ",
+              dataset_->seq_len(), " tokens, fewer than batch_size ", batch_size_,
+              "; lower the batch size or data.seq_len, or add data");
 }
 
 void DataLoader::ensure_order() {
@@ -589,11 +589,12 @@ LoaderState DataLoader::state() const {
 void DataLoader::restore(const LoaderState& s) {
   QTUNE_CHECK(s.num_examples == dataset_->size() && s.batch_size == batch_size_ && s.seed == seed_,
               "cannot resume the data position: it was saved for ", s.num_examples,
-              " examples, batch_size ", s.batch_size, ", seed ", s.seed, "; now ",
-              dataset_->size(), " examples, batch_size ", batch_size_, ", seed ", seed_,
+              " examples, batch_size ", s.batch_size, ", seed ", s.seed, "; now ", dataset_->size(),
+              " examples, batch_size ", batch_size_, ", seed ", seed_,
               " (the data, data.seq_len, batch size or seed changed)");
-  QTUNE_CHECK(s.index >= 0 && s.index < batches_per_epoch_, "cannot resume the data position: ",
-              "batch index ", s.index, " is outside [0, ", batches_per_epoch_, ")");
+  QTUNE_CHECK(s.index >= 0 && s.index < batches_per_epoch_,
+              "cannot resume the data position: ", "batch index ", s.index, " is outside [0, ",
+              batches_per_epoch_, ")");
   epoch_ = s.epoch;
   index_ = s.index;
 }

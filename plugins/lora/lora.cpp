@@ -36,10 +36,9 @@ LoraOptions LoraOptions::from_json(const Json& resolved) {
   o.use_rslora = resolved.at("use_rslora").get<bool>();
   o.init = resolved.at("init").get<std::string>();
   QTUNE_CHECK(o.rank > 0, kContext, ".rank must be > 0, got ", o.rank);
-  QTUNE_CHECK(std::isfinite(o.alpha) && o.alpha > 0, kContext, ".alpha must be > 0, got ",
-              o.alpha);
-  QTUNE_CHECK(o.dropout >= 0 && o.dropout < 1, kContext,
-              ".dropout must be in [0, 1), got ", o.dropout);
+  QTUNE_CHECK(std::isfinite(o.alpha) && o.alpha > 0, kContext, ".alpha must be > 0, got ", o.alpha);
+  QTUNE_CHECK(o.dropout >= 0 && o.dropout < 1, kContext, ".dropout must be in [0, 1), got ",
+              o.dropout);
   QTUNE_CHECK(o.init == "kaiming" || o.init == "gaussian", kContext, ".init must be ",
               "\"kaiming\" or \"gaussian\", got \"", o.init, "\"");
   return o;
@@ -131,13 +130,13 @@ void LoraAdapter::load(const TensorState& state) {
                                                                  {kKeyB, &b_->weight}};
   for (const auto& [key, param] : wanted) {
     auto it = state.tensors.find(key);
-    QTUNE_CHECK(it != state.tensors.end(), "lora state: missing tensor '", key, "' (have: ",
-                have.empty() ? "none" : have, ")");
-    QTUNE_CHECK(it->second.defined() && it->second.is_floating_point(), "lora state: tensor '",
-                key, "' must be a floating-point tensor");
+    QTUNE_CHECK(it != state.tensors.end(), "lora state: missing tensor '", key,
+                "' (have: ", have.empty() ? "none" : have, ")");
+    QTUNE_CHECK(it->second.defined() && it->second.is_floating_point(), "lora state: tensor '", key,
+                "' must be a floating-point tensor");
     QTUNE_CHECK(it->second.sizes() == param->sizes(), "lora state: tensor '", key, "' has shape ",
-                shape_str(it->second.sizes()), ", expected ", shape_str(param->sizes()),
-                " (rank ", options_.rank, ", in ", in_features_, ", out ", out_features_, ")");
+                shape_str(it->second.sizes()), ", expected ", shape_str(param->sizes()), " (rank ",
+                options_.rank, ", in ", in_features_, ", out ", out_features_, ")");
   }
   // alpha and use_rslora are not visible in the shapes but change the function; a mismatch would
   // silently rescale a trained update.
@@ -177,9 +176,8 @@ Json LoraAdapter::peft_config() const {
 void LoraAdapter::pretty_print(std::ostream& stream) const {
   stream << "qtune::lora::LoraAdapter(in_features=" << in_features_
          << ", out_features=" << out_features_ << ", rank=" << options_.rank
-         << ", alpha=" << options_.alpha << ", scale=" << scale_
-         << ", dropout=" << options_.dropout << (options_.use_rslora ? ", rslora" : "")
-         << (enabled() ? "" : ", disabled") << ")";
+         << ", alpha=" << options_.alpha << ", scale=" << scale_ << ", dropout=" << options_.dropout
+         << (options_.use_rslora ? ", rslora" : "") << (enabled() ? "" : ", disabled") << ")";
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
 // trained here loads in PEFT and the other way round. Private to the plugin and its unit tests.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "qtune/adapter.h"
 #include "qtune/options.h"
@@ -18,10 +18,10 @@ namespace qtune::lora {
 
 /// The plugin's options after checking. Names are what a recipe writes under adapter.options.
 struct LoraOptions {
-  int64_t rank = 8;         // r: inner dimension of the update
-  double alpha = 16.0;      // lora_alpha
-  double dropout = 0.0;     // probability applied to the adapter's input in training mode
-  bool use_rslora = false;  // rank-stabilised scale alpha / sqrt(r) instead of alpha / r
+  int64_t rank = 8;              // r: inner dimension of the update
+  double alpha = 16.0;           // lora_alpha
+  double dropout = 0.0;          // probability applied to the adapter's input in training mode
+  bool use_rslora = false;       // rank-stabilised scale alpha / sqrt(r) instead of alpha / r
   std::string init = "kaiming";  // "kaiming" (PEFT's init_lora_weights=True) or "gaussian"
 
   /// From options already completed by resolve_options; throws UserError naming

@@ -104,8 +104,7 @@ std::set<int> document_markers(const qtune::TokenDataset& ds) {
 
 TEST(Data, TextPackingCoversEveryTokenExactlyOnce) {
   // Documents split at one or more blank lines, whitespace-only lines and CRLF included.
-  const std::string path =
-      write_file("docs.txt", "ab\ncd\n\n\nefg\r\n\r\n  \t\nh\n\ni j\nk");
+  const std::string path = write_file("docs.txt", "ab\ncd\n\n\nefg\r\n\r\n  \t\nh\n\ni j\nk");
   const std::vector<std::string> docs = {"ab\ncd", "efg", "h", "i j\nk"};
   std::vector<int64_t> stream;
   for (const auto& d : docs)
@@ -199,9 +198,9 @@ TEST(Data, AlpacaPromptIsStanfordAlpacaText) {
 }
 
 TEST(Data, AlpacaMasksExactlyThePromptTokens) {
-  const std::string path = write_file(
-      "alpaca.json",
-      R"([{"instruction": "Add.", "input": "1 and 2", "output": "3"},
+  const std::string path =
+      write_file("alpaca.json",
+                 R"([{"instruction": "Add.", "input": "1 and 2", "output": "3"},
           {"instruction": "Say hi.", "input": "", "output": "hi there", "extra": 1},
           {"instruction": "Name a color.", "output": "red"}])");
   const int64_t T = 300;
@@ -211,14 +210,16 @@ TEST(Data, AlpacaMasksExactlyThePromptTokens) {
   EXPECT_EQ(ds.stats().format, "alpaca");
   EXPECT_EQ(ds.stats().documents, 3);
 
-  struct Rec { std::string instruction, input, output; };
-  const Rec recs[] = {{"Add.", "1 and 2", "3"}, {"Say hi.", "", "hi there"},
-                      {"Name a color.", "", "red"}};
+  struct Rec {
+    std::string instruction, input, output;
+  };
+  const Rec recs[] = {
+      {"Add.", "1 and 2", "3"}, {"Say hi.", "", "hi there"}, {"Name a color.", "", "red"}};
   CharTokenizer tok;
   int64_t total_targets = 0;
   for (int i = 0; i < 3; ++i) {
-    const auto prompt = tok.encode(qtune::alpaca_prompt(recs[i].instruction, recs[i].input),
-                                   true, false);
+    const auto prompt =
+        tok.encode(qtune::alpaca_prompt(recs[i].instruction, recs[i].input), true, false);
     const auto response = tok.encode(recs[i].output, false, true);
     std::vector<int64_t> ids(prompt.begin(), prompt.end());
     ids.insert(ids.end(), response.begin(), response.end());
@@ -260,8 +261,9 @@ TEST(Data, AlpacaTruncationKeepsPartialResponsesAndDropsLostOnes) {
   for (int64_t j = 0; j < T; ++j) counted += e.targets[j] != kIgnoreIndex;
   EXPECT_EQ(counted, 11);
   EXPECT_EQ(e.targets[T - 1], 'y' + 3);
-  EXPECT_EQ(ds.stats().dropped_tokens, (81 - 11) + (1 + static_cast<int64_t>(
-      qtune::alpaca_prompt(long_prompt, "").size()) + 2 - (T + 1)));
+  EXPECT_EQ(ds.stats().dropped_tokens,
+            (81 - 11) + (1 + static_cast<int64_t>(qtune::alpaca_prompt(long_prompt, "").size()) +
+                         2 - (T + 1)));
 
   // Nothing usable at all is an error.
   auto msg = error_of(text_config(path, 20));
@@ -270,23 +272,24 @@ TEST(Data, AlpacaTruncationKeepsPartialResponsesAndDropsLostOnes) {
 }
 
 TEST(Data, AlpacaErrorsNameFileRecordAndKey) {
-  const std::string missing = write_file(
-      "missing.json", R"([{"instruction": "a", "output": "b"}, {"instruction": "c"}])");
+  const std::string missing =
+      write_file("missing.json", R"([{"instruction": "a", "output": "b"}, {"instruction": "c"}])");
   auto msg = error_of(text_config(missing, 64));
   EXPECT_HAS(msg, missing);
   EXPECT_HAS(msg, "record [1]");
   EXPECT_HAS(msg, "\"output\"");
 
-  const std::string wrong_type = write_file(
-      "wrong.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 5, \"output\": "
-                     "\"b\"}\n");
+  const std::string wrong_type =
+      write_file("wrong.jsonl",
+                 "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 5, \"output\": "
+                 "\"b\"}\n");
   msg = error_of(text_config(wrong_type, 64));
   EXPECT_HAS(msg, wrong_type);
   EXPECT_HAS(msg, "line 2");
   EXPECT_HAS(msg, "\"instruction\" must be a string");
 
-  const std::string bad_input = write_file(
-      "badinput.json", R"([{"instruction": "a", "input": ["x"], "output": "b"}])");
+  const std::string bad_input =
+      write_file("badinput.json", R"([{"instruction": "a", "input": ["x"], "output": "b"}])");
   msg = error_of(text_config(bad_input, 64));
   EXPECT_HAS(msg, "record [0]");
   EXPECT_HAS(msg, "\"input\"");
@@ -299,7 +302,8 @@ TEST(Data, AlpacaErrorsNameFileRecordAndKey) {
   EXPECT_HAS(msg, "invalid JSON");
 
   const std::string bad_array = write_file(
-      "bad.json", "[\n{\"instruction\": \"a\", \"output\": \"b\"},\n{\"instruction\": \"a\" \"output\"}\n]");
+      "bad.json",
+      "[\n{\"instruction\": \"a\", \"output\": \"b\"},\n{\"instruction\": \"a\" \"output\"}\n]");
   msg = error_of(text_config(bad_array, 64));
   EXPECT_HAS(msg, bad_array);
   EXPECT_HAS(msg, "line 3");
@@ -441,8 +445,9 @@ TEST(Data, LoaderOrderIsSeededPerEpoch) {
     // Within an epoch no example repeats: each row is a distinct (position-unique) block.
     for (int64_t r = 0; r < B; ++r) {
       auto row = x.tokens[r];
-      rows.insert(chars(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + 4)) +
-                  std::to_string(x.targets[r][3].item<int64_t>()));
+      rows.insert(
+          chars(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + 4)) +
+          std::to_string(x.targets[r][3].item<int64_t>()));
     }
     if (i == 0) EXPECT_FALSE(torch::equal(x.tokens, other.next().tokens));
   }
@@ -456,7 +461,8 @@ TEST(Data, LoaderOrderIsSeededPerEpoch) {
 
   // Without shuffle, index order; without drop_last the last batch is short.
   DataLoader plain(ds, B, 5, /*shuffle=*/false, /*drop_last=*/false);
-  EXPECT_TRUE(torch::equal(plain.next().tokens, qtune::make_batch(*ds, {0, 1, 2, 3, 4, 5, 6, 7}).tokens));
+  EXPECT_TRUE(
+      torch::equal(plain.next().tokens, qtune::make_batch(*ds, {0, 1, 2, 3, 4, 5, 6, 7}).tokens));
   EXPECT_EQ(plain.batches_per_epoch(), (ds->size() + B - 1) / B);
 }
 
@@ -525,9 +531,8 @@ TEST(Data, EvalBatchesInFixedOrderWithCap) {
   auto ds = blocks_dataset();
   const int64_t B = 16;
   std::vector<qtune::Batch> seen;
-  const int64_t n = qtune::for_each_eval_batch(*ds, B, 0, [&](const qtune::Batch& b) {
-    seen.push_back(b);
-  });
+  const int64_t n =
+      qtune::for_each_eval_batch(*ds, B, 0, [&](const qtune::Batch& b) { seen.push_back(b); });
   EXPECT_EQ(n, (ds->size() + B - 1) / B);
   ASSERT_EQ(static_cast<int64_t>(seen.size()), n);
   int64_t rows = 0;
@@ -535,10 +540,9 @@ TEST(Data, EvalBatchesInFixedOrderWithCap) {
   EXPECT_EQ(rows, ds->size());
   EXPECT_TRUE(torch::equal(seen[1].tokens[0], qtune::make_batch(*ds, {B}).tokens[0]));
   std::vector<qtune::Batch> capped;
-  EXPECT_EQ(qtune::for_each_eval_batch(*ds, B, 2, [&](const qtune::Batch& b) {
-              capped.push_back(b);
-            }),
-            2);
+  EXPECT_EQ(
+      qtune::for_each_eval_batch(*ds, B, 2, [&](const qtune::Batch& b) { capped.push_back(b); }),
+      2);
   ASSERT_EQ(capped.size(), 2u);
   EXPECT_TRUE(torch::equal(capped[1].tokens, seen[1].tokens));
 }

@@ -6,13 +6,13 @@
 // naming the file, the record or line and the key.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "qtune/export.h"
 #include "qtune/options.h"
@@ -51,21 +51,21 @@ struct Example {
 
 /// A batch of B examples.
 struct Batch {
-  torch::Tensor tokens;   ///< [B, T] int64 input ids, CPU
-  torch::Tensor targets;  ///< [B, T] int64 next-token ids, kIgnoreIndex where ignored, CPU
+  torch::Tensor tokens;     ///< [B, T] int64 input ids, CPU
+  torch::Tensor targets;    ///< [B, T] int64 next-token ids, kIgnoreIndex where ignored, CPU
   int64_t num_targets = 0;  ///< count of targets != kIgnoreIndex (for loss normalisation)
 };
 
 /// Counts describing one split, for logs and the run summary.
 struct DatasetStats {
-  std::string source;          ///< file the split came from
-  std::string format;          ///< "text" or "alpaca"
-  int64_t documents = 0;       ///< text documents (blank-line separated) or records in the split
-  int64_t tokens = 0;          ///< tokens after tokenisation (BOS/EOS included, before packing)
-  int64_t examples = 0;        ///< size() of the dataset
-  int64_t target_tokens = 0;   ///< targets that count in the loss, over all examples
-  int64_t dropped_tokens = 0;  ///< text: the tail shorter than a block; alpaca: truncated tokens
-  int64_t dropped_records = 0; ///< alpaca: records whose response was truncated away entirely
+  std::string source;           ///< file the split came from
+  std::string format;           ///< "text" or "alpaca"
+  int64_t documents = 0;        ///< text documents (blank-line separated) or records in the split
+  int64_t tokens = 0;           ///< tokens after tokenisation (BOS/EOS included, before packing)
+  int64_t examples = 0;         ///< size() of the dataset
+  int64_t target_tokens = 0;    ///< targets that count in the loss, over all examples
+  int64_t dropped_tokens = 0;   ///< text: the tail shorter than a block; alpaca: truncated tokens
+  int64_t dropped_records = 0;  ///< alpaca: records whose response was truncated away entirely
 };
 
 /// Fixed-length examples, read-only after construction, indexable in O(1).
@@ -162,8 +162,8 @@ class QTUNE_API DataLoader {
   int64_t batches_per_epoch_;
   uint64_t epoch_ = 0;
   int64_t index_ = 0;
-  std::vector<int64_t> order_;   // example indices of order_epoch_
-  int64_t order_epoch_ = -1;     // epoch order_ was drawn for, -1 = none yet
+  std::vector<int64_t> order_;  // example indices of order_epoch_
+  int64_t order_epoch_ = -1;    // epoch order_ was drawn for, -1 = none yet
 };
 
 /// Calls fn on the batches of `dataset` in index order (the last may be smaller), stopping after
