@@ -196,15 +196,17 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   }
 #endif
   if (!out.defined()) {
-    auto scores = torch::matmul(q, k.transpose(-2, -1)).to(torch::kFloat32) /
-                  std::sqrt(static_cast<double>(head_dim_));
+    // The [B, H, T, S] score tensor is the largest activation: scale q before the product and
+    // mask in place, so only the product and the softmax allocate at that size.
+    auto scores = torch::matmul(q * (1.0 / std::sqrt(static_cast<double>(head_dim_))),
+                                k.transpose(-2, -1));
     if (T > 1) {
       // query i (absolute position start+i) may see keys 0..start+i
       auto qi = torch::arange(start, start + T, torch::kLong).unsqueeze(1);
       auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
-      scores = scores.masked_fill(kj > qi, -std::numeric_limits<float>::infinity());
+      scores.masked_fill_(kj > qi, -std::numeric_limits<float>::infinity());
     }
-    out = torch::matmul(torch::softmax(scores, -1).to(q.scalar_type()), v);
+    out = torch::matmul(torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type()), v);
   }
   out = out.transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj->forward(out);
@@ -565,6 +567,68 @@ class RandomWeights : public WeightSource {
 };
 
 }  // namespace
+
+namespace {
+
+class ModelWeights : public WeightSource {
+ public:
+  ModelWeights(const LlamaForCausalLMImpl& m, bool merge) : m_(m), merge_(merge) {
+    for (const auto& [path, slot] : m.slots()) slots_[path + ".weight"] = slot.get();
+    auto add = [&](const std::string& n, const torch::Tensor& t) { dense_[n] = t; };
+    add("model.embed_tokens.weight", m.model->embed_tokens->weight);
+    add("model.norm.weight", m.model->norm->weight);
+    for (size_t i = 0; i < m.model->layers->size(); ++i) {
+      auto layer = m.model->layers->ptr<DecoderLayerImpl>(i);
+      add(layer_prefix(i) + "input_layernorm.weight", layer->input_layernorm->weight);
+      add(layer_prefix(i) + "post_attention_layernorm.weight",
+          layer->post_attention_layernorm->weight);
+    }
+    // A tied head is the embedding; HF's tied layout has no lm_head.weight.
+    if (m.config().tie_word_embeddings) {
+      QTUNE_CHECK(!(merge && m.lm_head->adapter()),
+                  "cannot merge an adapter on the output head of a model with tied embeddings "
+                  "(the merged head would no longer equal the embedding)");
+      slots_.erase("lm_head.weight");
+    }
+  }
+  std::string describe() const override { return "the trained model"; }
+  bool has(const std::string& n) const override { return slots_.count(n) || dense_.count(n); }
+  std::vector<int64_t> shape(const std::string& n) const override {
+    if (auto it = slots_.find(n); it != slots_.end())
+      return {it->second->out_features(), it->second->in_features()};
+    QTUNE_CHECK(dense_.count(n), describe(), ": no tensor ", n);
+    return dense_.at(n).sizes().vec();
+  }
+  torch::Tensor get(const std::string& n, torch::ScalarType dtype) const override {
+    torch::NoGradGuard no_grad;
+    if (auto it = slots_.find(n); it != slots_.end()) {
+      auto w = it->second->base_weight(torch::kFloat32).to(torch::kCPU);
+      if (merge_ && it->second->adapter())
+        w = w + it->second->adapter()->delta_weight().to(torch::kCPU);
+      return w.to(dtype).contiguous();
+    }
+    QTUNE_CHECK(dense_.count(n), describe(), ": no tensor ", n);
+    return dense_.at(n).detach().to(torch::kCPU).to(dtype).clone();
+  }
+  std::vector<std::string> names() const override {
+    std::vector<std::string> out;
+    for (const auto& [k, _] : slots_) out.push_back(k);
+    for (const auto& [k, _] : dense_) out.push_back(k);
+    return out;
+  }
+
+ private:
+  const LlamaForCausalLMImpl& m_;
+  bool merge_;
+  std::map<std::string, const LinearSlotImpl*> slots_;
+  std::map<std::string, torch::Tensor> dense_;
+};
+
+}  // namespace
+
+std::unique_ptr<WeightSource> model_weights(const LlamaForCausalLMImpl& model, bool merge_adapters) {
+  return std::make_unique<ModelWeights>(model, merge_adapters);
+}
 
 std::unique_ptr<WeightSource> random_weights(const ModelConfig& config, uint64_t seed) {
   return std::make_unique<RandomWeights>(config, seed);

@@ -203,6 +203,13 @@ class QTUNE_API LlamaForCausalLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaForCausalLM);
 
+/// The model's weights as a WeightSource in Hugging Face names, fp32 masters or frozen tensors
+/// converted on get(): quantized bases are dequantized; with `merge_adapters`, each adapter's
+/// delta_weight() is added onto its (dequantized) base. The model must outlive the source.
+/// This is what full-model saving and merged export write.
+QTUNE_API std::unique_ptr<WeightSource> model_weights(const LlamaForCausalLMImpl& model,
+                                                      bool merge_adapters);
+
 /// Random weights for a config (normal, std 0.02; norms 1): a WeightSource for benchmarks and
 /// tests at sizes no file holds. Tensors are generated on demand from (seed, name).
 QTUNE_API std::unique_ptr<WeightSource> random_weights(const ModelConfig& config, uint64_t seed);

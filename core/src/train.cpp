@@ -1,0 +1,342 @@
+// The training recipe (see train.h).
+#include "qtune/train.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <spdlog/spdlog.h>
+
+#include "qtune/atomic_file.h"
+#include "qtune/data.h"
+#include "qtune/error.h"
+#include "qtune/model_files.h"
+#include "qtune/peft.h"
+#include "qtune/recipe.h"
+#include "qtune/tokenizer.h"
+
+namespace fs = std::filesystem;
+
+namespace qtune {
+
+namespace {
+std::atomic<bool> g_stop{false};
+}
+
+void Trainer::request_stop() { g_stop.store(true); }
+
+int64_t peak_rss_bytes() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+double lr_at(int64_t step, int64_t total, int64_t warmup, double lr, double min_ratio) {
+  if (warmup > 0 && step <= warmup) return lr * static_cast<double>(step) / warmup;
+  if (total <= warmup) return lr;
+  const double progress =
+      std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(total - warmup));
+  return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + std::cos(M_PI * progress)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolving a recipe
+
+ResolvedRecipe resolve_recipe(const Json& recipe, const Registry& registry) {
+  validate_recipe(recipe);
+  ResolvedRecipe r;
+  r.recipe = recipe;
+  r.spec.train_type = parse_train_type(recipe.at("train_type").get<std::string>());
+  r.spec.dtype = parse_dtype(recipe.at("dtype").get<std::string>(), "dtype");
+
+  r.model_path = resolve_data_path(recipe["model"]["path"].get<std::string>(), "model.path");
+  const std::string tok = recipe["model"]["tokenizer"].get<std::string>();
+  if (!tok.empty()) r.tokenizer_path = resolve_data_path(tok, "model.tokenizer");
+  r.data_path = resolve_data_path(recipe["data"]["path"].get<std::string>(), "data.path");
+  const std::string val = recipe["data"]["val_path"].get<std::string>();
+  if (!val.empty()) r.val_path = resolve_data_path(val, "data.val_path");
+
+  if (r.spec.train_type == TrainType::kQlora) {
+    r.spec.quant = registry.quant(recipe["quant"]["name"].get<std::string>());
+    r.spec.quant_options =
+        resolve_options(r.spec.quant->option_schema(), recipe["quant"]["options"], "quant.options");
+    r.spec.quant_skip_output = recipe["quant"]["skip_output"].get<bool>();
+    r.recipe["quant"]["options"] = r.spec.quant_options;
+  }
+  if (r.spec.train_type != TrainType::kFull) {
+    r.spec.adapter = registry.adapter(recipe["adapter"]["name"].get<std::string>());
+    r.spec.adapter_options = resolve_options(r.spec.adapter->option_schema(),
+                                             recipe["adapter"]["options"], "adapter.options");
+    r.recipe["adapter"]["options"] = r.spec.adapter_options;
+    r.spec.target_modules = parse_target_modules(
+        recipe["adapter"]["target_modules"].get<std::vector<std::string>>(),
+        "adapter.target_modules");
+  }
+  return r;
+}
+
+LlamaForCausalLM build_model(const ResolvedRecipe& r) {
+  ModelFiles files = open_model(r.model_path);
+  return LlamaForCausalLM(files.config, *files.weights, r.spec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress and metrics
+
+namespace {
+
+std::string fmt_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "--:--";
+  const int64_t t = static_cast<int64_t>(s + 0.5);
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", static_cast<long long>(t / 3600),
+                  static_cast<long long>(t / 60 % 60), static_cast<long long>(t % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%02lld:%02lld", static_cast<long long>(t / 60),
+                  static_cast<long long>(t % 60));
+  return buf;
+}
+
+class Progress {
+ public:
+  explicit Progress(int64_t total) : total_(total), tty_(isatty(STDERR_FILENO)) {}
+  void update(int64_t step, double loss, double tok_s, double eta_s) {
+    if (!tty_) return;
+    const int width = 24;
+    const int filled = static_cast<int>(width * step / std::max<int64_t>(1, total_));
+    std::string bar(filled, '#');
+    bar += std::string(width - filled, '.');
+    std::fprintf(stderr, "\r[%s] %lld/%lld loss %.4f  %.0f tok/s  ETA %s   ", bar.c_str(),
+                 static_cast<long long>(step), static_cast<long long>(total_), loss, tok_s,
+                 fmt_duration(eta_s).c_str());
+    std::fflush(stderr);
+  }
+  void finish() {
+    if (tty_) std::fprintf(stderr, "\n");
+  }
+  bool tty() const { return tty_; }
+
+ private:
+  int64_t total_;
+  bool tty_;
+};
+
+struct EvalResult {
+  double loss = NAN;
+  int64_t tokens = 0;
+};
+
+EvalResult evaluate(LlamaForCausalLMImpl& model, const TokenDataset& data, int64_t batch_size,
+                    int64_t max_batches) {
+  torch::NoGradGuard no_grad;
+  const bool was_training = model.is_training();
+  model.eval();
+  double sum = 0;
+  int64_t count = 0;
+  for_each_eval_batch(data, batch_size, max_batches, [&](const Batch& b) {
+    if (b.num_targets == 0) return;
+    auto [loss, n] = model.loss(b.tokens, b.targets);
+    sum += loss.item<double>() * static_cast<double>(n);
+    count += n;
+  });
+  model.train(was_training);
+  return {count ? sum / static_cast<double>(count) : NAN, count};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The loop
+
+Trainer::Trainer(ResolvedRecipe recipe) : r_(std::move(recipe)) {}
+
+Json Trainer::run() {
+  using clock = std::chrono::steady_clock;
+  const Json& rc = r_.recipe;
+  const auto& t = rc["train"];
+  g_stop.store(false);
+
+  const int64_t threads = rc["threads"].get<int64_t>();
+  at::set_num_threads(threads > 0 ? static_cast<int>(threads)
+                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  const uint64_t seed = rc["seed"].get<uint64_t>();
+  torch::manual_seed(seed);
+
+  const std::string out_dir = rc["output_dir"].get<std::string>();
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  QTUNE_CHECK(!ec, "output_dir: cannot create ", out_dir, ": ", ec.message());
+  atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
+
+  // Model first (it may name its own tokenizer), then data.
+  const auto t_load = clock::now();
+  ModelFiles files = open_model(r_.model_path);
+  std::string tok_path = r_.tokenizer_path.empty() ? files.tokenizer_path : r_.tokenizer_path;
+  QTUNE_CHECK(!tok_path.empty(), "model.tokenizer: ", r_.model_path,
+              " has no tokenizer beside it; set model.tokenizer (--tokenizer)");
+  auto tokenizer = load_tokenizer(tok_path);
+  QTUNE_CHECK(tokenizer->vocab_size() <= files.config.vocab_size, "model.tokenizer: ", tok_path,
+              " has ", tokenizer->vocab_size(), " tokens but the model's vocabulary is ",
+              files.config.vocab_size);
+
+  DataConfig dc;
+  dc.path = r_.data_path;
+  dc.format = rc["data"]["format"].get<std::string>();
+  dc.val_path = r_.val_path;
+  dc.val_fraction = r_.val_path.empty() ? rc["data"]["val_fraction"].get<double>() : 0.0;
+  dc.seq_len = rc["data"]["seq_len"].get<int64_t>();
+  dc.seed = seed;
+  DataSplits data = load_data(dc, *tokenizer);
+  spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", data.train->size(),
+               data.train->stats().tokens, dc.path, data.val ? data.val->size() : 0);
+
+  LlamaForCausalLM model(files.config, *files.weights, r_.spec);
+  files.weights.reset();  // drop the mapping: everything the model needs is now its own
+  model->set_activation_checkpointing(t["activation_checkpointing"].get<bool>());
+  model->train();
+  const double load_s = std::chrono::duration<double>(clock::now() - t_load).count();
+
+  auto named = model->trainable_parameters();
+  QTUNE_CHECK(!named.empty(), "nothing to train: no trainable parameter (check adapter.target_modules)");
+  std::vector<torch::Tensor> params;
+  for (auto& [_, p] : named) params.push_back(p);
+  const int64_t trainable = model->num_trainable_parameters();
+  spdlog::info("model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
+               "built in {:.2f}s",
+               r_.model_path, to_string(r_.spec.train_type), trainable,
+               model->num_total_parameters(), model->linear_weight_bytes() / 1e6, load_s);
+
+  const double lr = t["lr"].get<double>();
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(lr)
+                                      .betas({t["beta1"].get<double>(), t["beta2"].get<double>()})
+                                      .eps(t["eps"].get<double>())
+                                      .weight_decay(t["weight_decay"].get<double>()));
+
+  const int64_t batch_size = t["batch_size"].get<int64_t>();
+  const int64_t accum = t["grad_accum"].get<int64_t>();
+  const int64_t max_steps = t["max_steps"].get<int64_t>();
+  const int64_t warmup = t["warmup_steps"].get<int64_t>();
+  const double min_ratio = t["min_lr_ratio"].get<double>();
+  const double max_norm = t["max_grad_norm"].get<double>();
+  const int64_t eval_every = rc["eval"]["every"].get<int64_t>();
+  const int64_t eval_batches = rc["eval"]["max_batches"].get<int64_t>();
+  const int64_t log_every = rc["log_every"].get<int64_t>();
+  DataLoader loader(data.train, batch_size, seed, /*shuffle=*/true, /*drop_last=*/true);
+
+  std::ofstream metrics((fs::path(out_dir) / "metrics.jsonl").string(), std::ios::trunc);
+  QTUNE_CHECK(metrics.good(), "output_dir: cannot write ", out_dir, "/metrics.jsonl");
+  auto emit = [&](const Json& j) {
+    metrics << j.dump() << "\n";
+    metrics.flush();
+    if (on_metrics) on_metrics(j);
+  };
+
+  Json summary;
+  double first_val = NAN, last_val = NAN, best_val = NAN;
+  auto run_eval = [&](int64_t step) {
+    if (!data.val) return;
+    auto e = evaluate(*model, *data.val, batch_size, eval_batches);
+    if (std::isnan(first_val)) first_val = e.loss;
+    last_val = e.loss;
+    if (std::isnan(best_val) || e.loss < best_val) best_val = e.loss;
+    emit({{"type", "eval"}, {"step", step}, {"val_loss", e.loss}, {"val_ppl", std::exp(e.loss)},
+          {"val_tokens", e.tokens}});
+    spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
+  };
+
+  run_eval(0);
+  Progress progress(max_steps);
+  const auto t_train = clock::now();
+  int64_t tokens_seen = 0, step = 0;
+  double last_loss = NAN;
+  for (step = 1; step <= max_steps; ++step) {
+    const auto t_step = clock::now();
+    const double step_lr = lr_at(step, max_steps, warmup, lr, min_ratio);
+    for (auto& group : opt.param_groups())
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(step_lr);
+    opt.zero_grad();
+    double loss_sum = 0;
+    int64_t step_tokens = 0;
+    for (int64_t micro = 0; micro < accum; ++micro) {
+      Batch b = loader.next();
+      auto [loss, n] = model->loss(b.tokens, b.targets);
+      (loss / static_cast<double>(accum)).backward();
+      loss_sum += loss.item<double>();
+      step_tokens += b.tokens.numel();
+    }
+    const double grad_norm =
+        torch::nn::utils::clip_grad_norm_(params, max_norm > 0 ? max_norm : INFINITY);
+    QTUNE_CHECK(std::isfinite(loss_sum), "training diverged at step ", step,
+                ": loss is not finite (lower train.lr?)");
+    opt.step();
+    tokens_seen += step_tokens;
+    last_loss = loss_sum / static_cast<double>(accum);
+    const double step_s = std::chrono::duration<double>(clock::now() - t_step).count();
+    const double elapsed = std::chrono::duration<double>(clock::now() - t_train).count();
+    const double tok_s = tokens_seen / std::max(1e-9, elapsed);
+    emit({{"type", "train"}, {"step", step}, {"loss", last_loss}, {"lr", step_lr},
+          {"grad_norm", grad_norm}, {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
+          {"step_s", step_s}, {"epoch", loader.epoch()}});
+    progress.update(step, last_loss, tok_s, elapsed / step * (max_steps - step));
+    if (!progress.tty() && (step % log_every == 0 || step == 1))
+      spdlog::info("step {}/{}: loss {:.4f} lr {:.2e} grad_norm {:.3f} {:.0f} tok/s", step,
+                   max_steps, last_loss, step_lr, grad_norm, tok_s);
+    const bool last = step == max_steps || g_stop.load();
+    if ((eval_every > 0 && step % eval_every == 0) || last) {
+      progress.finish();
+      run_eval(step);
+    }
+    if (last) break;
+  }
+  progress.finish();
+  const int64_t steps_done = std::min(step, max_steps);
+  const double train_s = std::chrono::duration<double>(clock::now() - t_train).count();
+
+  // Outputs: adapters in PEFT layout, or the full model as an HF directory.
+  std::string saved;
+  if (r_.spec.train_type == TrainType::kFull) {
+    saved = (fs::path(out_dir) / "model").string();
+    auto weights = model_weights(*model, /*merge_adapters=*/false);
+    save_hf_model(saved, files.config, *weights, torch::kFloat32, tok_path);
+  } else {
+    saved = (fs::path(out_dir) / "adapter").string();
+    save_peft_adapter(saved, *model, r_.model_path);
+  }
+
+  summary = {
+      {"train_type", to_string(r_.spec.train_type)},
+      {"dtype", rc["dtype"]},
+      {"quant", r_.spec.quant ? Json(r_.spec.quant->name()) : Json(nullptr)},
+      {"quant_options", r_.spec.quant ? r_.spec.quant_options : Json(nullptr)},
+      {"adapter", r_.spec.adapter ? Json(r_.spec.adapter->name()) : Json(nullptr)},
+      {"adapter_options", r_.spec.adapter ? r_.spec.adapter_options : Json(nullptr)},
+      {"model", r_.model_path},
+      {"steps", steps_done},
+      {"trainable_parameters", trainable},
+      {"total_parameters", model->num_total_parameters()},
+      {"linear_weight_bytes", model->linear_weight_bytes()},
+      {"base_weight_bytes", model->base_weight_bytes()},
+      {"peak_rss_bytes", peak_rss_bytes()},
+      {"tokens", tokens_seen},
+      {"train_seconds", train_s},
+      {"load_seconds", load_s},
+      {"tokens_per_s", tokens_seen / std::max(1e-9, train_s)},
+      {"final_train_loss", last_loss},
+      {"first_val_loss", std::isnan(first_val) ? Json(nullptr) : Json(first_val)},
+      {"final_val_loss", std::isnan(last_val) ? Json(nullptr) : Json(last_val)},
+      {"best_val_loss", std::isnan(best_val) ? Json(nullptr) : Json(best_val)},
+      {"saved", saved},
+      {"stopped_early", steps_done < max_steps},
+  };
+  atomic_write_string((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
+  return summary;
+}
+
+}  // namespace qtune
