@@ -1,10 +1,12 @@
 // Model files: the llama2.c loader on stories260K.bin (shapes, tying, rotary permutation, size
 // validation), HF directories (single, sharded, config.json errors), and qtune-convert.
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "qtune/error.h"
 #include "qtune/llama2c.h"
@@ -116,6 +118,191 @@ TEST(Llama2c, WrongFileSizeIsRejectedWithBothSizes) {
   { std::ofstream(dir + "/heads.bin", std::ios::binary) << bad_heads; }
   msg = error_of([&] { open_model(dir + "/heads.bin"); });
   EXPECT_NE(msg.find("n_heads = 7"), std::string::npos) << msg;
+}
+
+// ---- HF directories --------------------------------------------------------------------------
+
+void expect_same_weights(const WeightSource& a, const WeightSource& b, const ModelConfig& c,
+                         torch::ScalarType dtype) {
+  for (const auto& [name, shape] : llama_weight_shapes(c)) {
+    torch::Tensor x = a.get(name, dtype), y = b.get(name, dtype);
+    ASSERT_EQ(x.scalar_type(), dtype);
+    ASSERT_TRUE(torch::equal(x, y)) << name;
+  }
+}
+
+TEST(HfDir, SaveAndOpenRoundTripIsBitExact) {
+  auto src = open_model(test::data_path("stories260K.bin"));
+  const std::string dir = test::temp_dir("hf") + "/out";
+  save_hf_model(dir, src.config, *src.weights, torch::kFloat32, src.tokenizer_path);
+  auto hf = open_model(dir);
+  EXPECT_EQ(hf.config.to_hf_json(), src.config.to_hf_json());
+  EXPECT_EQ(fs::path(hf.tokenizer_path).filename(), "tokenizer.bin");
+  EXPECT_EQ(test::read_file(hf.tokenizer_path), test::read_file(src.tokenizer_path));
+  EXPECT_FALSE(hf.weights->has("lm_head.weight"));
+  expect_same_weights(*src.weights, *hf.weights, src.config, torch::kFloat32);
+
+  auto* st = dynamic_cast<SafetensorsWeightSource*>(hf.weights.get());
+  ASSERT_NE(st, nullptr);
+  EXPECT_EQ(st->files().size(), 1u);
+  EXPECT_EQ(st->metadata().value("format", ""), "pt");
+  EXPECT_EQ(st->info("model.norm.weight").dtype, "F32");
+  auto cfg = nlohmann::json::parse(test::read_file(dir + "/config.json"));
+  EXPECT_EQ(cfg["torch_dtype"], "float32");
+  EXPECT_EQ(cfg["architectures"][0], "LlamaForCausalLM");
+
+  // bf16: the stored values are the fp32 weights rounded to bf16.
+  save_hf_model(dir, src.config, *src.weights, torch::kBFloat16);
+  auto hf16 = open_model(dir);
+  EXPECT_EQ(dynamic_cast<SafetensorsWeightSource&>(*hf16.weights).info("model.norm.weight").dtype, "BF16");
+  expect_same_weights(*src.weights, *hf16.weights, src.config, torch::kBFloat16);
+}
+
+TEST(HfDir, ShardedIndex) {
+  auto src = open_model(test::data_path("stories260K.bin"));
+  const std::string dir = test::temp_dir("hf") + "/sharded";
+  // ~1 MB of fp32 weights in 300 kB shards.
+  save_hf_model(dir, src.config, *src.weights, torch::kFloat32, "", 300'000);
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors"));
+  auto index = nlohmann::json::parse(test::read_file(dir + "/model.safetensors.index.json"));
+  EXPECT_EQ(index["metadata"]["total_size"], src.config.num_parameters() * 4);
+  std::set<std::string> shards;
+  for (auto& [k, v] : index["weight_map"].items()) shards.insert(v.get<std::string>());
+  EXPECT_GE(shards.size(), 4u);
+  EXPECT_TRUE(shards.count("model-00001-of-0000" + std::to_string(shards.size()) + ".safetensors"));
+  auto hf = open_model(dir);
+  EXPECT_EQ(dynamic_cast<SafetensorsWeightSource&>(*hf.weights).files().size(), shards.size());
+  expect_same_weights(*src.weights, *hf.weights, src.config, torch::kFloat32);
+
+  // Saving again unsharded removes the index, so the directory is unambiguous.
+  save_hf_model(dir, src.config, *src.weights, torch::kFloat32);
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors.index.json"));
+  EXPECT_TRUE(fs::exists(dir + "/model.safetensors"));
+}
+
+TEST(HfDir, HandWrittenTwoShardIndex) {
+  ModelConfig c;
+  c.hidden_size = 8;
+  c.intermediate_size = 16;
+  c.num_hidden_layers = 1;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.vocab_size = 10;
+  c.tie_word_embeddings = false;
+  const std::string dir = test::temp_dir("hf2");
+  std::map<std::string, torch::Tensor> a, b;
+  nlohmann::json wm;
+  int k = 0;
+  for (const auto& [name, shape] : llama_weight_shapes(c)) {
+    (k++ % 2 ? b : a)[name] = torch::randn(shape).to(torch::kFloat16);
+    wm[name] = k % 2 ? "a.safetensors" : "b.safetensors";
+  }
+  a["extra.int_tensor"] = torch::arange(5, torch::kInt32);  // non-float tensors stay visible
+  wm["extra.int_tensor"] = "a.safetensors";
+  write_safetensors(dir + "/a.safetensors", a);
+  write_safetensors(dir + "/b.safetensors", b);
+  auto cfg = c.to_hf_json();
+  { std::ofstream(dir + "/config.json") << cfg.dump(); }
+  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  auto m = open_model(dir + "/config.json");  // a file inside the directory works too
+  EXPECT_TRUE(m.tokenizer_path.empty());
+  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(m.weights->get(name, t.scalar_type()), t)) << name;
+  for (const auto& [name, t] : b) {
+    torch::Tensor g = m.weights->get(name, torch::kFloat32);
+    EXPECT_TRUE(torch::equal(g, t.to(torch::kFloat32))) << name;
+    EXPECT_TRUE(g.is_contiguous());
+  }
+
+  // Index errors name the index, the shard and the tensor.
+  wm["model.norm.weight"] = "c.safetensors";
+  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  std::string msg = error_of([&] { open_model(dir); });
+  EXPECT_NE(msg.find("shard \"c.safetensors\""), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model.norm.weight"), std::string::npos) << msg;
+  wm["model.norm.weight"] = "a.safetensors";  // it is in b
+  if (a.count("model.norm.weight")) wm["model.norm.weight"] = "b.safetensors";
+  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  msg = error_of([&] { open_model(dir); });
+  EXPECT_NE(msg.find("puts tensor \"model.norm.weight\""), std::string::npos) << msg;
+  wm["model.norm.weight"] = "../b.safetensors";
+  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  msg = error_of([&] { open_model(dir); });
+  EXPECT_NE(msg.find("not a file name in the model directory"), std::string::npos) << msg;
+
+  // A tensor with the wrong shape for the config.
+  wm.erase("model.norm.weight");
+  a.erase("model.norm.weight");
+  b.erase("model.norm.weight");
+  write_safetensors(dir + "/a.safetensors", [&] { auto x = a; x["model.norm.weight"] = torch::ones({9}); return x; }());
+  wm["model.norm.weight"] = "a.safetensors";
+  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  msg = error_of([&] { open_model(dir); });
+  EXPECT_NE(msg.find("\"model.norm.weight\" has shape [9], expected [8]"), std::string::npos) << msg;
+}
+
+TEST(HfDir, ConfigErrorsNameTheKey) {
+  nlohmann::json good = {{"model_type", "llama"}, {"hidden_size", 64}, {"intermediate_size", 172},
+                         {"num_hidden_layers", 2}, {"num_attention_heads", 8}, {"vocab_size", 512}};
+  ModelConfig c = ModelConfig::from_hf_json(good, "cfg.json");
+  EXPECT_EQ(c.num_key_value_heads, 8);  // defaults to the number of heads
+  EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-6);  // transformers' LlamaConfig default
+  EXPECT_FALSE(c.tie_word_embeddings);
+  EXPECT_EQ(ModelConfig::from_hf_json(c.to_hf_json(), "x").to_hf_json(), c.to_hf_json());
+
+  auto err = [&](nlohmann::json patch) {
+    nlohmann::json j = good;
+    j.merge_patch(patch);
+    return error_of([&] { ModelConfig::from_hf_json(j, "cfg.json"); });
+  };
+  auto has = [](const std::string& msg, const std::string& s) {
+    EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
+    EXPECT_NE(msg.find("cfg.json"), std::string::npos) << msg;
+  };
+  has(err({{"hidden_size", nullptr}}), "missing required key \"hidden_size\"");
+  has(err({{"hidden_size", "64"}}), "\"hidden_size\" must be an integer, got \"64\"");
+  has(err({{"rms_norm_eps", "small"}}), "\"rms_norm_eps\" must be a number");
+  has(err({{"tie_word_embeddings", 1}}), "\"tie_word_embeddings\" must be true or false");
+  has(err({{"model_type", "gpt2"}}), "model_type \"gpt2\" is not supported");
+  has(err({{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}), "\"rope_scaling\"");
+  has(err({{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}), "not supported");
+  has(err({{"num_key_value_heads", 3}}), "num_attention_heads (8) must be divisible by num_key_value_heads (3)");
+  has(err({{"hidden_act", "gelu"}}), "\"hidden_act\"");
+  has(err({{"model_type", "mistral"}, {"sliding_window", 16}}), "sliding_window");
+  nlohmann::json mistral = good;
+  mistral.merge_patch({{"model_type", "mistral"}, {"sliding_window", nullptr}});
+  EXPECT_NO_THROW(ModelConfig::from_hf_json(mistral, "m"));
+  has(error_of([&] { ModelConfig::from_hf_json(nlohmann::json::array(), "cfg.json"); }), "expected a JSON object");
+
+  // In a directory: the file is named, and a broken JSON says so.
+  const std::string dir = test::temp_dir("cfg");
+  { std::ofstream(dir + "/config.json") << "{\"hidden_size\": 64,"; }
+  std::string msg = error_of([&] { open_model(dir); });
+  EXPECT_NE(msg.find(dir + "/config.json: not valid JSON"), std::string::npos) << msg;
+  std::string empty = test::temp_dir("cfg");
+  msg = error_of([&] { open_model(empty); });
+  EXPECT_NE(msg.find("no config.json in " + empty), std::string::npos) << msg;
+  msg = error_of([&] { open_model(empty + "/nothing.bin"); });
+  EXPECT_NE(msg.find("does not exist"), std::string::npos) << msg;
+}
+
+TEST(QtuneConvert, BinToHfDirRoundTrip) {
+  const std::string out = test::temp_dir("convert") + "/hf";
+  auto r = test::run_program({test::bin_path("qtune-convert"), "--model",
+                              test::data_path("stories260K.bin"), "--tokenizer",
+                              test::data_path("llama2_tokenizer.model"), "--out", out});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto src = open_model(test::data_path("stories260K.bin"));
+  auto hf = open_model(out);
+  EXPECT_EQ(fs::path(hf.tokenizer_path).filename(), "tokenizer.model");
+  expect_same_weights(*src.weights, *hf.weights, src.config, torch::kFloat32);
+
+  r = test::run_program({test::bin_path("qtune-convert"), "--model", test::data_path("stories260K.bin"),
+                         "--out", out, "--dtype", "fp8"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.output.find("--dtype must be fp32, bf16 or fp16, got \"fp8\""), std::string::npos) << r.output;
+  r = test::run_program({test::bin_path("qtune-convert"), "--out", out});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.output.find("--model is required"), std::string::npos) << r.output;
 }
 
 }  // namespace
