@@ -108,6 +108,8 @@ struct DataSplits {
 /// round(fraction * n) are held out, so train and val never share a document; both keep file
 /// order inside. Throws UserError for a bad config value (naming data.<key>), an unreadable file,
 /// malformed records, or a split without a single example.
+/// Records are named `<file> record [i]` (0-based index in a JSON array) or `<file> line n`
+/// (1-based line of a JSONL file), with the key at fault.
 QTUNE_API DataSplits load_data(const DataConfig& config, const Tokenizer& tokenizer);
 
 /// The Alpaca prompt for one record (exposed for generation tools and tests).
