@@ -1,5 +1,6 @@
 // Model files: the llama2.c loader on stories260K.bin (shapes, tying, rotary permutation, size
 // validation), HF directories (single, sharded, config.json errors), and qtune-convert.
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -90,6 +91,58 @@ TEST(Llama2c, RopePermutationIsTheHfPermutation) {
   // Other projections are not permuted.
   EXPECT_TRUE(torch::equal(ck->get("model.layers.1.self_attn.v_proj.weight", torch::kFloat32),
                            ck->raw("model.layers.1.self_attn.v_proj.weight")));
+}
+
+// The permutation is the right one, not just a bijection: llama2.c's RoPE (run.c: pairs
+// (2j, 2j+1) of a head rotated by pos * 10000^(-2j/head_size)) on the raw weights and HF's
+// rotate_half RoPE (pairs (j, j + head_size/2)) on the permuted weights give the same attention
+// score q(m).k(n) for every head and every pair of positions m != n (at m == n any pairing
+// would agree: a common rotation preserves dot products).
+TEST(Llama2c, RopeOnPermutedWeightsMatchesLlama2c) {
+  auto ck = Llama2cCheckpoint::open(test::data_path("stories260K.bin"));
+  const int64_t hs = 8, nh = 8, nkv = 4;
+  torch::manual_seed(3);
+  torch::Tensor x = torch::randn({64}, torch::kFloat64);
+  torch::Tensor y = torch::randn({64}, torch::kFloat64);
+  auto proj = [&](const std::string& n, const torch::Tensor& in, bool hf) {
+    torch::Tensor w = hf ? ck->get(n, torch::kFloat64) : ck->raw(n).to(torch::kFloat64);
+    return torch::matmul(w, in);
+  };
+  auto rope_llama2c = [&](torch::Tensor v, int64_t pos) {
+    v = v.clone();
+    auto a = v.accessor<double, 1>();
+    for (int64_t i = 0; i < v.size(0); i += 2) {
+      double freq = 1.0 / std::pow(10000.0, double(i % hs) / hs);
+      double c = std::cos(pos * freq), s = std::sin(pos * freq);
+      double v0 = a[i], v1 = a[i + 1];
+      a[i] = v0 * c - v1 * s;
+      a[i + 1] = v0 * s + v1 * c;
+    }
+    return v.reshape({-1, hs});
+  };
+  auto rope_hf = [&](torch::Tensor v, int64_t pos) {
+    torch::Tensor h = v.reshape({-1, hs});
+    torch::Tensor inv = 1.0 / torch::pow(10000.0, torch::arange(0, hs, 2, torch::kFloat64) / hs);
+    torch::Tensor ang = torch::cat({inv, inv}) * double(pos);
+    torch::Tensor rot = torch::cat({-h.slice(1, hs / 2), h.slice(1, 0, hs / 2)}, 1);
+    return h * torch::cos(ang) + rot * torch::sin(ang);
+  };
+  // grouped-query attention: query head h reads kv head h / (nh / nkv)
+  auto scores = [&](const torch::Tensor& q, const torch::Tensor& k) {
+    return (q * k.repeat_interleave(nh / nkv, 0)).sum(1);
+  };
+  const std::string p = "model.layers.1.self_attn.";
+  for (auto [m, n] : std::vector<std::pair<int64_t, int64_t>>{{1, 0}, {7, 3}, {300, 2}, {5, 9}}) {
+    torch::Tensor s0 = scores(rope_llama2c(proj(p + "q_proj.weight", x, false), m),
+                              rope_llama2c(proj(p + "k_proj.weight", y, false), n));
+    torch::Tensor s1 = scores(rope_hf(proj(p + "q_proj.weight", x, true), m),
+                              rope_hf(proj(p + "k_proj.weight", y, true), n));
+    EXPECT_TRUE(torch::allclose(s0, s1, 1e-10, 1e-10)) << m << "," << n << "\n" << s0 << s1;
+    // Without the permutation, HF's RoPE gives other scores.
+    torch::Tensor s2 = scores(rope_hf(proj(p + "q_proj.weight", x, false), m),
+                              rope_hf(proj(p + "k_proj.weight", y, false), n));
+    EXPECT_FALSE(torch::allclose(s2, s0, 1e-4, 1e-4)) << m << "," << n;
+  }
 }
 
 TEST(Llama2c, WrongFileSizeIsRejectedWithBothSizes) {
