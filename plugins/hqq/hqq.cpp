@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "qtune/error.h"
@@ -430,21 +431,116 @@ torch::Tensor HqqWeight::dequantize_flat(int64_t f0, int64_t f1) const {
   return parts.size() == 1 ? parts[0] : torch::cat(parts);
 }
 
+namespace {
+
+// CPU kernel for the axis-1 layout: groups are contiguous runs of the flat stream, so each group
+// is one (scale, zero) pair and a run of codes. For 2/3/4 bits the group's 2^nbits dequantized
+// values are tabulated first ((c - zero) * scale, the very fp32 expression of the tensor-op
+// path, so both paths agree bit for bit) and the codes index the table.
+// fp32 -> T. For bf16 this is c10's round-to-nearest-even without its NaN branch (the values
+// are finite), so it matches Tensor::to(kBFloat16) bit for bit.
+template <typename T>
+inline T convert(float v) {
+  return v;
+}
+template <>
+inline c10::BFloat16 convert<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+template <typename T>
+void dequant_axis1_cpu(const uint8_t* packed, int nbits, int64_t g, const float* s, const float* z,
+                       int64_t f0, int64_t f1, T* out) {
+  const int64_t k0 = f0 / g, k1 = ceil_div(f1, g);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / g);
+  at::parallel_for(k0, k1, grain, [&](int64_t a, int64_t b) {
+    T table[16];
+    for (int64_t k = a; k < b; ++k) {
+      const float sk = s[k - k0], zk = z[k - k0];
+      const int64_t e0 = std::max(f0, k * g), e1 = std::min(f1, (k + 1) * g);
+      T* o = out + (e0 - f0);
+      if (nbits == 8) {
+        for (int64_t f = e0; f < e1; ++f)
+          *o++ = convert<T>((static_cast<float>(packed[f]) - zk) * sk);
+        continue;
+      }
+      for (int c = 0; c < (1 << nbits); ++c)
+        table[c] = convert<T>((static_cast<float>(c) - zk) * sk);
+      int64_t f = e0;
+      switch (nbits) {
+        case 4:
+          if (f < e1 && (f & 1)) *o++ = table[packed[f++ >> 1] >> 4];
+          for (; f + 1 < e1; f += 2) {
+            const uint8_t byte = packed[f >> 1];
+            *o++ = table[byte & 15];
+            *o++ = table[byte >> 4];
+          }
+          if (f < e1) *o = table[packed[f >> 1] & 15];
+          break;
+        case 2:
+          for (; f < e1; ++f) *o++ = table[(packed[f >> 2] >> ((f & 3) * 2)) & 3];
+          break;
+        default: {  // 3: whole 8-code blocks from one 24-bit word, the ends code by code
+          auto word = [&](int64_t blk) {
+            const uint8_t* p = packed + 3 * blk;
+            return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
+                   static_cast<uint32_t>(p[2]) << 16;
+          };
+          for (; f < e1 && (f & 7); ++f) *o++ = table[(word(f >> 3) >> (3 * (f & 7))) & 7];
+          for (; f + 8 <= e1; f += 8) {
+            const uint32_t w = word(f >> 3);
+            for (int i = 0; i < 8; ++i) *o++ = table[(w >> (3 * i)) & 7];
+          }
+          for (; f < e1; ++f) *o++ = table[(word(f >> 3) >> (3 * (f & 7))) & 7];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 torch::Tensor HqqWeight::dequantize_rows(int64_t begin, int64_t end, torch::ScalarType dtype,
                                          torch::Device device) const {
   TORCH_CHECK(0 <= begin && begin <= end && end <= out_, "hqq: rows [", begin, ", ", end,
               ") outside [0, ", out_, ")");
-  return dequantize_flat(begin * in_, end * in_).view({end - begin, in_}).to(device, dtype);
+  const int64_t f0 = begin * in_, f1 = end * in_;
+  if (!use_cpu_kernel() || f0 == f1)
+    return dequantize_flat(f0, f1).view({end - begin, in_}).to(device, dtype);
+  const int64_t k0 = f0 / group_, k1 = ceil_div(f1, group_);
+  auto [s, z] = group_params(k0, k1);
+  s = s.contiguous();
+  z = z.contiguous();
+  const bool bf16 = dtype == torch::kBFloat16;
+  torch::Tensor w = torch::empty(
+      {end - begin, in_}, torch::TensorOptions().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint8_t* packed = tensors_.at("W_q").data_ptr<uint8_t>();
+  if (bf16)
+    dequant_axis1_cpu(packed, params_.nbits, group_, s.data_ptr<float>(), z.data_ptr<float>(), f0,
+                      f1, w.data_ptr<c10::BFloat16>());
+  else
+    dequant_axis1_cpu(packed, params_.nbits, group_, s.data_ptr<float>(), z.data_ptr<float>(), f0,
+                      f1, w.data_ptr<float>());
+  return w.to(device, dtype);
+}
+
+bool HqqWeight::use_cpu_kernel() const {
+  return params_.axis == 1 && device().is_cpu() && !force_tensor_ops_;
 }
 
 torch::Tensor HqqWeight::dequantize(torch::ScalarType dtype, torch::Device device) const {
-  // Row tiles bound the fp32 temporary to one tile beside the result.
+  // The CPU kernel writes fp32/bf16 straight into the result; otherwise row tiles bound the
+  // fp32 temporary to one tile beside the result.
+  const bool direct = use_cpu_kernel() && (dtype == torch::kFloat32 || dtype == torch::kBFloat16);
   const int64_t tile = std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(1, in_));
-  if (tile >= out_) return dequantize_rows(0, out_, dtype, device);
+  if (direct || tile >= out_) return dequantize_rows(0, out_, dtype, device);
   torch::Tensor w = torch::empty({out_, in_}, tensors_.at("W_q").options().dtype(dtype));
   for (int64_t r = 0; r < out_; r += tile) {
     const int64_t e = std::min(out_, r + tile);
-    w.slice(0, r, e).copy_(dequantize_flat(r * in_, e * in_).view({e - r, in_}));
+    w.slice(0, r, e).copy_(dequantize_rows(r, e, dtype, w.device()));
   }
   return w.to(device);
 }

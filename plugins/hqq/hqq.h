@@ -151,17 +151,23 @@ class HqqWeight final : public QuantizedWeight {
   int64_t num_groups() const { return groups_; }
   /// Decoded fp32 scale and zero of groups [k0, k1) on the weight's device.
   std::pair<torch::Tensor, torch::Tensor> group_params(int64_t k0, int64_t k1) const;
-  /// Dequantized flat elements [f0, f1) of W (row-major), fp32 on the weight's device.
+  /// Dequantized flat elements [f0, f1) of W (row-major), fp32 on the weight's device, by
+  /// tensor ops (any device, any layout).
   torch::Tensor dequantize_flat(int64_t f0, int64_t f1) const;
+  /// Tests: make dequantize_rows() take the tensor-op path even where the CPU kernel applies
+  /// (axis 1 on CPU); both must agree bit for bit.
+  void set_force_tensor_ops(bool on) { force_tensor_ops_ = on; }
 
  private:
   torch::Tensor decode_meta(const std::string& key, int64_t k0, int64_t k1) const;
+  bool use_cpu_kernel() const;
 
   int64_t out_, in_;
   HqqParams params_;
   int64_t group_;   // effective group size g
   int64_t groups_;  // G = ceil(N / g)
   std::map<std::string, torch::Tensor> tensors_;
+  bool force_tensor_ops_ = false;
 };
 
 class HqqBackend final : public QuantBackend {

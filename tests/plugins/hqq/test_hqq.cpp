@@ -390,6 +390,39 @@ TEST(HqqState, LoadErrorsNameTheProblem) {
             std::string::npos);
 }
 
+TEST(HqqState, CpuKernelMatchesTensorOpsBitForBit) {
+  for (int nbits : {2, 3, 4, 8}) {
+    for (auto shape : std::vector<std::vector<int64_t>>{{37, 53}, {16, 96}, {5, 1000}}) {
+      for (const Json& extra : {Json::object(), Json{{"quant_scale", true}, {"quant_zero", true}},
+                                Json{{"group_size", 24}}}) {
+        torch::manual_seed(nbits);
+        const torch::Tensor w = torch::randn(shape);
+        Json o = extra;
+        o["nbits"] = nbits;
+        auto q = quant(w, o);
+        auto* hw = dynamic_cast<HqqWeight*>(q.get());
+        const int64_t out = shape[0];
+        for (auto [a, b] :
+             std::vector<std::pair<int64_t, int64_t>>{{0, out}, {1, 2}, {out / 3, out - 1}}) {
+          for (auto dt : {torch::kFloat32, torch::kBFloat16, torch::kFloat64}) {
+            hw->set_force_tensor_ops(false);
+            const torch::Tensor kernel = q->dequantize_rows(a, b, dt, torch::kCPU);
+            hw->set_force_tensor_ops(true);
+            const torch::Tensor ops = q->dequantize_rows(a, b, dt, torch::kCPU);
+            EXPECT_TRUE(bit_equal(kernel, ops))
+                << o.dump() << " " << shape[1] << " rows " << a << ".." << b;
+          }
+        }
+        hw->set_force_tensor_ops(false);
+        const torch::Tensor full_kernel = q->dequantize(torch::kBFloat16, torch::kCPU);
+        hw->set_force_tensor_ops(true);
+        EXPECT_TRUE(bit_equal(full_kernel, q->dequantize(torch::kBFloat16, torch::kCPU)))
+            << o.dump();
+      }
+    }
+  }
+}
+
 TEST(HqqState, LinearUsesTilesAndMatchesDequantized) {
   const torch::Tensor w = gaussian(300, 96, 4);
   auto q = quant(w, {{"nbits", 3}, {"axis", 0}});
@@ -465,6 +498,39 @@ TEST(HqqMeasure, DISABLED_GroupTable) {
                              ->dequantize(torch::kFloat32, torch::kCPU));
       std::printf("nbits %d g %5ld  plain %.5f  opt %.5f   ratio_to_sqrt2lng %.5f\n", nbits,
                   (long)g, e[0], e[1], e[0] / std::sqrt(2 * std::log((double)g)));
+    }
+  }
+}
+
+TEST(HqqMeasure, DISABLED_Throughput) {
+  torch::NoGradGuard no_grad;
+  const torch::Tensor w = gaussian(4096, 4096, 3) * 0.02;
+  auto best = [](const std::function<void()>& f) {
+    f();
+    double b = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      b = std::min(b, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return b;
+  };
+  for (int nbits : {2, 3, 4, 8}) {
+    for (int axis : {1, 0}) {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto q = quant(w, {{"nbits", nbits}, {"axis", axis}});
+      const double tq =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double f32 = best([&] { q->dequantize(torch::kFloat32, torch::kCPU); });
+      const double b16 = best([&] { q->dequantize(torch::kBFloat16, torch::kCPU); });
+      const torch::Tensor x = torch::randn({512, 4096});
+      const torch::Tensor d = q->dequantize(torch::kFloat32, torch::kCPU);
+      const double lin = best([&] { q->linear(x); });
+      const double dense = best([&] { torch::matmul(x, d.t()); });
+      std::printf(
+          "hqq%d axis %d 4096^2: quantize %.2fs  dequant fp32 %.1f ms bf16 %.1f ms  linear[512] "
+          "%.1f ms (dense %.1f)\n",
+          nbits, axis, tq, f32 * 1e3, b16 * 1e3, lin * 1e3, dense * 1e3);
     }
   }
 }
