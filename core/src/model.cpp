@@ -128,9 +128,10 @@ RMSNormImpl::RMSNormImpl(torch::Tensor w, double eps, bool trainable) : eps_(eps
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto xf = x.to(torch::kFloat32);
+  const auto dtype = torch::promote_types(x.scalar_type(), torch::kFloat32);
+  auto xf = x.to(dtype);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps_);
-  return (y * weight.to(torch::kFloat32)).to(x.scalar_type());
+  return (y * weight.to(dtype)).to(x.scalar_type());
 }
 
 EmbeddingImpl::EmbeddingImpl(torch::Tensor w, bool trainable) {
@@ -206,7 +207,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
       auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
       scores.masked_fill_(kj > qi, -std::numeric_limits<float>::infinity());
     }
-    out = torch::matmul(torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type()), v);
+    const auto softmax_dtype = torch::promote_types(q.scalar_type(), torch::kFloat32);
+    out = torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(q.scalar_type()), v);
   }
   out = out.transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj->forward(out);
@@ -305,7 +307,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
               " needs an adapter (--adapter)");
   // Frozen dense tensors live in the compute dtype; trainable ones are fp32 masters.
   const auto frozen_dtype = spec.dtype;
-  const auto dense_dtype = full ? torch::kFloat32 : frozen_dtype;
+  const auto dense_dtype = full ? master_dtype() : frozen_dtype;
 
   auto expect_shape = [&](const std::string& name, std::vector<int64_t> shape) {
     QTUNE_CHECK(weights.has(name) || weights.has_quantized(name), weights.describe(),
@@ -358,21 +360,24 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
   model->layers = model->register_module("layers", torch::nn::ModuleList());
   auto norm_weight = [&](const std::string& name) {
     expect_shape(name, {dim});
-    return weights.get(name, torch::kFloat32);
+    return weights.get(name, master_dtype());
   };
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     const std::string p = layer_prefix(i);
-    auto attn = Attention(config, make_slot(p + "self_attn.q_proj", "q", q_out, dim, qlora),
-                          make_slot(p + "self_attn.k_proj", "k", kv_out, dim, qlora),
-                          make_slot(p + "self_attn.v_proj", "v", kv_out, dim, qlora),
-                          make_slot(p + "self_attn.o_proj", "o", dim, q_out, qlora));
-    auto mlp = Mlp(make_slot(p + "mlp.gate_proj", "gate", config.intermediate_size, dim, qlora),
-                   make_slot(p + "mlp.up_proj", "up", config.intermediate_size, dim, qlora),
-                   make_slot(p + "mlp.down_proj", "down", dim, config.intermediate_size, qlora));
-    model->layers->push_back(DecoderLayer(
-        RMSNorm(norm_weight(p + "input_layernorm.weight"), config.rms_norm_eps, full), attn,
-        RMSNorm(norm_weight(p + "post_attention_layernorm.weight"), config.rms_norm_eps, full),
-        mlp));
+    // One statement per slot: argument evaluation order is unspecified, and slots must be
+    // built (and listed) in model order.
+    auto in_norm = RMSNorm(norm_weight(p + "input_layernorm.weight"), config.rms_norm_eps, full);
+    auto q = make_slot(p + "self_attn.q_proj", "q", q_out, dim, qlora);
+    auto k = make_slot(p + "self_attn.k_proj", "k", kv_out, dim, qlora);
+    auto v = make_slot(p + "self_attn.v_proj", "v", kv_out, dim, qlora);
+    auto o = make_slot(p + "self_attn.o_proj", "o", dim, q_out, qlora);
+    auto post_norm =
+        RMSNorm(norm_weight(p + "post_attention_layernorm.weight"), config.rms_norm_eps, full);
+    auto gate = make_slot(p + "mlp.gate_proj", "gate", config.intermediate_size, dim, qlora);
+    auto up = make_slot(p + "mlp.up_proj", "up", config.intermediate_size, dim, qlora);
+    auto down = make_slot(p + "mlp.down_proj", "down", dim, config.intermediate_size, qlora);
+    model->layers->push_back(
+        DecoderLayer(in_norm, Attention(config, q, k, v, o), post_norm, Mlp(gate, up, down)));
     spdlog::debug("built layer {}/{}", i + 1, config.num_hidden_layers);
   }
   model->norm = model->register_module(
@@ -426,7 +431,7 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& tokens, KVCache
   }
   if (cache) cache->length += tokens.size(1);
   h = model->norm->forward(h);
-  return lm_head->forward(h).to(torch::kFloat32);
+  return lm_head->forward(h).to(master_dtype());
 }
 
 std::pair<torch::Tensor, int64_t> LlamaForCausalLMImpl::loss(const torch::Tensor& tokens,

@@ -39,7 +39,8 @@ QTUNE_API std::set<std::string> parse_target_modules(const std::vector<std::stri
 /// What to put in each projection slot.
 struct QTUNE_API TuningSpec {
   TrainType train_type = TrainType::kFull;
-  /// Compute dtype: activations and frozen dense weights. Trainable weights are fp32 masters.
+  /// Compute dtype: activations and frozen dense weights. Trainable weights are fp32 masters
+  /// (fp64 when the compute dtype is fp64, which only tests use).
   torch::ScalarType dtype = torch::kFloat32;
   std::shared_ptr<QuantBackend> quant;  // required for qlora
   Json quant_options = Json::object();  // resolved
@@ -162,7 +163,11 @@ class QTUNE_API LlamaForCausalLMImpl : public torch::nn::Module {
   LlamaForCausalLMImpl(const ModelConfig& config, const WeightSource& weights,
                        const TuningSpec& spec);
 
-  /// tokens [B, T] int64 -> logits [B, T, vocab] in fp32. With a cache, tokens continue at
+  /// Dtype of trainable masters and of logits: the compute dtype promoted to at least fp32.
+  torch::ScalarType master_dtype() const {
+    return torch::promote_types(spec_.dtype, torch::kFloat32);
+  }
+  /// tokens [B, T] int64 -> logits [B, T, vocab] in master_dtype() (fp32 unless fp64). With a cache, tokens continue at
   /// position cache->length and the cache is extended.
   torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
   /// Mean cross-entropy over targets != -100 (fp32 scalar), and the number of such targets.
