@@ -1,10 +1,9 @@
 // qtune-convert: turn a llama2.c .bin checkpoint (or an HF directory) into a Hugging Face Llama
 // directory (config.json + model.safetensors [+ tokenizer]) in fp32 or bf16. The conversion
 // itself is core's open_model() + save_hf_model(); this file only parses flags and reports.
+#include <boost/program_options.hpp>
 #include <cstdio>
 #include <iostream>
-
-#include <boost/program_options.hpp>
 
 #include "qtune/error.h"
 #include "qtune/model_files.h"
@@ -45,10 +44,14 @@ int run(int argc, char** argv) {
   QTUNE_CHECK(vm.count("out"), "--out is required (see qtune-convert --help)");
   const std::string dtype_name = vm["dtype"].as<std::string>();
   torch::ScalarType dtype;
-  if (dtype_name == "fp32" || dtype_name == "float32") dtype = torch::kFloat32;
-  else if (dtype_name == "bf16" || dtype_name == "bfloat16") dtype = torch::kBFloat16;
-  else if (dtype_name == "fp16" || dtype_name == "float16") dtype = torch::kFloat16;
-  else throw qtune::UserError("--dtype must be fp32, bf16 or fp16, got \"" + dtype_name + "\"");
+  if (dtype_name == "fp32" || dtype_name == "float32")
+    dtype = torch::kFloat32;
+  else if (dtype_name == "bf16" || dtype_name == "bfloat16")
+    dtype = torch::kBFloat16;
+  else if (dtype_name == "fp16" || dtype_name == "float16")
+    dtype = torch::kFloat16;
+  else
+    throw qtune::UserError("--dtype must be fp32, bf16 or fp16, got \"" + dtype_name + "\"");
   const double shard_gb = vm["max-shard-gb"].as<double>();
   QTUNE_CHECK(shard_gb > 0, "--max-shard-gb must be > 0, got ", shard_gb);
 

@@ -2,12 +2,12 @@
 // Built against sentencepiece only (never LibTorch); see qtune_spm.h for why.
 #include "qtune_spm.h"
 
+#include <sentencepiece_processor.h>
+
 #include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
-
-#include <sentencepiece_processor.h>
 
 #define QTUNE_SPM_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -67,8 +67,8 @@ QTUNE_SPM_EXPORT int qtune_spm_piece_type(const QtuneSpm* h, int id) {
 }
 
 QTUNE_SPM_EXPORT int qtune_spm_encode(const QtuneSpm* h, const char* text, size_t len,
-                                      void (*sink)(void*, const int*, size_t), void* ctx,
-                                      char* err, size_t err_cap) {
+                                      void (*sink)(void*, const int*, size_t), void* ctx, char* err,
+                                      size_t err_cap) {
   try {
     std::vector<int> ids;
     auto status = h->sp.Encode(std::string(text, len), &ids);

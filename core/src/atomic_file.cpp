@@ -26,7 +26,9 @@ std::string errno_text() { return std::strerror(errno); }
 // which would swallow them) and reported by the caller.
 class FdStreamBuf : public std::streambuf {
  public:
-  explicit FdStreamBuf(int fd) : fd_(fd), buf_(1 << 20) { setp(buf_.data(), buf_.data() + buf_.size()); }
+  explicit FdStreamBuf(int fd) : fd_(fd), buf_(1 << 20) {
+    setp(buf_.data(), buf_.data() + buf_.size());
+  }
   bool failed() const { return failed_; }
   int saved_errno() const { return errno_; }
   bool flush_all() { return flush_buffer(); }
@@ -132,8 +134,8 @@ void atomic_write(const std::string& path, const std::function<void(std::ostream
     std::ostream os(&buf);
     writer(os);  // an exception here leaves through TempGuard: temp removed, target untouched
     os.flush();
-    QTUNE_CHECK(!buf.failed() && buf.flush_all() && os.good(), "writing ", path, " failed: ",
-                buf.failed() ? std::strerror(buf.saved_errno()) : "stream error");
+    QTUNE_CHECK(!buf.failed() && buf.flush_all() && os.good(), "writing ", path,
+                " failed: ", buf.failed() ? std::strerror(buf.saved_errno()) : "stream error");
   }
   QTUNE_CHECK(::fsync(tmp.fd) == 0, "fsync of ", tmp.path, " failed: ", errno_text());
   int rc = ::close(tmp.fd);

@@ -17,15 +17,15 @@ constexpr uint32_t kLlama2cMagic = 0x616b3432;
 int64_t Llama2cHeader::expected_file_size() const {
   const int64_t head_size = dim / n_heads;
   const int64_t kv_dim = dim * n_kv_heads / n_heads;
-  int64_t floats = vocab_size * dim                 // token_embedding
-                   + n_layers * dim                 // rms_att
-                   + n_layers * dim * dim           // wq
-                   + 2 * n_layers * kv_dim * dim    // wk, wv
-                   + n_layers * dim * dim           // wo
-                   + n_layers * dim                 // rms_ffn
+  int64_t floats = vocab_size * dim                   // token_embedding
+                   + n_layers * dim                   // rms_att
+                   + n_layers * dim * dim             // wq
+                   + 2 * n_layers * kv_dim * dim      // wk, wv
+                   + n_layers * dim * dim             // wo
+                   + n_layers * dim                   // rms_ffn
                    + 3 * n_layers * hidden_dim * dim  // w1, w2, w3
-                   + dim                            // rms_final
-                   + seq_len * head_size;           // freq_cis_real + freq_cis_imag
+                   + dim                              // rms_final
+                   + seq_len * head_size;             // freq_cis_real + freq_cis_imag
   if (!shared_classifier) floats += vocab_size * dim;
   return kHeaderBytes + 4 * floats;
 }
@@ -53,7 +53,8 @@ std::unique_ptr<Llama2cCheckpoint> Llama2cCheckpoint::open(const std::string& pa
   int32_t h[7];
   std::memcpy(h, file->data(), sizeof(h));
   QTUNE_CHECK(static_cast<uint32_t>(h[0]) != kLlama2cMagic, "llama2.c checkpoint ", path,
-              " is a version-", h[1], " export (magic \"ak42\"); only the legacy v0 format is "
+              " is a version-", h[1],
+              " export (magic \"ak42\"); only the legacy v0 format is "
               "supported (export.py --version 0)");
 
   Llama2cHeader hd;
@@ -74,21 +75,21 @@ std::unique_ptr<Llama2cCheckpoint> Llama2cCheckpoint::open(const std::string& pa
               ", expected 1..", kMax);
   QTUNE_CHECK(hd.n_layers > 0 && hd.n_layers <= 4096, where, "n_layers = ", hd.n_layers,
               ", expected 1..4096");
-  QTUNE_CHECK(hd.n_heads > 0 && hd.dim % hd.n_heads == 0 && (hd.dim / hd.n_heads) % 2 == 0,
-              where, "n_heads = ", hd.n_heads, ", expected a divisor of dim = ", hd.dim,
+  QTUNE_CHECK(hd.n_heads > 0 && hd.dim % hd.n_heads == 0 && (hd.dim / hd.n_heads) % 2 == 0, where,
+              "n_heads = ", hd.n_heads, ", expected a divisor of dim = ", hd.dim,
               " giving an even head size");
-  QTUNE_CHECK(hd.n_kv_heads > 0 && hd.n_heads % hd.n_kv_heads == 0, where, "n_kv_heads = ",
-              hd.n_kv_heads, ", expected a divisor of n_heads = ", hd.n_heads);
+  QTUNE_CHECK(hd.n_kv_heads > 0 && hd.n_heads % hd.n_kv_heads == 0, where,
+              "n_kv_heads = ", hd.n_kv_heads, ", expected a divisor of n_heads = ", hd.n_heads);
   QTUNE_CHECK(hd.vocab_size > 0 && hd.vocab_size <= (1 << 24), where, "vocab_size = ", h[5],
               ", expected a non-zero value of magnitude <= ", (1 << 24));
   QTUNE_CHECK(hd.seq_len > 0 && hd.seq_len <= (1 << 24), where, "seq_len = ", hd.seq_len,
               ", expected 1..", (1 << 24));
   const int64_t expected = hd.expected_file_size();
-  QTUNE_CHECK(static_cast<int64_t>(file->size()) == expected, "llama2.c checkpoint ", path,
-              " has ", file->size(), " bytes but its header (dim ", hd.dim, ", hidden_dim ",
-              hd.hidden_dim, ", n_layers ", hd.n_layers, ", n_heads ", hd.n_heads,
-              ", n_kv_heads ", hd.n_kv_heads, ", vocab_size ", h[5], ", seq_len ", hd.seq_len,
-              ") requires exactly ", expected, " bytes");
+  QTUNE_CHECK(static_cast<int64_t>(file->size()) == expected, "llama2.c checkpoint ", path, " has ",
+              file->size(), " bytes but its header (dim ", hd.dim, ", hidden_dim ", hd.hidden_dim,
+              ", n_layers ", hd.n_layers, ", n_heads ", hd.n_heads, ", n_kv_heads ", hd.n_kv_heads,
+              ", vocab_size ", h[5], ", seq_len ", hd.seq_len, ") requires exactly ", expected,
+              " bytes");
 
   std::unique_ptr<Llama2cCheckpoint> ck(new Llama2cCheckpoint());
   ck->path_ = path;
@@ -138,7 +139,7 @@ ModelConfig Llama2cCheckpoint::config() const {
   c.num_key_value_heads = header_.n_kv_heads;
   c.vocab_size = header_.vocab_size;
   c.max_position_embeddings = header_.seq_len;
-  c.rms_norm_eps = 1e-5;  // run.c's rmsnorm
+  c.rms_norm_eps = 1e-5;   // run.c's rmsnorm
   c.rope_theta = 10000.0;  // run.c's RoPE frequencies
   c.tie_word_embeddings = header_.shared_classifier;
   c.bos_token_id = 1;
@@ -156,9 +157,9 @@ const Llama2cCheckpoint::Entry& Llama2cCheckpoint::entry(const std::string& name
 torch::Tensor Llama2cCheckpoint::raw(const std::string& name) const {
   const Entry& e = entry(name);
   std::shared_ptr<void> keep = mapping_;
-  return torch::from_blob(const_cast<uint8_t*>(data_ + e.offset), e.shape,
-                          [keep](void*) mutable { keep.reset(); },
-                          torch::TensorOptions().dtype(torch::kFloat32));
+  return torch::from_blob(
+      const_cast<uint8_t*>(data_ + e.offset), e.shape, [keep](void*) mutable { keep.reset(); },
+      torch::TensorOptions().dtype(torch::kFloat32));
 }
 
 std::string Llama2cCheckpoint::describe() const { return "llama2.c checkpoint " + path_; }

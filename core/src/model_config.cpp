@@ -54,11 +54,12 @@ void ModelConfig::validate(const std::string& origin) const {
               num_key_value_heads);
   QTUNE_CHECK(hidden_size % num_attention_heads == 0, origin, ": hidden_size (", hidden_size,
               ") must be divisible by num_attention_heads (", num_attention_heads, ")");
-  QTUNE_CHECK(num_attention_heads % num_key_value_heads == 0, origin,
-              ": num_attention_heads (", num_attention_heads,
-              ") must be divisible by num_key_value_heads (", num_key_value_heads, ")");
-  QTUNE_CHECK(head_dim() % 2 == 0, origin, ": head dimension hidden_size/num_attention_heads = ",
-              head_dim(), " must be even for rotary embeddings");
+  QTUNE_CHECK(num_attention_heads % num_key_value_heads == 0, origin, ": num_attention_heads (",
+              num_attention_heads, ") must be divisible by num_key_value_heads (",
+              num_key_value_heads, ")");
+  QTUNE_CHECK(head_dim() % 2 == 0, origin,
+              ": head dimension hidden_size/num_attention_heads = ", head_dim(),
+              " must be even for rotary embeddings");
   QTUNE_CHECK(vocab_size > 0, origin, ": vocab_size must be > 0, got ", vocab_size);
   QTUNE_CHECK(max_position_embeddings > 0, origin, ": max_position_embeddings must be > 0, got ",
               max_position_embeddings);
@@ -81,7 +82,8 @@ ModelConfig ModelConfig::from_hf_json(const Json& j, const std::string& origin) 
     model_type = j["model_type"].get<std::string>();
   }
   QTUNE_CHECK(model_type == "llama" || model_type == "mistral", origin, ": model_type \"",
-              model_type, "\" is not supported (expected \"llama\" or a llama-compatible "
+              model_type,
+              "\" is not supported (expected \"llama\" or a llama-compatible "
               "\"mistral\")");
 
   ModelConfig c;
@@ -106,8 +108,9 @@ ModelConfig ModelConfig::from_hf_json(const Json& j, const std::string& origin) 
   // Features we do not implement must not be silently ignored: the model would load and
   // produce wrong numbers.
   if (j.contains("rope_scaling"))
-    QTUNE_CHECK(j["rope_scaling"].is_null(), origin, ": \"rope_scaling\" = ",
-                j["rope_scaling"].dump(), " is not supported (expected null)");
+    QTUNE_CHECK(j["rope_scaling"].is_null(), origin,
+                ": \"rope_scaling\" = ", j["rope_scaling"].dump(),
+                " is not supported (expected null)");
   if (j.contains("hidden_act"))
     QTUNE_CHECK(j["hidden_act"] == "silu", origin, ": \"hidden_act\" = ", j["hidden_act"].dump(),
                 " is not supported (expected \"silu\")");
@@ -125,7 +128,8 @@ ModelConfig ModelConfig::from_hf_json(const Json& j, const std::string& origin) 
     int64_t w = get_int(j, "sliding_window", origin);
     QTUNE_CHECK(w >= c.max_position_embeddings, origin, ": \"sliding_window\" = ", w,
                 " is not supported (sliding-window attention; expected null or >= "
-                "max_position_embeddings = ", c.max_position_embeddings, ")");
+                "max_position_embeddings = ",
+                c.max_position_embeddings, ")");
   }
   c.validate(origin);
   return c;
@@ -157,13 +161,13 @@ Json ModelConfig::to_hf_json() const {
 
 int64_t ModelConfig::num_parameters() const {
   const int64_t h = hidden_size, kv = num_key_value_heads * head_dim();
-  const int64_t per_layer = h * h            // q_proj
-                            + 2 * kv * h      // k_proj, v_proj
-                            + h * h           // o_proj
+  const int64_t per_layer = h * h                        // q_proj
+                            + 2 * kv * h                 // k_proj, v_proj
+                            + h * h                      // o_proj
                             + 3 * h * intermediate_size  // gate, up, down
-                            + 2 * h;          // two RMSNorm weights
-  return vocab_size * h                       // embed_tokens
-         + num_hidden_layers * per_layer + h  // final norm
+                            + 2 * h;                     // two RMSNorm weights
+  return vocab_size * h                                  // embed_tokens
+         + num_hidden_layers * per_layer + h             // final norm
          + (tie_word_embeddings ? 0 : vocab_size * h);
 }
 

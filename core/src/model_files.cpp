@@ -41,7 +41,8 @@ Json read_json_file(const std::string& path) {
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace
@@ -96,8 +97,7 @@ std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_file(
   return s;
 }
 
-std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(
-    const std::string& dir) {
+std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(const std::string& dir) {
   const fs::path single = fs::path(dir) / "model.safetensors";
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
   std::error_code ec;
@@ -106,10 +106,11 @@ std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(
     s->describe_ = dir;
     return s;
   }
-  QTUNE_CHECK(fs::exists(index_path, ec), "no model.safetensors or model.safetensors.index.json in ",
-              dir, fs::exists(fs::path(dir) / "pytorch_model.bin", ec)
-                       ? " (pytorch_model.bin is not supported: convert it to safetensors)"
-                       : "");
+  QTUNE_CHECK(fs::exists(index_path, ec),
+              "no model.safetensors or model.safetensors.index.json in ", dir,
+              fs::exists(fs::path(dir) / "pytorch_model.bin", ec)
+                  ? " (pytorch_model.bin is not supported: convert it to safetensors)"
+                  : "");
   const std::string ip = index_path.string();
   Json index = read_json_file(ip);
   QTUNE_CHECK(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
@@ -127,10 +128,9 @@ std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(
                 " must be a shard file name, got ", it.value().dump());
     const std::string shard = it.value().get<std::string>();
     // Shards live beside the index; a path that escapes the directory is not a shard name.
-    QTUNE_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard != "." &&
-                    shard != "..",
-                ip, ": weight_map.", it.key(), " = \"", shard,
-                "\" is not a file name in the model directory");
+    QTUNE_CHECK(
+        !shard.empty() && shard.find('/') == std::string::npos && shard != "." && shard != "..", ip,
+        ": weight_map.", it.key(), " = \"", shard, "\" is not a file name in the model directory");
     auto found = shard_ids.find(shard);
     if (found == shard_ids.end()) {
       const std::string sp = (fs::path(dir) / shard).string();
@@ -166,8 +166,7 @@ std::vector<int64_t> SafetensorsWeightSource::shape(const std::string& name) con
   return info(name).shape;
 }
 
-torch::Tensor SafetensorsWeightSource::get(const std::string& name,
-                                           torch::ScalarType dtype) const {
+torch::Tensor SafetensorsWeightSource::get(const std::string& name, torch::ScalarType dtype) const {
   return view(name).to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
@@ -245,10 +244,14 @@ ModelFiles open_model(const std::string& path) {
 
 std::string hf_torch_dtype_name(torch::ScalarType dtype) {
   switch (dtype) {
-    case torch::kFloat32: return "float32";
-    case torch::kBFloat16: return "bfloat16";
-    case torch::kFloat16: return "float16";
-    default: break;
+    case torch::kFloat32:
+      return "float32";
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kFloat16:
+      return "float16";
+    default:
+      break;
   }
   throw UserError(std::string("model dtype ") + c10::toString(dtype) +
                   " is not supported for HF export (expected float32, bfloat16 or float16)");
@@ -278,8 +281,9 @@ void save_hf_model(const std::string& dir, const ModelConfig& config, const Weig
       shard_bytes = 0;
     }
     const std::string tensor_name = name;
-    shards.back().push_back(SafetensorsEntry{
-        name, dtype, shape, [&weights, tensor_name, dtype] { return weights.get(tensor_name, dtype); }});
+    shards.back().push_back(SafetensorsEntry{name, dtype, shape, [&weights, tensor_name, dtype] {
+                                               return weights.get(tensor_name, dtype);
+                                             }});
     shard_bytes += n;
     total_bytes += n;
   }

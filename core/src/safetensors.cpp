@@ -4,16 +4,15 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <torch/version.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
-#include <set>
-
 #include <nlohmann/json.hpp>
-#include <torch/version.h>
+#include <set>
 
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
@@ -35,10 +34,9 @@ struct DtypeRow {
   const char* name;
   int64_t itemsize;
 };
-constexpr DtypeRow kDtypes[] = {{"F64", 8},     {"F32", 4},     {"F16", 2}, {"BF16", 2},
-                                {"F8_E4M3", 1}, {"F8_E5M2", 1}, {"I64", 8}, {"I32", 4},
-                                {"I16", 2},     {"I8", 1},      {"U64", 8}, {"U32", 4},
-                                {"U16", 2},     {"U8", 1},      {"BOOL", 1}};
+constexpr DtypeRow kDtypes[] = {{"F64", 8},     {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"F8_E4M3", 1},
+                                {"F8_E5M2", 1}, {"I64", 8}, {"I32", 4}, {"I16", 2},  {"I8", 1},
+                                {"U64", 8},     {"U32", 4}, {"U16", 2}, {"U8", 1},   {"BOOL", 1}};
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
 #define QTUNE_HAS_FLOAT8 1
@@ -74,32 +72,49 @@ torch::ScalarType safetensors_to_torch(const std::string& dtype) {
   if (dtype == "U32") return torch::kUInt32;
   if (dtype == "U64") return torch::kUInt64;
 #endif
-  throw UserError("safetensors dtype " + dtype + " has no LibTorch " TORCH_VERSION
+  throw UserError("safetensors dtype " + dtype +
+                  " has no LibTorch " TORCH_VERSION
                   " equivalent (read its bytes with SafetensorsFile::raw)");
 }
 
 std::string torch_to_safetensors(torch::ScalarType dtype) {
   switch (dtype) {
-    case torch::kFloat64: return "F64";
-    case torch::kFloat32: return "F32";
-    case torch::kFloat16: return "F16";
-    case torch::kBFloat16: return "BF16";
-    case torch::kInt64: return "I64";
-    case torch::kInt32: return "I32";
-    case torch::kInt16: return "I16";
-    case torch::kInt8: return "I8";
-    case torch::kUInt8: return "U8";
-    case torch::kBool: return "BOOL";
+    case torch::kFloat64:
+      return "F64";
+    case torch::kFloat32:
+      return "F32";
+    case torch::kFloat16:
+      return "F16";
+    case torch::kBFloat16:
+      return "BF16";
+    case torch::kInt64:
+      return "I64";
+    case torch::kInt32:
+      return "I32";
+    case torch::kInt16:
+      return "I16";
+    case torch::kInt8:
+      return "I8";
+    case torch::kUInt8:
+      return "U8";
+    case torch::kBool:
+      return "BOOL";
 #ifdef QTUNE_HAS_FLOAT8
-    case torch::kFloat8_e4m3fn: return "F8_E4M3";
-    case torch::kFloat8_e5m2: return "F8_E5M2";
+    case torch::kFloat8_e4m3fn:
+      return "F8_E4M3";
+    case torch::kFloat8_e5m2:
+      return "F8_E5M2";
 #endif
 #ifdef QTUNE_HAS_UINT_WIDE
-    case torch::kUInt16: return "U16";
-    case torch::kUInt32: return "U32";
-    case torch::kUInt64: return "U64";
+    case torch::kUInt16:
+      return "U16";
+    case torch::kUInt32:
+      return "U32";
+    case torch::kUInt64:
+      return "U64";
 #endif
-    default: break;
+    default:
+      break;
   }
   throw UserError(std::string("torch dtype ") + c10::toString(dtype) +
                   " cannot be stored in safetensors");
@@ -171,7 +186,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   uint64_t n = 0;
   std::memcpy(&n, bytes, 8);  // little-endian host (static_assert above)
   QTUNE_CHECK(n <= kMaxHeaderBytes, "safetensors file ", path, ": header length ", n,
-              " bytes is absurd (limit ", kMaxHeaderBytes, "); the file is corrupt or not safetensors");
+              " bytes is absurd (limit ", kMaxHeaderBytes,
+              "); the file is corrupt or not safetensors");
   QTUNE_CHECK(n <= size - 8, "safetensors file ", path, ": header length ", n,
               " runs past the end of the file (", size, " bytes, so at most ", size - 8, ")");
   f->buffer_offset_ = 8 + n;
@@ -184,8 +200,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   } catch (const nlohmann::json::exception& e) {
     throw UserError("safetensors file " + path + ": header is not valid JSON (" + e.what() + ")");
   }
-  QTUNE_CHECK(header.is_object(), "safetensors file ", path,
-              ": header must be a JSON object, got ", header.type_name());
+  QTUNE_CHECK(header.is_object(), "safetensors file ", path, ": header must be a JSON object, got ",
+              header.type_name());
 
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& key = it.key();
@@ -224,13 +240,13 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
       if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim) overflow = true;
       numel *= dim;
     }
-    QTUNE_CHECK(v.contains("data_offsets") && v["data_offsets"].is_array() &&
-                    v["data_offsets"].size() == 2,
-                where, ": \"data_offsets\" must be an array [begin, end]");
+    QTUNE_CHECK(
+        v.contains("data_offsets") && v["data_offsets"].is_array() && v["data_offsets"].size() == 2,
+        where, ": \"data_offsets\" must be an array [begin, end]");
     info.data_begin = json_uint(v["data_offsets"][0], where + ": data_offsets[0]");
     info.data_end = json_uint(v["data_offsets"][1], where + ": data_offsets[1]");
-    QTUNE_CHECK(info.data_begin <= info.data_end, where, ": data_offsets [", info.data_begin,
-                ", ", info.data_end, "] has begin > end");
+    QTUNE_CHECK(info.data_begin <= info.data_end, where, ": data_offsets [", info.data_begin, ", ",
+                info.data_end, "] has begin > end");
     QTUNE_CHECK(info.data_end <= buffer_size, where, ": data_offsets [", info.data_begin, ", ",
                 info.data_end, "] out of bounds: the data buffer is ", buffer_size, " bytes");
     const uint64_t item = static_cast<uint64_t>(itemsize);
@@ -286,7 +302,8 @@ torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
   if (reinterpret_cast<uintptr_t>(ptr) % safetensors_itemsize(i.dtype) != 0)
     return torch::from_blob(ptr, i.shape, options).clone();
   std::shared_ptr<Mapping> keep = mapping_;
-  return torch::from_blob(ptr, i.shape, [keep](void*) mutable { keep.reset(); }, options);
+  return torch::from_blob(
+      ptr, i.shape, [keep](void*) mutable { keep.reset(); }, options);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,9 +362,8 @@ void write_safetensors(const std::string& path, std::vector<SafetensorsEntry> en
     if (!first) header += ",";
     first = false;
     header += nlohmann::json(entries[i].name).dump() + ":{\"dtype\":\"" + st_dtype[i] +
-              "\",\"shape\":" + nlohmann::json(entries[i].shape).dump() +
-              ",\"data_offsets\":[" + std::to_string(begin[i]) + "," +
-              std::to_string(begin[i] + nbytes[i]) + "]}";
+              "\",\"shape\":" + nlohmann::json(entries[i].shape).dump() + ",\"data_offsets\":[" +
+              std::to_string(begin[i]) + "," + std::to_string(begin[i] + nbytes[i]) + "]}";
   }
   header += "}";
   while (header.size() % 8 != 0) header += ' ';
@@ -371,8 +387,7 @@ void write_safetensors(const std::string& path, std::vector<SafetensorsEntry> en
   });
 }
 
-void write_safetensors(const std::string& path,
-                       const std::map<std::string, torch::Tensor>& tensors,
+void write_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   std::vector<SafetensorsEntry> entries;
   entries.reserve(tensors.size());

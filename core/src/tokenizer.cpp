@@ -34,7 +34,8 @@ std::string Tokenizer::decode(const std::vector<int>& ids) const {
 namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 int hex_value(char c) {
@@ -72,9 +73,9 @@ class Llama2cTokenizer : public Tokenizer {
     size_t pos = 4;
     while (pos < data.size()) {
       const size_t id = pieces_.size();
-      QTUNE_CHECK(data.size() - pos >= 8, "llama2.c tokenizer ", path, ": entry ", id,
-                  " at byte ", pos, " is truncated (need 8 bytes for score and length, have ",
-                  data.size() - pos, ")");
+      QTUNE_CHECK(data.size() - pos >= 8, "llama2.c tokenizer ", path, ": entry ", id, " at byte ",
+                  pos, " is truncated (need 8 bytes for score and length, have ", data.size() - pos,
+                  ")");
       float score;
       int32_t len;
       std::memcpy(&score, data.data() + pos, 4);
@@ -234,8 +235,7 @@ struct SpmApi {
 // The directory holding libqtune_core.so (the wrapper is installed beside it).
 std::string core_library_dir() {
   Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&load_tokenizer), &info) == 0 || !info.dli_fname)
-    return "";
+  if (dladdr(reinterpret_cast<void*>(&load_tokenizer), &info) == 0 || !info.dli_fname) return "";
   return fs::path(info.dli_fname).parent_path().string();
 }
 
@@ -245,9 +245,9 @@ const SpmApi& spm_api() {
   static std::string error;
   std::call_once(once, [] {
     const char* env = std::getenv("QTUNE_SENTENCEPIECE_LIBRARY");
-    const std::string path = env && *env
-                                 ? std::string(env)
-                                 : (fs::path(core_library_dir()) / "libqtune_sentencepiece.so").string();
+    const std::string path =
+        env && *env ? std::string(env)
+                    : (fs::path(core_library_dir()) / "libqtune_sentencepiece.so").string();
     // RTLD_DEEPBIND: the module's own dependencies (sentencepiece, protobuf-lite) resolve among
     // themselves before the process's global symbols (LibTorch's full protobuf). Never closed.
     void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);

@@ -1,13 +1,13 @@
 // Model files: the llama2.c loader on stories260K.bin (shapes, tying, rotary permutation, size
 // validation), HF directories (single, sharded, config.json errors), and qtune-convert.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <set>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "qtune/error.h"
 #include "qtune/llama2c.h"
@@ -65,7 +65,8 @@ TEST(Llama2c, Stories260KShapesAndConfig) {
   }
   EXPECT_EQ(w.shape("model.layers.0.self_attn.k_proj.weight"), (std::vector<int64_t>{32, 64}));
   EXPECT_EQ(w.get("model.norm.weight", torch::kBFloat16).scalar_type(), torch::kBFloat16);
-  EXPECT_EQ(c.num_parameters(), 512 * 64 + 5 * (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 172 + 128) + 64);
+  EXPECT_EQ(c.num_parameters(),
+            512 * 64 + 5 * (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 172 + 128) + 64);
   EXPECT_NE(error_of([&] { w.get("lm_head.weight", torch::kFloat32); }).find("lm_head.weight"),
             std::string::npos);
 }
@@ -148,9 +149,7 @@ TEST(Llama2c, RopeOnPermutedWeightsMatchesLlama2c) {
 TEST(Llama2c, WrongFileSizeIsRejectedWithBothSizes) {
   const std::string dir = test::temp_dir("l2c");
   std::string bytes = test::read_file(test::data_path("stories260K.bin"));
-  {
-    std::ofstream(dir + "/cut.bin", std::ios::binary) << bytes.substr(0, bytes.size() - 4);
-  }
+  { std::ofstream(dir + "/cut.bin", std::ios::binary) << bytes.substr(0, bytes.size() - 4); }
   std::string msg = error_of([&] { open_model(dir + "/cut.bin"); });
   EXPECT_NE(msg.find("1056536 bytes"), std::string::npos) << msg;
   EXPECT_NE(msg.find("exactly 1056540 bytes"), std::string::npos) << msg;
@@ -163,7 +162,8 @@ TEST(Llama2c, WrongFileSizeIsRejectedWithBothSizes) {
   { std::ofstream(dir + "/untied.bin", std::ios::binary) << untied; }
   msg = error_of([&] { open_model(dir + "/untied.bin"); });
   EXPECT_NE(msg.find("requires exactly " + std::to_string(1056540 + 512 * 64 * 4)),
-            std::string::npos) << msg;
+            std::string::npos)
+      << msg;
 
   std::string bad_heads = bytes;
   int32_t heads = 7;
@@ -207,7 +207,8 @@ TEST(HfDir, SaveAndOpenRoundTripIsBitExact) {
   // bf16: the stored values are the fp32 weights rounded to bf16.
   save_hf_model(dir, src.config, *src.weights, torch::kBFloat16);
   auto hf16 = open_model(dir);
-  EXPECT_EQ(dynamic_cast<SafetensorsWeightSource&>(*hf16.weights).info("model.norm.weight").dtype, "BF16");
+  EXPECT_EQ(dynamic_cast<SafetensorsWeightSource&>(*hf16.weights).info("model.norm.weight").dtype,
+            "BF16");
   expect_same_weights(*src.weights, *hf16.weights, src.config, torch::kBFloat16);
 }
 
@@ -256,10 +257,14 @@ TEST(HfDir, HandWrittenTwoShardIndex) {
   write_safetensors(dir + "/b.safetensors", b);
   auto cfg = c.to_hf_json();
   { std::ofstream(dir + "/config.json") << cfg.dump(); }
-  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  {
+    std::ofstream(dir + "/model.safetensors.index.json")
+        << nlohmann::json{{"weight_map", wm}}.dump();
+  }
   auto m = open_model(dir + "/config.json");  // a file inside the directory works too
   EXPECT_TRUE(m.tokenizer_path.empty());
-  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(m.weights->get(name, t.scalar_type()), t)) << name;
+  for (const auto& [name, t] : a)
+    EXPECT_TRUE(torch::equal(m.weights->get(name, t.scalar_type()), t)) << name;
   for (const auto& [name, t] : b) {
     torch::Tensor g = m.weights->get(name, torch::kFloat32);
     EXPECT_TRUE(torch::equal(g, t.to(torch::kFloat32))) << name;
@@ -268,17 +273,26 @@ TEST(HfDir, HandWrittenTwoShardIndex) {
 
   // Index errors name the index, the shard and the tensor.
   wm["model.norm.weight"] = "c.safetensors";
-  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  {
+    std::ofstream(dir + "/model.safetensors.index.json")
+        << nlohmann::json{{"weight_map", wm}}.dump();
+  }
   std::string msg = error_of([&] { open_model(dir); });
   EXPECT_NE(msg.find("shard \"c.safetensors\""), std::string::npos) << msg;
   EXPECT_NE(msg.find("model.norm.weight"), std::string::npos) << msg;
   wm["model.norm.weight"] = "a.safetensors";  // it is in b
   if (a.count("model.norm.weight")) wm["model.norm.weight"] = "b.safetensors";
-  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  {
+    std::ofstream(dir + "/model.safetensors.index.json")
+        << nlohmann::json{{"weight_map", wm}}.dump();
+  }
   msg = error_of([&] { open_model(dir); });
   EXPECT_NE(msg.find("puts tensor \"model.norm.weight\""), std::string::npos) << msg;
   wm["model.norm.weight"] = "../b.safetensors";
-  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  {
+    std::ofstream(dir + "/model.safetensors.index.json")
+        << nlohmann::json{{"weight_map", wm}}.dump();
+  }
   msg = error_of([&] { open_model(dir); });
   EXPECT_NE(msg.find("not a file name in the model directory"), std::string::npos) << msg;
 
@@ -286,18 +300,27 @@ TEST(HfDir, HandWrittenTwoShardIndex) {
   wm.erase("model.norm.weight");
   a.erase("model.norm.weight");
   b.erase("model.norm.weight");
-  write_safetensors(dir + "/a.safetensors", [&] { auto x = a; x["model.norm.weight"] = torch::ones({9}); return x; }());
+  write_safetensors(dir + "/a.safetensors", [&] {
+    auto x = a;
+    x["model.norm.weight"] = torch::ones({9});
+    return x;
+  }());
   wm["model.norm.weight"] = "a.safetensors";
-  { std::ofstream(dir + "/model.safetensors.index.json") << nlohmann::json{{"weight_map", wm}}.dump(); }
+  {
+    std::ofstream(dir + "/model.safetensors.index.json")
+        << nlohmann::json{{"weight_map", wm}}.dump();
+  }
   msg = error_of([&] { open_model(dir); });
-  EXPECT_NE(msg.find("\"model.norm.weight\" has shape [9], expected [8]"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("\"model.norm.weight\" has shape [9], expected [8]"), std::string::npos)
+      << msg;
 }
 
 TEST(HfDir, ConfigErrorsNameTheKey) {
-  nlohmann::json good = {{"model_type", "llama"}, {"hidden_size", 64}, {"intermediate_size", 172},
-                         {"num_hidden_layers", 2}, {"num_attention_heads", 8}, {"vocab_size", 512}};
+  nlohmann::json good = {{"model_type", "llama"},    {"hidden_size", 64},
+                         {"intermediate_size", 172}, {"num_hidden_layers", 2},
+                         {"num_attention_heads", 8}, {"vocab_size", 512}};
   ModelConfig c = ModelConfig::from_hf_json(good, "cfg.json");
-  EXPECT_EQ(c.num_key_value_heads, 8);  // defaults to the number of heads
+  EXPECT_EQ(c.num_key_value_heads, 8);     // defaults to the number of heads
   EXPECT_DOUBLE_EQ(c.rms_norm_eps, 1e-6);  // transformers' LlamaConfig default
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_EQ(ModelConfig::from_hf_json(c.to_hf_json(), "x").to_hf_json(), c.to_hf_json());
@@ -318,13 +341,15 @@ TEST(HfDir, ConfigErrorsNameTheKey) {
   has(err({{"model_type", "gpt2"}}), "model_type \"gpt2\" is not supported");
   has(err({{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}), "\"rope_scaling\"");
   has(err({{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}), "not supported");
-  has(err({{"num_key_value_heads", 3}}), "num_attention_heads (8) must be divisible by num_key_value_heads (3)");
+  has(err({{"num_key_value_heads", 3}}),
+      "num_attention_heads (8) must be divisible by num_key_value_heads (3)");
   has(err({{"hidden_act", "gelu"}}), "\"hidden_act\"");
   has(err({{"model_type", "mistral"}, {"sliding_window", 16}}), "sliding_window");
   nlohmann::json mistral = good;
   mistral.merge_patch({{"model_type", "mistral"}, {"sliding_window", nullptr}});
   EXPECT_NO_THROW(ModelConfig::from_hf_json(mistral, "m"));
-  has(error_of([&] { ModelConfig::from_hf_json(nlohmann::json::array(), "cfg.json"); }), "expected a JSON object");
+  has(error_of([&] { ModelConfig::from_hf_json(nlohmann::json::array(), "cfg.json"); }),
+      "expected a JSON object");
 
   // In a directory: the file is named, and a broken JSON says so.
   const std::string dir = test::temp_dir("cfg");
@@ -349,10 +374,11 @@ TEST(QtuneConvert, BinToHfDirRoundTrip) {
   EXPECT_EQ(fs::path(hf.tokenizer_path).filename(), "tokenizer.model");
   expect_same_weights(*src.weights, *hf.weights, src.config, torch::kFloat32);
 
-  r = test::run_program({test::bin_path("qtune-convert"), "--model", test::data_path("stories260K.bin"),
-                         "--out", out, "--dtype", "fp8"});
+  r = test::run_program({test::bin_path("qtune-convert"), "--model",
+                         test::data_path("stories260K.bin"), "--out", out, "--dtype", "fp8"});
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.output.find("--dtype must be fp32, bf16 or fp16, got \"fp8\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--dtype must be fp32, bf16 or fp16, got \"fp8\""), std::string::npos)
+      << r.output;
   r = test::run_program({test::bin_path("qtune-convert"), "--out", out});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.output.find("--model is required"), std::string::npos) << r.output;

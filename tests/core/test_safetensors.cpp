@@ -1,10 +1,10 @@
 // safetensors: bit-exact round trips for every dtype, metadata, zero-copy reads, rejection of
 // every malformed header with a message naming the tensor/key, and atomic replacement.
+#include <gtest/gtest.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "qtune/atomic_file.h"
@@ -32,11 +32,15 @@ std::string error_of(F&& f) {
 torch::Tensor random_bits(torch::ScalarType dtype, std::vector<int64_t> shape) {
   if (dtype == torch::kBool) return torch::randint(0, 2, shape).to(torch::kBool);
   const int64_t size = c10::elementSize(dtype);
-  auto bits = size == 1 ? torch::kUInt8 : size == 2 ? torch::kInt16 : size == 4 ? torch::kInt32 : torch::kInt64;
-  torch::Tensor t = size == 8 ? torch::randint(INT64_MIN, INT64_MAX, shape, torch::kInt64)
-                              : torch::randint(-(int64_t(1) << (8 * size - 1)),
-                                               (int64_t(1) << (8 * size - 1)) - 1, shape, torch::kInt64)
-                                    .to(bits);
+  auto bits = size == 1   ? torch::kUInt8
+              : size == 2 ? torch::kInt16
+              : size == 4 ? torch::kInt32
+                          : torch::kInt64;
+  torch::Tensor t = size == 8
+                        ? torch::randint(INT64_MIN, INT64_MAX, shape, torch::kInt64)
+                        : torch::randint(-(int64_t(1) << (8 * size - 1)),
+                                         (int64_t(1) << (8 * size - 1)) - 1, shape, torch::kInt64)
+                              .to(bits);
   return t.view(dtype);
 }
 
@@ -44,7 +48,10 @@ bool bit_equal(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
   if (a.scalar_type() == torch::kBool) return torch::equal(a, b);
   const int64_t size = c10::elementSize(a.scalar_type());
-  auto bits = size == 1 ? torch::kUInt8 : size == 2 ? torch::kInt16 : size == 4 ? torch::kInt32 : torch::kInt64;
+  auto bits = size == 1   ? torch::kUInt8
+              : size == 2 ? torch::kInt16
+              : size == 4 ? torch::kInt32
+                          : torch::kInt64;
   return torch::equal(a.contiguous().view(bits), b.contiguous().view(bits));
 }
 
@@ -53,9 +60,9 @@ TEST(Safetensors, RoundTripEveryDtypeBitExact) {
   const std::string path = test::temp_dir("st") + "/all.safetensors";
   std::map<std::string, torch::Tensor> tensors;
   const std::vector<std::pair<std::string, torch::ScalarType>> dtypes = {
-      {"F64", torch::kFloat64}, {"F32", torch::kFloat32}, {"F16", torch::kFloat16},
-      {"BF16", torch::kBFloat16}, {"I64", torch::kInt64}, {"I32", torch::kInt32},
-      {"I16", torch::kInt16},    {"I8", torch::kInt8},    {"U8", torch::kUInt8},
+      {"F64", torch::kFloat64},   {"F32", torch::kFloat32}, {"F16", torch::kFloat16},
+      {"BF16", torch::kBFloat16}, {"I64", torch::kInt64},   {"I32", torch::kInt32},
+      {"I16", torch::kInt16},     {"I8", torch::kInt8},     {"U8", torch::kUInt8},
       {"BOOL", torch::kBool}};
   for (const auto& [name, dt] : dtypes) tensors["t_" + name] = random_bits(dt, {3, 5, 7});
   tensors["scalar"] = torch::tensor(3.5, torch::kFloat32).reshape({});
@@ -95,7 +102,8 @@ TEST(Safetensors, RoundTripEveryDtypeBitExact) {
   size_t last_pos = 0;
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.key() == "__metadata__") continue;
-    total += it.value()["data_offsets"][1].get<uint64_t>() - it.value()["data_offsets"][0].get<uint64_t>();
+    total += it.value()["data_offsets"][1].get<uint64_t>() -
+             it.value()["data_offsets"][0].get<uint64_t>();
     size_t pos = header.find("\"" + it.key() + "\":");
     EXPECT_GT(pos, last_pos) << "keys not sorted at " << it.key();
     last_pos = pos;
@@ -137,7 +145,8 @@ struct Malformed : ::testing::Test {
   void expect(const std::string& path, const std::vector<std::string>& needles) {
     std::string msg = error_of([&] { SafetensorsFile::open(path); });
     EXPECT_NE(msg.find(path), std::string::npos) << msg;
-    for (const auto& s : needles) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
+    for (const auto& s : needles)
+      EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
   }
 };
 
@@ -153,7 +162,8 @@ TEST_F(Malformed, FileAndHeaderLength) {
 
 TEST_F(Malformed, Entries) {
   expect(make(R"({"a": 5})"), {"tensor \"a\"", "must be an object"});
-  expect(make(R"({"w": {"shape": [1], "data_offsets": [0, 4]}})", 4), {"\"w\"", "\"dtype\" must be a string"});
+  expect(make(R"({"w": {"shape": [1], "data_offsets": [0, 4]}})", 4),
+         {"\"w\"", "\"dtype\" must be a string"});
   expect(make(R"({"w": {"dtype": "F24", "shape": [1], "data_offsets": [0, 4]}})", 4),
          {"\"w\"", "unknown dtype \"F24\"", "expected one of"});
   expect(make(R"({"w": {"dtype": "F32", "shape": [2, -1], "data_offsets": [0, 4]}})", 4),
@@ -172,7 +182,8 @@ TEST_F(Malformed, Entries) {
   expect(make(R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8),
          {"\"w\"", "out of bounds", "8 bytes"});
   expect(make(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12),
+                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
+              12),
          {"\"b\"", "overlap", "\"a\""});
   expect(make(R"({"__metadata__": {"k": 1}})"), {"__metadata__.k must be a string"});
   expect(make(R"({"__metadata__": [1]})"), {"\"__metadata__\" must be an object"});
@@ -180,9 +191,11 @@ TEST_F(Malformed, Entries) {
 
 TEST_F(Malformed, HolesAreAccepted) {
   // Gaps between tensors and trailing bytes are tolerated (documented in docs/formats.md).
-  auto f = SafetensorsFile::open(make(R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+  auto f =
+      SafetensorsFile::open(make(R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
       "b": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]}, "e": {"dtype": "F32", "shape": [0],
-      "data_offsets": [2, 2]}})", 16));
+      "data_offsets": [2, 2]}})",
+                                 16));
   EXPECT_EQ(f->names(), (std::vector<std::string>{"a", "b", "e"}));
   EXPECT_EQ(f->tensor("b").numel(), 4);
   EXPECT_NE(error_of([&] { f->tensor("nope"); }).find("\"nope\" not found"), std::string::npos);
@@ -209,12 +222,15 @@ TEST(AtomicFile, FailedWriteLeavesOldFileAndNoTemp) {
   write_safetensors(st, {{"a", torch::ones({4})}});
   std::vector<SafetensorsEntry> entries;
   entries.push_back({"a", torch::kFloat32, {1 << 20}, [] { return torch::zeros({1 << 20}); }});
-  entries.push_back({"b", torch::kFloat32, {2}, []() -> torch::Tensor { throw UserError("producer failed"); }});
+  entries.push_back(
+      {"b", torch::kFloat32, {2}, []() -> torch::Tensor { throw UserError("producer failed"); }});
   EXPECT_THROW(write_safetensors(st, entries), UserError);
   // A producer returning the wrong shape is an error naming the tensor.
   std::vector<SafetensorsEntry> wrong;
   wrong.push_back({"w", torch::kFloat32, {2, 3}, [] { return torch::zeros({3, 2}); }});
-  EXPECT_NE(error_of([&] { write_safetensors(st, wrong); }).find("\"w\" has shape [3, 2], expected [2, 3]"),
+  EXPECT_NE(error_of([&] {
+              write_safetensors(st, wrong);
+            }).find("\"w\" has shape [3, 2], expected [2, 3]"),
             std::string::npos);
   auto f = SafetensorsFile::open(st);
   EXPECT_EQ(f->names(), (std::vector<std::string>{"a"}));
@@ -231,9 +247,11 @@ TEST(AtomicFile, FailedWriteLeavesOldFileAndNoTemp) {
   fs::permissions(path, fs::perms::owner_read | fs::perms::owner_write);
   atomic_write_string(path, "new");
   EXPECT_EQ(test::read_file(path), "new");
-  EXPECT_EQ(fs::status(path).permissions() & fs::perms::all, fs::perms::owner_read | fs::perms::owner_write);
-  EXPECT_NE(error_of([&] { atomic_write_string(dir + "/no/such/dir/x", "y"); }).find("does not exist"),
-            std::string::npos);
+  EXPECT_EQ(fs::status(path).permissions() & fs::perms::all,
+            fs::perms::owner_read | fs::perms::owner_write);
+  EXPECT_NE(
+      error_of([&] { atomic_write_string(dir + "/no/such/dir/x", "y"); }).find("does not exist"),
+      std::string::npos);
 }
 
 }  // namespace

@@ -1,14 +1,14 @@
 // Tokenizers: llama2.c tok*.bin against a literal transcription of run.c's encode(), hand-derived
 // expectations on tok512.bin, round trips on TinyStories, and sentencepiece (.model) vs llama2.c
 // (.bin) parity on the Llama 2 tokenizer.
+#include <gtest/gtest.h>
+
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "qtune/error.h"
 #include "qtune/tokenizer.h"
@@ -121,7 +121,8 @@ TEST(Llama2cTokenizer, Tok512HandDerived) {
   EXPECT_EQ(tok->encode("\xC3\xA9", false, false), (std::vector<int>{410, 485}));
   // Byte fallback: "\n" is no piece -> <0x0A> = 10 + 3; "中" (E4 B8 AD) -> three byte tokens.
   EXPECT_EQ(tok->encode("\n", false, false), (std::vector<int>{410, 13}));
-  EXPECT_EQ(tok->encode("\xE4\xB8\xAD", false, false), (std::vector<int>{410, 0xE4 + 3, 0xB8 + 3, 0xAD + 3}));
+  EXPECT_EQ(tok->encode("\xE4\xB8\xAD", false, false),
+            (std::vector<int>{410, 0xE4 + 3, 0xB8 + 3, 0xAD + 3}));
 
   // decode: the leading space of a piece is dropped right after BOS only; byte pieces -> bytes.
   EXPECT_EQ(tok->decode_token(1, 265), "the");

@@ -9,13 +9,13 @@
 // (ignored), then wcls [vocab, dim] when not shared. See docs/formats.md.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "qtune/export.h"
 #include "qtune/model_config.h"

@@ -4,14 +4,14 @@
 // declared in weight_source.h.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "qtune/export.h"
 #include "qtune/model_config.h"

@@ -8,14 +8,14 @@
 // Validation rules are listed in docs/formats.md.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "qtune/export.h"
 
