@@ -131,7 +131,11 @@ torch::Tensor Nf4Weight::dequantize_rows(int64_t begin, int64_t end, torch::Scal
 }
 
 torch::Tensor Nf4Weight::linear(const torch::Tensor& x) const {
-  if (!x.is_cpu() || !cpu_kernel_ok(x.scalar_type())) return QuantizedWeight::linear(x);
+  // The in-place mm_out below is not differentiable; QuantizedLinearFunction calls this with
+  // grad mode off, a direct differentiable call takes the default (autograd-friendly) path.
+  if (!x.is_cpu() || !cpu_kernel_ok(x.scalar_type()) ||
+      (torch::GradMode::is_enabled() && x.requires_grad()))
+    return QuantizedWeight::linear(x);
   QTUNE_CHECK(x.dim() >= 1 && x.size(-1) == layout_.in, "nf4 linear: input's last dimension must be ",
               layout_.in, ", got shape ", x.sizes());
   const int64_t out = layout_.out, tile = std::min(out, tile_rows());
@@ -156,7 +160,9 @@ torch::Tensor Nf4Weight::linear(const torch::Tensor& x) const {
 }
 
 torch::Tensor Nf4Weight::linear_grad_input(const torch::Tensor& g) const {
-  if (!g.is_cpu() || !cpu_kernel_ok(g.scalar_type())) return QuantizedWeight::linear_grad_input(g);
+  if (!g.is_cpu() || !cpu_kernel_ok(g.scalar_type()) ||
+      (torch::GradMode::is_enabled() && g.requires_grad()))
+    return QuantizedWeight::linear_grad_input(g);
   QTUNE_CHECK(g.dim() >= 1 && g.size(-1) == layout_.out, "nf4 linear_grad_input: gradient's last "
               "dimension must be ", layout_.out, ", got shape ", g.sizes());
   const int64_t out = layout_.out, tile = std::min(out, tile_rows());

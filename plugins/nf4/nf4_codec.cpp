@@ -2,7 +2,10 @@
 // scalar and AVX-512) and the tensor-op path used on other devices (see nf4_codec.h).
 #include "nf4_codec.h"
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define QTUNE_NF4_X86 1
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -113,6 +116,34 @@ Layout Layout::make(int64_t out, int64_t in, int64_t block_size, bool double_qua
 }
 
 // ================================================================================================
+// CPU kernel selection
+// ================================================================================================
+
+namespace {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+#ifdef QTUNE_NF4_X86
+  static const Isa isa = __builtin_cpu_supports("avx512f")  ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") ? Isa::kAvx2
+                                                          : Isa::kScalar;
+  return isa;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+std::atomic<int> g_forced_isa{-1};  // set_cpu_kernel(); -1 = the best the CPU has
+
+Isa cpu_isa() {
+  const int forced = g_forced_isa.load(std::memory_order_relaxed);
+  return forced >= 0 ? static_cast<Isa>(forced) : best_isa();
+}
+
+}  // namespace
+
+// ================================================================================================
 // Quantize: CPU kernel
 // ================================================================================================
 
@@ -184,15 +215,65 @@ inline uint8_t nearest_code(const float* mids, int64_t n_mids, float x) {
   return static_cast<uint8_t>(std::lower_bound(mids, mids + n_mids, x) - mids);
 }
 
+#ifdef QTUNE_NF4_X86
+// NF4 codes of x[i] * recip for i < n rounded down to 16: per threshold one compare and a
+// masked count, the same `>` on the same fp32 product as nf4_code(). Returns how many were done.
+__attribute__((target("avx512f"))) int64_t codes_avx512(const float* x, int64_t n, float recip,
+                                                        uint8_t* codes) {
+  const __m512 r = _mm512_set1_ps(recip);
+  const __m512i one = _mm512_set1_epi32(1);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), r);
+    __m512i c = _mm512_setzero_si512();
+    for (float m : kNf4Midpoints)
+      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_GT_OQ), c, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+  }
+  return i;
+}
+
+__attribute__((target("avx2"))) int64_t codes_avx2(const float* x, int64_t n, float recip,
+                                                   uint8_t* codes) {
+  const __m256 r = _mm256_set1_ps(recip);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(x + i), r);
+    const __m256 b = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), r);
+    __m256i ca = _mm256_setzero_si256(), cb = _mm256_setzero_si256();
+    for (float m : kNf4Midpoints) {
+      const __m256 vm = _mm256_set1_ps(m);  // a true compare is all ones (-1): subtract it
+      ca = _mm256_sub_epi32(ca, _mm256_castps_si256(_mm256_cmp_ps(a, vm, _CMP_GT_OQ)));
+      cb = _mm256_sub_epi32(cb, _mm256_castps_si256(_mm256_cmp_ps(b, vm, _CMP_GT_OQ)));
+    }
+    // packus works per 128-bit lane; permute4x64 puts the 16 words back in element order.
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(ca, cb), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm_packus_epi16(_mm256_castsi256_si128(words),
+                                      _mm256_extracti128_si256(words, 1)));
+  }
+  return i;
+}
+#endif
+
 void pack_block(const float* x, int64_t n, float absmax, uint8_t* dst) {
   // An all-zero block codes as 7 (NF4 0.0), so it dequantizes to exact zeros whatever its
   // (double-quantized) scale is; bitsandbytes would compute 0 * (1/0) = NaN and code 0 there.
   const float recip = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+  uint8_t codes[4096];  // block_size <= 4096
   int64_t i = 0;
-  for (; i + 1 < n; i += 2)
-    dst[i / 2] = static_cast<uint8_t>((nf4_code(x[i] * recip) << 4) | nf4_code(x[i + 1] * recip));
+#ifdef QTUNE_NF4_X86
+  switch (cpu_isa()) {
+    case Isa::kAvx512: i = codes_avx512(x, n, recip, codes); break;
+    case Isa::kAvx2: i = codes_avx2(x, n, recip, codes); break;
+    case Isa::kScalar: break;
+  }
+#endif
+  for (; i < n; ++i) codes[i] = nf4_code(x[i] * recip);
+  int64_t k = 0;
+  for (; k + 1 < n; k += 2) dst[k / 2] = static_cast<uint8_t>((codes[k] << 4) | codes[k + 1]);
   // Odd total length: the last byte's low nibble codes the zero padding, as bitsandbytes does.
-  if (i < n) dst[i / 2] = static_cast<uint8_t>((nf4_code(x[i] * recip) << 4) | 7);
+  if (k < n) dst[k / 2] = static_cast<uint8_t>((codes[k] << 4) | 7);
 }
 
 }  // namespace
@@ -372,12 +453,6 @@ torch::Tensor block_scales(const Packed& p, const Layout& l, int64_t b0, int64_t
 
 namespace {
 
-std::atomic<bool> g_force_scalar{false};
-
-bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
 
 template <typename T>
 inline T from_float(float v) {
@@ -395,7 +470,8 @@ void expand_bytes_scalar(const uint8_t* src, int64_t nbytes, const float* lut, f
   }
 }
 
-// AVX-512: 16 bytes -> 32 values per step. The 16-entry table sits in one register and
+#ifdef QTUNE_NF4_X86
+// ---- AVX-512: 16 bytes -> 32 values per step. The 16-entry table sits in one register and
 // vpermps does the lookup; vpermt2ps interleaves high/low nibbles back into element order.
 // Products are the same single fp32 multiply as the scalar kernel, so results are identical.
 __attribute__((target("avx512f"))) inline void expand16_avx512(const uint8_t* src, __m512 table,
@@ -452,12 +528,81 @@ __attribute__((target("avx512f"))) void expand_bytes_avx512(const uint8_t* src, 
   expand_bytes_scalar(src + i, nbytes - i, lut, scale, dst + 2 * i);
 }
 
+// ---- AVX2: 8 bytes -> 16 values per step. vpermps looks up 8 entries, so the table is split
+// in halves and bit 3 of the code (moved to the sign bit) selects one with blendvps.
+__attribute__((target("avx2"))) inline __m256 lookup16_avx2(__m256i code, __m256 lo_half,
+                                                            __m256 hi_half) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo_half, code);
+  const __m256 b = _mm256_permutevar8x32_ps(hi_half, code);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+}
+
+__attribute__((target("avx2"))) inline void expand8_avx2(const uint8_t* src, __m256 lo_half,
+                                                         __m256 hi_half, __m256 scale,
+                                                         __m256* o0, __m256* o1) {
+  const __m256i bytes =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256 vh = _mm256_mul_ps(
+      lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_half, hi_half), scale);
+  const __m256 vl = _mm256_mul_ps(
+      lookup16_avx2(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), lo_half, hi_half), scale);
+  // unpack interleaves within 128-bit lanes: a = h0 l0 h1 l1 | h4 l4 h5 l5, b = h2 .. | h6 ..
+  const __m256 a = _mm256_unpacklo_ps(vh, vl), b = _mm256_unpackhi_ps(vh, vl);
+  *o0 = _mm256_permute2f128_ps(a, b, 0x20);
+  *o1 = _mm256_permute2f128_ps(a, b, 0x31);
+}
+
+__attribute__((target("avx2"))) inline __m256i bf16_bits_avx2(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+__attribute__((target("avx2"))) void expand_bytes_avx2(const uint8_t* src, int64_t nbytes,
+                                                       const float* lut, float scale,
+                                                       float* dst) {
+  const __m256 lo_half = _mm256_loadu_ps(lut), hi_half = _mm256_loadu_ps(lut + 8);
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= nbytes; i += 8) {
+    __m256 o0, o1;
+    expand8_avx2(src + i, lo_half, hi_half, vs, &o0, &o1);
+    _mm256_storeu_ps(dst + 2 * i, o0);
+    _mm256_storeu_ps(dst + 2 * i + 8, o1);
+  }
+  expand_bytes_scalar(src + i, nbytes - i, lut, scale, dst + 2 * i);
+}
+
+__attribute__((target("avx2"))) void expand_bytes_avx2(const uint8_t* src, int64_t nbytes,
+                                                       const float* lut, float scale,
+                                                       c10::BFloat16* dst) {
+  const __m256 lo_half = _mm256_loadu_ps(lut), hi_half = _mm256_loadu_ps(lut + 8);
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= nbytes; i += 8) {
+    __m256 o0, o1;
+    expand8_avx2(src + i, lo_half, hi_half, vs, &o0, &o1);
+    // packus works per 128-bit lane (values fit in 16 bits), permute4x64 restores the order.
+    const __m256i packed = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(bf16_bits_avx2(o0), bf16_bits_avx2(o1)), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), packed);
+  }
+  expand_bytes_scalar(src + i, nbytes - i, lut, scale, dst + 2 * i);
+}
+#endif  // QTUNE_NF4_X86
+
 template <typename T>
 void expand_bytes(const uint8_t* src, int64_t nbytes, const float* lut, float scale, T* dst) {
+#ifdef QTUNE_NF4_X86
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-    if (have_avx512() && !g_force_scalar.load(std::memory_order_relaxed))
-      return expand_bytes_avx512(src, nbytes, lut, scale, dst);
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return expand_bytes_avx512(src, nbytes, lut, scale, dst);
+      case Isa::kAvx2: return expand_bytes_avx2(src, nbytes, lut, scale, dst);
+      case Isa::kScalar: break;
+    }
   }
+#endif
   expand_bytes_scalar(src, nbytes, lut, scale, dst);
 }
 
@@ -536,9 +681,23 @@ torch::Tensor dequantize_rows_torch(const Packed& p, const Layout& l, int64_t r0
 }
 
 std::string cpu_kernel_name() {
-  return have_avx512() && !g_force_scalar.load() ? "avx512" : "scalar";
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
 }
 
-void set_force_scalar_kernel(bool force) { g_force_scalar.store(force); }
+bool set_cpu_kernel(const std::string& name) {
+  int isa;
+  if (name == "auto") isa = -1;
+  else if (name == "scalar") isa = static_cast<int>(Isa::kScalar);
+  else if (name == "avx2") isa = static_cast<int>(Isa::kAvx2);
+  else if (name == "avx512") isa = static_cast<int>(Isa::kAvx512);
+  else return false;
+  if (isa > static_cast<int>(best_isa())) return false;
+  g_forced_isa.store(isa);
+  return true;
+}
 
 }  // namespace qtune::nf4

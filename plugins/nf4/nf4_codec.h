@@ -95,9 +95,10 @@ void dequantize_rows_cpu(const Packed& p, const Layout& layout, int64_t r0, int6
 torch::Tensor dequantize_rows_torch(const Packed& p, const Layout& layout, int64_t r0, int64_t r1,
                                     torch::ScalarType dtype, int64_t chunk_elems = int64_t{1} << 20);
 
-/// Which CPU kernel dequantize_rows_cpu uses ("avx512" or "scalar"); for the measurement log.
+/// Which CPU kernel dequantize_rows_cpu uses: "avx512", "avx2" or "scalar" (the portable one).
 std::string cpu_kernel_name();
-/// Tests force the portable scalar kernel with this (process-wide; not thread-safe to flip).
-void set_force_scalar_kernel(bool force);
+/// Tests and measurements pick the kernel: "auto" (the best this CPU has), "avx512", "avx2" or
+/// "scalar". Returns false, changing nothing, for a name this CPU cannot run. Process-wide.
+bool set_cpu_kernel(const std::string& name);
 
 }  // namespace qtune::nf4

@@ -232,16 +232,23 @@ TEST(Nf4Paths, ChunkedEqualsUnchunkedAndCpuKernelEqualsTensorOps) {
       const Json o = opts(bs, dq, 64);
       auto whole = quant(w, o, false, int64_t{1} << 30);
       auto tiny = quant(w, o, false, bs * 3);
-      auto cpu = quant(w, o, true);
       expect_same_packed(whole->packed(), tiny->packed());
-      expect_same_packed(whole->packed(), cpu->packed());
-      // Dequantization: CPU kernel (AVX-512 and scalar) == tensor ops, every dtype.
+      for (const char* kernel : {"avx512", "avx2", "scalar"}) {
+        if (!set_cpu_kernel(kernel)) continue;
+        SCOPED_TRACE(kernel);
+        expect_same_packed(whole->packed(), quant(w, o, true)->packed());
+      }
+      set_cpu_kernel("auto");
+      auto cpu = quant(w, o, true);
+      // Dequantization: every CPU kernel this machine has == tensor ops, every dtype.
       for (auto dt : {torch::kFloat, torch::kBFloat16, torch::kHalf, torch::kDouble}) {
         torch::Tensor ref = dequantize_rows_torch(cpu->packed(), cpu->layout(), 0, 129, dt, 1000);
-        EXPECT_TRUE(cpu->dequantize(dt, torch::kCPU).equal(ref)) << c10::toString(dt);
-        set_force_scalar_kernel(true);
-        EXPECT_TRUE(cpu->dequantize(dt, torch::kCPU).equal(ref)) << "scalar " << c10::toString(dt);
-        set_force_scalar_kernel(false);
+        for (const char* kernel : {"avx512", "avx2", "scalar"}) {
+          if (!set_cpu_kernel(kernel)) continue;
+          EXPECT_TRUE(cpu->dequantize(dt, torch::kCPU).equal(ref))
+              << kernel << " " << c10::toString(dt);
+        }
+        set_cpu_kernel("auto");
       }
     }
   }
