@@ -76,6 +76,7 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> llama_weight_shapes(
 void check_llama_weights(const ModelConfig& config, const WeightSource& weights,
                          const std::string& origin) {
   for (const auto& [name, expected] : llama_weight_shapes(config)) {
+    if (!weights.has(name) && weights.has_quantized(name)) continue;  // packed: its backend checks
     QTUNE_CHECK(weights.has(name), origin, ": tensor \"", name, "\" is missing",
                 name == "lm_head.weight" ? " (config says tie_word_embeddings = false)" : "");
     auto got = weights.shape(name);
@@ -90,21 +91,33 @@ void check_llama_weights(const ModelConfig& config, const WeightSource& weights,
 std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_file(
     const std::string& path) {
   std::unique_ptr<SafetensorsWeightSource> s(new SafetensorsWeightSource());
-  s->describe_ = path;
-  s->files_.push_back(SafetensorsFile::open(path));
-  for (const auto& n : s->files_[0]->names()) s->where_[n] = 0;
-  for (const auto& kv : s->files_[0]->metadata()) s->metadata_[kv.first] = kv.second;
+  s->load_file(path);
   return s;
 }
 
 std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(const std::string& dir) {
+  std::unique_ptr<SafetensorsWeightSource> s(new SafetensorsWeightSource());
+  s->load_dir(dir);
+  return s;
+}
+
+void SafetensorsWeightSource::load_file(const std::string& path) {
+  QTUNE_CHECK(files_.empty(), "SafetensorsWeightSource already loaded from ", describe_);
+  describe_ = path;
+  files_.push_back(SafetensorsFile::open(path));
+  for (const auto& n : files_[0]->names()) where_[n] = 0;
+  for (const auto& kv : files_[0]->metadata()) metadata_[kv.first] = kv.second;
+}
+
+void SafetensorsWeightSource::load_dir(const std::string& dir) {
+  QTUNE_CHECK(files_.empty(), "SafetensorsWeightSource already loaded from ", describe_);
   const fs::path single = fs::path(dir) / "model.safetensors";
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
   std::error_code ec;
   if (fs::exists(single, ec)) {
-    auto s = open_file(single.string());
-    s->describe_ = dir;
-    return s;
+    load_file(single.string());
+    describe_ = dir;
+    return;
   }
   QTUNE_CHECK(fs::exists(index_path, ec),
               "no model.safetensors or model.safetensors.index.json in ", dir,
@@ -115,12 +128,11 @@ std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(const
   Json index = read_json_file(ip);
   QTUNE_CHECK(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
               ip, ": expected an object with \"weight_map\": {tensor name: shard file}");
-  std::unique_ptr<SafetensorsWeightSource> s(new SafetensorsWeightSource());
-  s->describe_ = dir;
+  describe_ = dir;
   if (index.contains("metadata")) {
     QTUNE_CHECK(index["metadata"].is_object() || index["metadata"].is_null(), ip,
                 ": \"metadata\" must be an object");
-    if (index["metadata"].is_object()) s->metadata_ = index["metadata"];
+    if (index["metadata"].is_object()) metadata_ = index["metadata"];
   }
   std::map<std::string, size_t> shard_ids;
   for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
@@ -136,15 +148,14 @@ std::unique_ptr<SafetensorsWeightSource> SafetensorsWeightSource::open_dir(const
       const std::string sp = (fs::path(dir) / shard).string();
       QTUNE_CHECK(fs::exists(sp, ec), ip, ": shard \"", shard, "\" (holding ", it.key(),
                   ") does not exist");
-      found = shard_ids.emplace(shard, s->files_.size()).first;
-      s->files_.push_back(SafetensorsFile::open(sp));
+      found = shard_ids.emplace(shard, files_.size()).first;
+      files_.push_back(SafetensorsFile::open(sp));
     }
-    QTUNE_CHECK(s->files_[found->second]->has(it.key()), ip, ": weight_map puts tensor \"",
-                it.key(), "\" in ", shard, ", which does not contain it");
-    s->where_[it.key()] = found->second;
+    QTUNE_CHECK(files_[found->second]->has(it.key()), ip, ": weight_map puts tensor \"", it.key(),
+                "\" in ", shard, ", which does not contain it");
+    where_[it.key()] = found->second;
   }
-  QTUNE_CHECK(!s->where_.empty(), ip, ": \"weight_map\" is empty");
-  return s;
+  QTUNE_CHECK(!where_.empty(), ip, ": \"weight_map\" is empty");
 }
 
 const std::shared_ptr<SafetensorsFile>& SafetensorsWeightSource::file_of(

@@ -43,7 +43,7 @@ class QTUNE_API SafetensorsWeightSource : public WeightSource {
  public:
   /// Opens `dir`/model.safetensors, else `dir`/model.safetensors.index.json. Throws UserError
   /// naming the file for a missing/malformed index, a missing shard, a tensor the index puts in
-  /// a shard that lacks it, or a tensor present in two shards.
+  /// a shard that lacks it.
   static std::unique_ptr<SafetensorsWeightSource> open_dir(const std::string& dir);
   /// One safetensors file.
   static std::unique_ptr<SafetensorsWeightSource> open_file(const std::string& path);
@@ -54,7 +54,7 @@ class QTUNE_API SafetensorsWeightSource : public WeightSource {
   const SafetensorsTensorInfo& info(const std::string& name) const;
   /// The file holding `name`.
   const std::shared_ptr<SafetensorsFile>& file_of(const std::string& name) const;
-  /// Every opened file (one, or the shards in name order).
+  /// Every opened file (one, or the shards in the order the index first names them).
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
   /// The index's "metadata" object, or the single file's __metadata__ as JSON.
   const Json& metadata() const { return metadata_; }
@@ -68,7 +68,11 @@ class QTUNE_API SafetensorsWeightSource : public WeightSource {
   std::vector<std::string> names() const override;
 
  protected:
+  /// For subclasses (e.g. a pre-quantized directory): construct empty, then load_dir/load_file.
   SafetensorsWeightSource() = default;
+  /// What open_dir / open_file do, into this (empty) object.
+  void load_dir(const std::string& dir);
+  void load_file(const std::string& path);
   std::string describe_;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> where_;  // tensor -> index into files_
