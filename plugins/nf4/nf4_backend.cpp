@@ -25,11 +25,16 @@ bool is_pow2_in(int64_t v, int64_t lo, int64_t hi) {
 
 std::string dtype_name(torch::ScalarType t) {
   switch (t) {
-    case torch::kFloat: return "float32";
-    case torch::kBFloat16: return "bfloat16";
-    case torch::kHalf: return "float16";
-    case torch::kDouble: return "float64";
-    default: return c10::toString(t);
+    case torch::kFloat:
+      return "float32";
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kHalf:
+      return "float16";
+    case torch::kDouble:
+      return "float64";
+    default:
+      return c10::toString(t);
   }
 }
 
@@ -120,8 +125,10 @@ torch::Tensor Nf4Weight::dequantize_rows(int64_t begin, int64_t end, torch::Scal
                                          torch::Device device) const {
   QTUNE_CHECK(0 <= begin && begin <= end && end <= layout_.out, "nf4: rows [", begin, ", ", end,
               ") are out of range for a weight with ", layout_.out, " rows");
-  QTUNE_CHECK(supported_float(dtype), "nf4: can dequantize to float32, bfloat16, float16 or "
-              "float64, not ", c10::toString(dtype));
+  QTUNE_CHECK(supported_float(dtype),
+              "nf4: can dequantize to float32, bfloat16, float16 or "
+              "float64, not ",
+              c10::toString(dtype));
   if (cpu_kernel_ok(dtype)) {
     torch::Tensor out = torch::empty({end - begin, layout_.in}, torch::dtype(dtype));
     dequantize_rows_cpu(packed_, layout_, begin, end, out);
@@ -136,8 +143,8 @@ torch::Tensor Nf4Weight::linear(const torch::Tensor& x) const {
   if (!x.is_cpu() || !cpu_kernel_ok(x.scalar_type()) ||
       (torch::GradMode::is_enabled() && x.requires_grad()))
     return QuantizedWeight::linear(x);
-  QTUNE_CHECK(x.dim() >= 1 && x.size(-1) == layout_.in, "nf4 linear: input's last dimension must be ",
-              layout_.in, ", got shape ", x.sizes());
+  QTUNE_CHECK(x.dim() >= 1 && x.size(-1) == layout_.in,
+              "nf4 linear: input's last dimension must be ", layout_.in, ", got shape ", x.sizes());
   const int64_t out = layout_.out, tile = std::min(out, tile_rows());
   torch::Tensor x2 = x.reshape({-1, layout_.in});
   auto sizes = x.sizes().vec();
@@ -163,8 +170,10 @@ torch::Tensor Nf4Weight::linear_grad_input(const torch::Tensor& g) const {
   if (!g.is_cpu() || !cpu_kernel_ok(g.scalar_type()) ||
       (torch::GradMode::is_enabled() && g.requires_grad()))
     return QuantizedWeight::linear_grad_input(g);
-  QTUNE_CHECK(g.dim() >= 1 && g.size(-1) == layout_.out, "nf4 linear_grad_input: gradient's last "
-              "dimension must be ", layout_.out, ", got shape ", g.sizes());
+  QTUNE_CHECK(g.dim() >= 1 && g.size(-1) == layout_.out,
+              "nf4 linear_grad_input: gradient's last "
+              "dimension must be ",
+              layout_.out, ", got shape ", g.sizes());
   const int64_t out = layout_.out, tile = std::min(out, tile_rows());
   torch::Tensor g2 = g.reshape({-1, out});
   auto sizes = g.sizes().vec();
@@ -222,8 +231,9 @@ std::vector<OptionSpec> Nf4Backend::option_schema() const { return schema(); }
 
 double Nf4Backend::error_bound(const Json& options) const {
   // Measured relative Frobenius error on N(0, 1) matrices (256 x 1024: 0.0874 at block 32,
-  // 0.0919 at 64, ... 0.1095 at 4096; see tests/plugins/nf4) plus ~8% headroom. Larger blocks have larger absmax relative to the
-  // bulk of the values, hence coarser steps. Double quantization adds < 0.2% relative error.
+  // 0.0919 at 64, ... 0.1095 at 4096; see tests/plugins/nf4) plus ~8% headroom. Larger blocks have
+  // larger absmax relative to the bulk of the values, hence coarser steps. Double quantization adds
+  // < 0.2% relative error.
   const Json o = checked_options(options);
   const int64_t bs = o["block_size"].get<int64_t>();
   const int lg = static_cast<int>(std::lround(std::log2(static_cast<double>(bs))));
@@ -243,16 +253,18 @@ std::unique_ptr<Nf4Weight> Nf4Backend::quantize_with(const torch::Tensor& w, con
   QTUNE_CHECK(w.defined(), "nf4: the weight to quantize is undefined");
   QTUNE_CHECK(w.dim() == 2, "nf4: can only quantize a 2-D weight [out, in], got a ", w.dim(),
               "-D tensor of shape ", w.sizes());
-  QTUNE_CHECK(supported_float(w.scalar_type()), "nf4: the weight must be float32, bfloat16, "
-              "float16 or float64, got ", c10::toString(w.scalar_type()));
+  QTUNE_CHECK(supported_float(w.scalar_type()),
+              "nf4: the weight must be float32, bfloat16, "
+              "float16 or float64, got ",
+              c10::toString(w.scalar_type()));
   QTUNE_CHECK(w.numel() > 0, "nf4: cannot quantize an empty weight of shape ", w.sizes());
-  const Layout l = Layout::make(w.size(0), w.size(1), o["block_size"].get<int64_t>(),
-                                o["double_quant"].get<bool>(),
-                                o["double_quant_block_size"].get<int64_t>());
+  const Layout l =
+      Layout::make(w.size(0), w.size(1), o["block_size"].get<int64_t>(),
+                   o["double_quant"].get<bool>(), o["double_quant_block_size"].get<int64_t>());
   torch::NoGradGuard no_grad;
   const torch::Tensor src = w.detach();
-  Packed p = use_cpu_kernel && src.is_cpu() ? quantize_cpu(src, l)
-                                            : quantize_torch(src, l, chunk_elems);
+  Packed p =
+      use_cpu_kernel && src.is_cpu() ? quantize_cpu(src, l) : quantize_torch(src, l, chunk_elems);
   return std::make_unique<Nf4Weight>(l, std::move(p), o, dtype_name(w.scalar_type()));
 }
 
@@ -260,16 +272,15 @@ namespace {
 
 // Validation of one state tensor: present, right dtype and element count.
 const torch::Tensor& expect_tensor(const TensorState& s, const std::string& key,
-                                   torch::ScalarType dtype, int64_t numel,
-                                   const std::string& why) {
+                                   torch::ScalarType dtype, int64_t numel, const std::string& why) {
   auto it = s.tensors.find(key);
   QTUNE_CHECK(it != s.tensors.end(), "nf4 state: missing tensor '", key, "' (", why, ")");
   const torch::Tensor& t = it->second;
   QTUNE_CHECK(t.defined(), "nf4 state: tensor '", key, "' is undefined");
   QTUNE_CHECK(t.scalar_type() == dtype, "nf4 state: tensor '", key, "' must be ",
               c10::toString(dtype), ", got ", c10::toString(t.scalar_type()));
-  QTUNE_CHECK(t.numel() == numel, "nf4 state: tensor '", key, "' must hold ", numel,
-              " elements (", why, "), got shape ", t.sizes());
+  QTUNE_CHECK(t.numel() == numel, "nf4 state: tensor '", key, "' must hold ", numel, " elements (",
+              why, "), got shape ", t.sizes());
   return t;
 }
 
@@ -306,32 +317,40 @@ std::unique_ptr<QuantizedWeight> Nf4Backend::load(const TensorState& state) cons
     qs = Json::parse(std::string(reinterpret_cast<const char*>(qs_bytes.data_ptr<uint8_t>()),
                                  static_cast<size_t>(qs_bytes.numel())));
   } catch (const Json::exception& e) {
-    throw UserError(detail::concat("nf4 state: '", kQuantStateKey, "' is not valid JSON: ",
-                                   e.what()));
+    throw UserError(
+        detail::concat("nf4 state: '", kQuantStateKey, "' is not valid JSON: ", e.what()));
   }
   QTUNE_CHECK(qs.is_object(), "nf4 state: '", kQuantStateKey, "' must hold a JSON object");
   const std::string quant_type = json_field<std::string>(qs, "quant_type", "a string");
   QTUNE_CHECK(quant_type == "nf4", "nf4 state: quant_type is '", quant_type, "', expected 'nf4'");
   const int64_t bs = json_field<int64_t>(qs, "blocksize", "an integer");
-  QTUNE_CHECK(is_pow2_in(bs, 32, 4096), "nf4 state: blocksize must be a power of two in "
-              "[32, 4096], got ", bs);
+  QTUNE_CHECK(is_pow2_in(bs, 32, 4096),
+              "nf4 state: blocksize must be a power of two in "
+              "[32, 4096], got ",
+              bs);
   const auto shape = json_field<std::vector<int64_t>>(qs, "shape", "a list of integers");
-  QTUNE_CHECK(shape.size() == 2 && shape[0] > 0 && shape[1] > 0, "nf4 state: shape must be "
-              "[out, in] with positive sizes, got ", qs["shape"].dump());
+  QTUNE_CHECK(shape.size() == 2 && shape[0] > 0 && shape[1] > 0,
+              "nf4 state: shape must be "
+              "[out, in] with positive sizes, got ",
+              qs["shape"].dump());
   const std::string source_dtype = json_field<std::string>(qs, "dtype", "a string");
   const bool dq = qs.contains("nested_blocksize") || qs.contains("nested_offset");
   int64_t nbs = 256;
   float offset = 0.0f;
   if (dq) {
     nbs = json_field<int64_t>(qs, "nested_blocksize", "an integer");
-    QTUNE_CHECK(is_pow2_in(nbs, 32, 4096), "nf4 state: nested_blocksize must be a power of two "
-                "in [32, 4096], got ", nbs);
+    QTUNE_CHECK(is_pow2_in(nbs, 32, 4096),
+                "nf4 state: nested_blocksize must be a power of two "
+                "in [32, 4096], got ",
+                nbs);
     const double off = json_field<double>(qs, "nested_offset", "a number");
     QTUNE_CHECK(std::isfinite(off), "nf4 state: nested_offset must be finite, got ", off);
     offset = static_cast<float>(off);
     if (qs.contains("nested_dtype"))
-      QTUNE_CHECK(qs["nested_dtype"] == "float32", "nf4 state: nested_dtype must be 'float32', "
-                  "got ", qs["nested_dtype"].dump());
+      QTUNE_CHECK(qs["nested_dtype"] == "float32",
+                  "nf4 state: nested_dtype must be 'float32', "
+                  "got ",
+                  qs["nested_dtype"].dump());
   }
 
   // Our own metadata, when present, must agree with bitsandbytes' quant_state.
@@ -339,8 +358,8 @@ std::unique_ptr<QuantizedWeight> Nf4Backend::load(const TensorState& state) cons
   const Json& meta = state.meta;
   if (meta.is_object()) {
     if (meta.contains("backend"))
-      QTUNE_CHECK(meta["backend"] == "nf4", "nf4 state: meta.backend is ",
-                  meta["backend"].dump(), ", expected \"nf4\"");
+      QTUNE_CHECK(meta["backend"] == "nf4", "nf4 state: meta.backend is ", meta["backend"].dump(),
+                  ", expected \"nf4\"");
     if (meta.contains("shape"))
       QTUNE_CHECK(meta["shape"] == Json(shape), "nf4 state: meta.shape ", meta["shape"].dump(),
                   " disagrees with the quant_state shape ", Json(shape).dump());
@@ -361,8 +380,8 @@ std::unique_ptr<QuantizedWeight> Nf4Backend::load(const TensorState& state) cons
     if (expected.count(key)) continue;
     std::string list;
     for (const auto& k : expected) list += (list.empty() ? "" : ", ") + k;
-    throw UserError(detail::concat("nf4 state: unexpected tensor '", key, "' (expected ", list,
-                                   ")"));
+    throw UserError(
+        detail::concat("nf4 state: unexpected tensor '", key, "' (expected ", list, ")"));
   }
 
   const auto layout_why = detail::concat("shape [", l.out, ", ", l.in, "], blocksize ", bs);
@@ -373,33 +392,33 @@ std::unique_ptr<QuantizedWeight> Nf4Backend::load(const TensorState& state) cons
   auto own = [&](const torch::Tensor& t) { return t.to(dev).contiguous().alias(); };
   Packed p;
   p.data = own(data).view({l.packed_bytes(), 1});
-  p.absmax = own(expect_tensor(state, "weight.absmax", dq ? torch::kUInt8 : torch::kFloat,
-                               l.blocks, "one per block of " + layout_why));
+  p.absmax = own(expect_tensor(state, "weight.absmax", dq ? torch::kUInt8 : torch::kFloat, l.blocks,
+                               "one per block of " + layout_why));
   const torch::Tensor& qmap =
       expect_tensor(state, "weight.quant_map", torch::kFloat, 16, "the 16 NF4 values");
   const float max_diff = (qmap.to(torch::kCPU) - shared_nf4_map()).abs().max().item<float>();
   // bitsandbytes' NF4 kernels ignore the stored map and use the constants; a map that is not
   // NF4 therefore means a corrupt or mislabelled file.
-  QTUNE_CHECK(max_diff <= 1e-6f, "nf4 state: weight.quant_map does not hold the NF4 values "
-              "(largest difference ", max_diff, ")");
+  QTUNE_CHECK(max_diff <= 1e-6f,
+              "nf4 state: weight.quant_map does not hold the NF4 values "
+              "(largest difference ",
+              max_diff, ")");
   p.quant_map = dev.is_cpu() ? shared_nf4_map().alias() : shared_nf4_map().to(dev);
   if (dq) {
     p.nested_absmax = own(expect_tensor(state, "weight.nested_absmax", torch::kFloat,
                                         l.nested_blocks, "one per nested block"));
     QTUNE_CHECK(torch::isfinite(p.nested_absmax).all().item<bool>(),
                 "nf4 state: weight.nested_absmax holds NaN or Inf");
-    const torch::Tensor& code2 = expect_tensor(state, "weight.nested_quant_map", torch::kFloat,
-                                               256, "the 256-entry dynamic code");
+    const torch::Tensor& code2 = expect_tensor(state, "weight.nested_quant_map", torch::kFloat, 256,
+                                               "the 256-entry dynamic code");
     const bool canonical = code2.to(torch::kCPU).equal(shared_dynamic_map());
-    p.nested_quant_map =
-        canonical && dev.is_cpu() ? shared_dynamic_map().alias() : own(code2);
+    p.nested_quant_map = canonical && dev.is_cpu() ? shared_dynamic_map().alias() : own(code2);
     p.offset = offset;
   } else {
     QTUNE_CHECK(torch::isfinite(p.absmax).all().item<bool>(),
                 "nf4 state: weight.absmax holds NaN or Inf");
   }
-  return std::make_unique<Nf4Weight>(l, std::move(p), options, source_dtype,
-                                     own(qs_it->second));
+  return std::make_unique<Nf4Weight>(l, std::move(p), options, source_dtype, own(qs_it->second));
 }
 
 }  // namespace qtune::nf4

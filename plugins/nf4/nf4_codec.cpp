@@ -7,13 +7,13 @@
 #define QTUNE_NF4_X86 1
 #endif
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
-
-#include <ATen/Parallel.h>
 
 #include "qtune/error.h"
 
@@ -46,10 +46,9 @@ const std::array<float, 16> kNf4Values = {
 // bitsandbytes dQuantizeNF4 (csrc/kernels.cu): the thresholds of its decision tree, which are
 // the midpoints of adjacent kNf4Values, written as float literals. Sorted ascending here.
 const std::array<float, 15> kNf4Midpoints = {
-    -0.8480964004993439f,  -0.6106329262256622f, -0.4599952697753906f,
-    -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,
-    -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,
-    0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
+    -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,   -0.33967943489551544f,
+    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+    0.1202552504837513f,   0.2035212516784668f,   0.2920137718319893f,    0.3893125355243683f,
     0.5016634166240692f,   0.6427869200706482f,   0.8614784181118011f,
 };
 
@@ -125,9 +124,9 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 Isa best_isa() {
 #ifdef QTUNE_NF4_X86
-  static const Isa isa = __builtin_cpu_supports("avx512f")  ? Isa::kAvx512
-                         : __builtin_cpu_supports("avx2") ? Isa::kAvx2
-                                                          : Isa::kScalar;
+  static const Isa isa = __builtin_cpu_supports("avx512f") ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2")  ? Isa::kAvx2
+                                                           : Isa::kScalar;
   return isa;
 #else
   return Isa::kScalar;
@@ -162,11 +161,16 @@ class Source {
 
   void load(int64_t e0, int64_t n, float* dst) const {
     switch (dtype_) {
-      case torch::kFloat: return load_as<float>(e0, n, dst);
-      case torch::kDouble: return load_as<double>(e0, n, dst);
-      case torch::kBFloat16: return load_as<c10::BFloat16>(e0, n, dst);
-      case torch::kHalf: return load_as<c10::Half>(e0, n, dst);
-      default: TORCH_INTERNAL_ASSERT(false, "nf4: unsupported dtype reached the kernel");
+      case torch::kFloat:
+        return load_as<float>(e0, n, dst);
+      case torch::kDouble:
+        return load_as<double>(e0, n, dst);
+      case torch::kBFloat16:
+        return load_as<c10::BFloat16>(e0, n, dst);
+      case torch::kHalf:
+        return load_as<c10::Half>(e0, n, dst);
+      default:
+        TORCH_INTERNAL_ASSERT(false, "nf4: unsupported dtype reached the kernel");
     }
   }
 
@@ -248,9 +252,9 @@ __attribute__((target("avx2"))) int64_t codes_avx2(const float* x, int64_t n, fl
     }
     // packus works per 128-bit lane; permute4x64 puts the 16 words back in element order.
     const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(ca, cb), 0xD8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
-                     _mm_packus_epi16(_mm256_castsi256_si128(words),
-                                      _mm256_extracti128_si256(words, 1)));
+    _mm_storeu_si128(
+        reinterpret_cast<__m128i*>(codes + i),
+        _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
   }
   return i;
 }
@@ -264,9 +268,14 @@ void pack_block(const float* x, int64_t n, float absmax, uint8_t* dst) {
   int64_t i = 0;
 #ifdef QTUNE_NF4_X86
   switch (cpu_isa()) {
-    case Isa::kAvx512: i = codes_avx512(x, n, recip, codes); break;
-    case Isa::kAvx2: i = codes_avx2(x, n, recip, codes); break;
-    case Isa::kScalar: break;
+    case Isa::kAvx512:
+      i = codes_avx512(x, n, recip, codes);
+      break;
+    case Isa::kAvx2:
+      i = codes_avx2(x, n, recip, codes);
+      break;
+    case Isa::kScalar:
+      break;
   }
 #endif
   for (; i < n; ++i) codes[i] = nf4_code(x[i] * recip);
@@ -394,9 +403,8 @@ Packed quantize_torch(const torch::Tensor& w, const Layout& l, int64_t chunk_ele
   p.quant_map = dev.is_cpu() ? shared_nf4_map().alias() : shared_nf4_map().to(dev);
   torch::Tensor data = p.data.view({-1});
   torch::Tensor absmax = torch::empty({l.blocks}, f32);
-  const torch::Tensor mids = torch::tensor(std::vector<float>(kNf4Midpoints.begin(),
-                                                              kNf4Midpoints.end()))
-                                 .to(dev);
+  const torch::Tensor mids =
+      torch::tensor(std::vector<float>(kNf4Midpoints.begin(), kNf4Midpoints.end())).to(dev);
 
   for (int64_t b0 = 0; b0 < l.blocks; b0 += chunk_blocks) {
     const int64_t b1 = std::min(l.blocks, b0 + chunk_blocks), nb = b1 - b0;
@@ -444,15 +452,13 @@ Packed quantize_torch(const torch::Tensor& w, const Layout& l, int64_t chunk_ele
 torch::Tensor block_scales(const Packed& p, const Layout& l, int64_t b0, int64_t b1) {
   if (!l.double_quant) return p.absmax.slice(0, b0, b1);
   torch::Tensor q = p.absmax.slice(0, b0, b1).to(torch::kLong);
-  torch::Tensor nested_index =
-      torch::arange(b0, b1, q.options()).div(l.nested_block_size, "floor");
+  torch::Tensor nested_index = torch::arange(b0, b1, q.options()).div(l.nested_block_size, "floor");
   // Two separate fp32 ops (multiply, then add), matching the CPU kernel's rounding.
   return p.nested_quant_map.index_select(0, q) * p.nested_absmax.index_select(0, nested_index) +
          p.offset;
 }
 
 namespace {
-
 
 template <typename T>
 inline T from_float(float v) {
@@ -475,8 +481,8 @@ void expand_bytes_scalar(const uint8_t* src, int64_t nbytes, const float* lut, f
 // vpermps does the lookup; vpermt2ps interleaves high/low nibbles back into element order.
 // Products are the same single fp32 multiply as the scalar kernel, so results are identical.
 __attribute__((target("avx512f"))) inline void expand16_avx512(const uint8_t* src, __m512 table,
-                                                                __m512 scale, __m512* o0,
-                                                                __m512* o1) {
+                                                               __m512 scale, __m512* o0,
+                                                               __m512* o1) {
   alignas(64) static const int32_t kFirst[16] = {0, 16, 1, 17, 2, 18, 3, 19,
                                                  4, 20, 5, 21, 6, 22, 7, 23};
   alignas(64) static const int32_t kSecond[16] = {8,  24, 9,  25, 10, 26, 11, 27,
@@ -495,8 +501,7 @@ __attribute__((target("avx512f"))) inline void expand16_avx512(const uint8_t* sr
 __attribute__((target("avx512f"))) inline __m256i to_bf16_avx512(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
@@ -538,12 +543,12 @@ __attribute__((target("avx2"))) inline __m256 lookup16_avx2(__m256i code, __m256
 }
 
 __attribute__((target("avx2"))) inline void expand8_avx2(const uint8_t* src, __m256 lo_half,
-                                                         __m256 hi_half, __m256 scale,
-                                                         __m256* o0, __m256* o1) {
+                                                         __m256 hi_half, __m256 scale, __m256* o0,
+                                                         __m256* o1) {
   const __m256i bytes =
       _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256 vh = _mm256_mul_ps(
-      lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_half, hi_half), scale);
+  const __m256 vh =
+      _mm256_mul_ps(lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_half, hi_half), scale);
   const __m256 vl = _mm256_mul_ps(
       lookup16_avx2(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), lo_half, hi_half), scale);
   // unpack interleaves within 128-bit lanes: a = h0 l0 h1 l1 | h4 l4 h5 l5, b = h2 .. | h6 ..
@@ -555,13 +560,12 @@ __attribute__((target("avx2"))) inline void expand8_avx2(const uint8_t* src, __m
 __attribute__((target("avx2"))) inline __m256i bf16_bits_avx2(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(
-      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                           16);
 }
 
 __attribute__((target("avx2"))) void expand_bytes_avx2(const uint8_t* src, int64_t nbytes,
-                                                       const float* lut, float scale,
-                                                       float* dst) {
+                                                       const float* lut, float scale, float* dst) {
   const __m256 lo_half = _mm256_loadu_ps(lut), hi_half = _mm256_loadu_ps(lut + 8);
   const __m256 vs = _mm256_set1_ps(scale);
   int64_t i = 0;
@@ -584,8 +588,8 @@ __attribute__((target("avx2"))) void expand_bytes_avx2(const uint8_t* src, int64
     __m256 o0, o1;
     expand8_avx2(src + i, lo_half, hi_half, vs, &o0, &o1);
     // packus works per 128-bit lane (values fit in 16 bits), permute4x64 restores the order.
-    const __m256i packed = _mm256_permute4x64_epi64(
-        _mm256_packus_epi32(bf16_bits_avx2(o0), bf16_bits_avx2(o1)), 0xD8);
+    const __m256i packed =
+        _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_avx2(o0), bf16_bits_avx2(o1)), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), packed);
   }
   expand_bytes_scalar(src + i, nbytes - i, lut, scale, dst + 2 * i);
@@ -597,9 +601,12 @@ void expand_bytes(const uint8_t* src, int64_t nbytes, const float* lut, float sc
 #ifdef QTUNE_NF4_X86
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
     switch (cpu_isa()) {
-      case Isa::kAvx512: return expand_bytes_avx512(src, nbytes, lut, scale, dst);
-      case Isa::kAvx2: return expand_bytes_avx2(src, nbytes, lut, scale, dst);
-      case Isa::kScalar: break;
+      case Isa::kAvx512:
+        return expand_bytes_avx512(src, nbytes, lut, scale, dst);
+      case Isa::kAvx2:
+        return expand_bytes_avx2(src, nbytes, lut, scale, dst);
+      case Isa::kScalar:
+        break;
     }
   }
 #endif
@@ -649,11 +656,16 @@ void dequantize_rows_cpu(const Packed& p, const Layout& l, int64_t r0, int64_t r
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.is_cpu() && out.numel() == (r1 - r0) * l.in);
   const int64_t e0 = r0 * l.in, e1 = r1 * l.in;
   switch (out.scalar_type()) {
-    case torch::kFloat: return dequantize_range(p, l, e0, e1, out.data_ptr<float>());
-    case torch::kBFloat16: return dequantize_range(p, l, e0, e1, out.data_ptr<c10::BFloat16>());
-    case torch::kHalf: return dequantize_range(p, l, e0, e1, out.data_ptr<c10::Half>());
-    case torch::kDouble: return dequantize_range(p, l, e0, e1, out.data_ptr<double>());
-    default: TORCH_INTERNAL_ASSERT(false, "nf4: unsupported output dtype reached the kernel");
+    case torch::kFloat:
+      return dequantize_range(p, l, e0, e1, out.data_ptr<float>());
+    case torch::kBFloat16:
+      return dequantize_range(p, l, e0, e1, out.data_ptr<c10::BFloat16>());
+    case torch::kHalf:
+      return dequantize_range(p, l, e0, e1, out.data_ptr<c10::Half>());
+    case torch::kDouble:
+      return dequantize_range(p, l, e0, e1, out.data_ptr<double>());
+    default:
+      TORCH_INTERNAL_ASSERT(false, "nf4: unsupported output dtype reached the kernel");
   }
 }
 
@@ -672,8 +684,8 @@ torch::Tensor dequantize_rows_torch(const Packed& p, const Layout& l, int64_t r0
     torch::Tensor codes =
         torch::stack({bytes.div(16, "floor"), torch::bitwise_and(bytes, 15)}, 1).view({-1});
     torch::Tensor vals = p.quant_map.index_select(0, codes.slice(0, 0, e - s).to(torch::kLong));
-    vals = (pad_to(vals, nb * bs).view({nb, bs}) * block_scales(p, l, b0, b1).unsqueeze(1))
-               .view({-1});
+    vals =
+        (pad_to(vals, nb * bs).view({nb, bs}) * block_scales(p, l, b0, b1).unsqueeze(1)).view({-1});
     const int64_t lo = std::max(e0, s), hi = std::min(e1, e);
     flat_out.slice(0, lo - e0, hi - e0).copy_(vals.slice(0, lo - s, hi - s));
   }
@@ -682,19 +694,27 @@ torch::Tensor dequantize_rows_torch(const Packed& p, const Layout& l, int64_t r0
 
 std::string cpu_kernel_name() {
   switch (cpu_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
   }
 }
 
 bool set_cpu_kernel(const std::string& name) {
   int isa;
-  if (name == "auto") isa = -1;
-  else if (name == "scalar") isa = static_cast<int>(Isa::kScalar);
-  else if (name == "avx2") isa = static_cast<int>(Isa::kAvx2);
-  else if (name == "avx512") isa = static_cast<int>(Isa::kAvx512);
-  else return false;
+  if (name == "auto")
+    isa = -1;
+  else if (name == "scalar")
+    isa = static_cast<int>(Isa::kScalar);
+  else if (name == "avx2")
+    isa = static_cast<int>(Isa::kAvx2);
+  else if (name == "avx512")
+    isa = static_cast<int>(Isa::kAvx512);
+  else
+    return false;
   if (isa > static_cast<int>(best_isa())) return false;
   g_forced_isa.store(isa);
   return true;

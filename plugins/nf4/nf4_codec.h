@@ -16,11 +16,11 @@
 //   nested_quant_map[q] * nested_absmax + offset.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <array>
 #include <cstdint>
 #include <string>
-
-#include <torch/torch.h>
 
 namespace qtune::nf4 {
 
@@ -51,9 +51,9 @@ torch::Tensor code_midpoints(const torch::Tensor& code);
 /// Sizes derived from the logical shape and the options.
 struct Layout {
   int64_t out = 0, in = 0;
-  int64_t numel = 0;             // out * in
-  int64_t block_size = 64;       // elements per absmax block
-  int64_t blocks = 0;            // ceil(numel / block_size)
+  int64_t numel = 0;        // out * in
+  int64_t block_size = 64;  // elements per absmax block
+  int64_t blocks = 0;       // ceil(numel / block_size)
   bool double_quant = true;
   int64_t nested_block_size = 256;  // absmax values per nested block
   int64_t nested_blocks = 0;        // ceil(blocks / nested_block_size), 0 without double quant
@@ -93,7 +93,8 @@ void dequantize_rows_cpu(const Packed& p, const Layout& layout, int64_t r0, int6
                          torch::Tensor& out);
 /// Tensor-op path (any device): rows [r0, r1) of W as a new [r1 - r0, in] tensor of `dtype`.
 torch::Tensor dequantize_rows_torch(const Packed& p, const Layout& layout, int64_t r0, int64_t r1,
-                                    torch::ScalarType dtype, int64_t chunk_elems = int64_t{1} << 20);
+                                    torch::ScalarType dtype,
+                                    int64_t chunk_elems = int64_t{1} << 20);
 
 /// Which CPU kernel dequantize_rows_cpu uses: "avx512", "avx2" or "scalar" (the portable one).
 std::string cpu_kernel_name();

@@ -3,9 +3,8 @@
 // rule: forward saves only the weight handle (not the input, not a dequantized copy), backward
 // gives grad_x = grad_y @ W and nothing else, and the default linear never holds more than one
 // tile of W in full precision.
-#include <malloc.h>
-
 #include <gtest/gtest.h>
+#include <malloc.h>
 
 #include "qtune/quantized_linear.h"
 #include "qtune/quantized_weight.h"
@@ -68,8 +67,7 @@ class FakeWeight : public QuantizedWeight {
 };
 
 double rel_error(const torch::Tensor& ref, const torch::Tensor& got) {
-  return ((ref.to(torch::kDouble) - got.to(torch::kDouble)).norm() /
-          ref.to(torch::kDouble).norm())
+  return ((ref.to(torch::kDouble) - got.to(torch::kDouble)).norm() / ref.to(torch::kDouble).norm())
       .item<double>();
 }
 
@@ -140,9 +138,7 @@ TEST(QuantizedLinearFunction, GradientMatchesDenseReferenceAndFiniteDifferences)
   torch::NoGradGuard no_grad;
   torch::Tensor xf = x.detach().clone();
   const double eps = 1e-6;
-  auto loss = [&](const torch::Tensor& in) {
-    return (w->linear(in) * c).sum().item<double>();
-  };
+  auto loss = [&](const torch::Tensor& in) { return (w->linear(in) * c).sum().item<double>(); };
   auto flat = xf.view({-1});
   auto grad = x.grad().view({-1});
   for (int64_t i = 0; i < flat.numel(); ++i) {
@@ -177,8 +173,9 @@ TEST(QuantizedWeightDefaults, TiledLinearNeverHoldsMoreThanOneTile) {
   }
   // A weight that fits one tile is dequantized once, whole.
   FakeWeight small(wd, 64);
-  EXPECT_LT(rel_error(torch::matmul(torch::ones({1, 6}), wd.t()), small.linear(torch::ones({1, 6}))),
-            1e-6);
+  EXPECT_LT(
+      rel_error(torch::matmul(torch::ones({1, 6}), wd.t()), small.linear(torch::ones({1, 6}))),
+      1e-6);
   EXPECT_EQ(small.full_calls + small.row_calls, 1);
   // The default dequantize_rows is a slice of dequantize.
   struct NoRows : FakeWeight {

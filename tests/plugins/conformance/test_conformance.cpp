@@ -82,7 +82,8 @@ std::vector<Case> discover_cases() {
         const int64_t v = d.get<int64_t>();
         for (int64_t alt : {v / 2, v * 2})
           if (alt != v && alt != 0)
-            cases.push_back({rec.name, Json{{spec.name, alt}}, spec.name + "_" + std::to_string(alt)});
+            cases.push_back(
+                {rec.name, Json{{spec.name, alt}}, spec.name + "_" + std::to_string(alt)});
       }
     }
   }
@@ -95,7 +96,8 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
   return sanitize(info.param.backend + "_" + info.param.label);
 }
 
-// ---- helpers ---------------------------------------------------------------------------------------
+// ---- helpers
+// ---------------------------------------------------------------------------------------
 
 double rel_error(const torch::Tensor& ref, const torch::Tensor& got) {
   const torch::Tensor r = ref.to(torch::kDouble), g = got.to(torch::kDouble);
@@ -128,17 +130,28 @@ void expect_states_identical(const TensorState& a, const TensorState& b) {
 // fresh storage for every tensor: what a checkpoint writer and reader do, minus the file.
 std::string dtype_code(torch::ScalarType t) {
   switch (t) {
-    case torch::kFloat: return "F32";
-    case torch::kDouble: return "F64";
-    case torch::kHalf: return "F16";
-    case torch::kBFloat16: return "BF16";
-    case torch::kLong: return "I64";
-    case torch::kInt: return "I32";
-    case torch::kShort: return "I16";
-    case torch::kChar: return "I8";
-    case torch::kByte: return "U8";
-    case torch::kBool: return "BOOL";
-    default: throw std::runtime_error("state holds a dtype safetensors cannot store");
+    case torch::kFloat:
+      return "F32";
+    case torch::kDouble:
+      return "F64";
+    case torch::kHalf:
+      return "F16";
+    case torch::kBFloat16:
+      return "BF16";
+    case torch::kLong:
+      return "I64";
+    case torch::kInt:
+      return "I32";
+    case torch::kShort:
+      return "I16";
+    case torch::kChar:
+      return "I8";
+    case torch::kByte:
+      return "U8";
+    case torch::kBool:
+      return "BOOL";
+    default:
+      throw std::runtime_error("state holds a dtype safetensors cannot store");
   }
 }
 
@@ -172,9 +185,10 @@ TensorState from_safetensors(const std::string& bytes) {
       continue;
     }
     static const std::map<std::string, torch::ScalarType> kTypes = {
-        {"F32", torch::kFloat}, {"F64", torch::kDouble}, {"F16", torch::kHalf},
-        {"BF16", torch::kBFloat16}, {"I64", torch::kLong}, {"I32", torch::kInt},
-        {"I16", torch::kShort}, {"I8", torch::kChar}, {"U8", torch::kByte}, {"BOOL", torch::kBool}};
+        {"F32", torch::kFloat},     {"F64", torch::kDouble}, {"F16", torch::kHalf},
+        {"BF16", torch::kBFloat16}, {"I64", torch::kLong},   {"I32", torch::kInt},
+        {"I16", torch::kShort},     {"I8", torch::kChar},    {"U8", torch::kByte},
+        {"BOOL", torch::kBool}};
     const auto begin = v["data_offsets"][0].get<size_t>(), end = v["data_offsets"][1].get<size_t>();
     std::vector<char> copy(buffer + begin, buffer + end);  // fresh memory, like a file read
     torch::Tensor t = torch::empty(v["shape"].get<std::vector<int64_t>>(),
@@ -185,7 +199,8 @@ TensorState from_safetensors(const std::string& bytes) {
   return s;
 }
 
-// ---- fixture ---------------------------------------------------------------------------------------
+// ---- fixture
+// ---------------------------------------------------------------------------------------
 
 class Conformance : public testing::TestWithParam<Case> {
  protected:
@@ -194,8 +209,8 @@ class Conformance : public testing::TestWithParam<Case> {
     // A derived option set the backend rejects (in its schema check, error_bound or quantize)
     // is skipped: halving or doubling an integer need not give a valid value.
     try {
-      options_ = qtune::resolve_options(backend_->option_schema(), GetParam().options,
-                                        "quant.options");
+      options_ =
+          qtune::resolve_options(backend_->option_schema(), GetParam().options, "quant.options");
       bound_ = backend_->error_bound(options_);
       backend_->quantize(torch::randn({64, 256}), options_);
     } catch (const UserError& e) {
@@ -231,7 +246,10 @@ class Conformance : public testing::TestWithParam<Case> {
     }
     // dequantize_rows == slices of dequantize, bit for bit.
     const std::vector<std::pair<int64_t, int64_t>> ranges = {
-        {0, out}, {0, 1}, {out - 1, out}, {out / 3, out / 3 + std::min<int64_t>(out, 5)},
+        {0, out},
+        {0, 1},
+        {out - 1, out},
+        {out / 3, out / 3 + std::min<int64_t>(out, 5)},
         {out / 2, out / 2}};
     for (auto [b, e] : ranges) {
       e = std::min(e, out);
@@ -245,7 +263,8 @@ class Conformance : public testing::TestWithParam<Case> {
   double bound_ = 0.0;
 };
 
-// ---- tests -----------------------------------------------------------------------------------------
+// ---- tests
+// -----------------------------------------------------------------------------------------
 
 TEST_P(Conformance, GaussianRoundTripWithinDeclaredBound) {
   torch::Tensor w = torch::randn({256, 512}) * 0.02;
@@ -356,7 +375,7 @@ TEST_P(Conformance, QuantizeIsDeterministic) {
 }
 
 TEST_P(Conformance, OddShapesWorkOrRaiseUserError) {
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{33, 17}, {1, 1},  {127, 65},
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{33, 17},  {1, 1}, {127, 65},
                                                            {1, 4097}, {5, 1}, {3, 1000}};
   for (auto [out, in] : shapes) {
     SCOPED_TRACE(testing::Message() << out << "x" << in);

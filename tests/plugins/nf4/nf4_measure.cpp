@@ -2,14 +2,13 @@
 // dequantization throughput of a 4096 x 4096 weight into fp32 and bf16, the QLoRA-style linear
 // forward + input-gradient against the same dense matmuls, and the memory and time of
 // quantizing a 32000 x 4096 output head. Usage: nf4_measure [tokens=512] [threads=1]
+#include <ATen/Parallel.h>
 #include <sys/resource.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-
-#include <ATen/Parallel.h>
 
 #include "nf4_backend.h"
 #include "nf4_codec.h"
@@ -26,7 +25,8 @@ double seconds(const std::function<void()>& f, int reps) {
   for (int i = 0; i < reps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   return best;
 }
@@ -69,28 +69,33 @@ int main(int argc, char** argv) {
     if (!set_cpu_kernel(kernel)) continue;
     for (auto dt : {torch::kFloat, torch::kBFloat16}) {
       torch::Tensor out = torch::empty({n, n}, torch::dtype(dt));
-      const double t = seconds([&] { dequantize_rows_cpu(q->packed(), q->layout(), 0, n, out); }, 10);
+      const double t =
+          seconds([&] { dequantize_rows_cpu(q->packed(), q->layout(), 0, n, out); }, 10);
       const double out_gb = out.numel() * out.element_size() / 1e9;
-      std::printf("dequantize 4096x4096 -> %-8s %-6s kernel: %6.2f ms  %6.2f GB/s written  "
-                  "%6.2f Gelem/s\n",
-                  c10::toString(dt), kernel, t * 1e3,
-                  out_gb / t, n * n / t / 1e9);
+      std::printf(
+          "dequantize 4096x4096 -> %-8s %-6s kernel: %6.2f ms  %6.2f GB/s written  "
+          "%6.2f Gelem/s\n",
+          c10::toString(dt), kernel, t * 1e3, out_gb / t, n * n / t / 1e9);
     }
   }
   set_cpu_kernel("auto");
   for (auto dt : {torch::kFloat, torch::kBFloat16}) {
     // The unit the CPU linear works in: one 512-row tile into a reused (cache-warm) buffer.
     torch::Tensor tile = torch::empty({512, n}, torch::dtype(dt));
-    const double t = seconds([&] {
-      for (int64_t r = 0; r < n; r += 512) dequantize_rows_cpu(q->packed(), q->layout(), r, r + 512, tile);
-    }, 10);
-    std::printf("dequantize 4096x4096 -> %-8s in 512-row tiles into one buffer: %6.2f ms  %6.2f "
-                "GB/s written\n", c10::toString(dt), t * 1e3,
-                double(n) * n * tile.element_size() / 1e9 / t);
+    const double t = seconds(
+        [&] {
+          for (int64_t r = 0; r < n; r += 512)
+            dequantize_rows_cpu(q->packed(), q->layout(), r, r + 512, tile);
+        },
+        10);
+    std::printf(
+        "dequantize 4096x4096 -> %-8s in 512-row tiles into one buffer: %6.2f ms  %6.2f "
+        "GB/s written\n",
+        c10::toString(dt), t * 1e3, double(n) * n * tile.element_size() / 1e9 / t);
   }
   {
-    const double t = seconds(
-        [&] { dequantize_rows_torch(q->packed(), q->layout(), 0, n, torch::kFloat); }, 3);
+    const double t =
+        seconds([&] { dequantize_rows_torch(q->packed(), q->layout(), 0, n, torch::kFloat); }, 3);
     std::printf("dequantize 4096x4096 -> float32 tensor-op path: %.2f ms\n", t * 1e3);
   }
 
@@ -100,17 +105,30 @@ int main(int argc, char** argv) {
     // Interleaved, best of 7 each: other processes share this machine.
     double dense = 1e30, nf4 = 1e30, deq_default = 1e30;
     for (int rep = 0; rep < 7; ++rep) {
-      dense = std::min(dense, seconds([&] { torch::mm(x, wd.t()); torch::mm(g, wd); }, 1));
-      nf4 = std::min(nf4, seconds([&] { q->linear(x); q->linear_grad_input(g); }, 1));
-      deq_default = std::min(deq_default, seconds([&] {
-        q->QuantizedWeight::linear(x);
-        q->QuantizedWeight::linear_grad_input(g);
-      }, 1));
+      dense = std::min(dense, seconds(
+                                  [&] {
+                                    torch::mm(x, wd.t());
+                                    torch::mm(g, wd);
+                                  },
+                                  1));
+      nf4 = std::min(nf4, seconds(
+                              [&] {
+                                q->linear(x);
+                                q->linear_grad_input(g);
+                              },
+                              1));
+      deq_default = std::min(deq_default, seconds(
+                                              [&] {
+                                                q->QuantizedWeight::linear(x);
+                                                q->QuantizedWeight::linear_grad_input(g);
+                                              },
+                                              1));
     }
-    std::printf("linear fwd+bwd(input) %-8s [%ld x 4096] x [4096 x 4096]: dense %.1f ms, nf4 %.1f "
-                "ms (ratio %.3f), core default tiling %.1f ms (ratio %.3f)\n",
-                c10::toString(dt), (long)tokens, dense * 1e3, nf4 * 1e3, nf4 / dense,
-                deq_default * 1e3, deq_default / dense);
+    std::printf(
+        "linear fwd+bwd(input) %-8s [%ld x 4096] x [4096 x 4096]: dense %.1f ms, nf4 %.1f "
+        "ms (ratio %.3f), core default tiling %.1f ms (ratio %.3f)\n",
+        c10::toString(dt), (long)tokens, dense * 1e3, nf4 * 1e3, nf4 / dense, deq_default * 1e3,
+        deq_default / dense);
   }
 
   if (std::getenv("NF4_TILE_SWEEP")) {
@@ -119,25 +137,33 @@ int main(int argc, char** argv) {
       torch::Tensor x = torch::randn({tokens, n}).to(dt), g = torch::randn({tokens, n}).to(dt);
       torch::Tensor wd = w.to(dt);
       for (int64_t tile : {256, 512, 1024, 2048, 4096}) {
-        const double fwd_out = seconds([&] {
-          torch::Tensor y = torch::empty({tokens, n}, x.options());
-          for (int64_t r = 0; r < n; r += tile) {
-            torch::Tensor yc = y.narrow(1, r, tile);
-            torch::mm_out(yc, x, wd.narrow(0, r, tile).t());
-          }
-        }, 3);
-        const double fwd_copy = seconds([&] {
-          torch::Tensor y = torch::empty({tokens, n}, x.options());
-          for (int64_t r = 0; r < n; r += tile)
-            y.narrow(1, r, tile).copy_(torch::mm(x, wd.narrow(0, r, tile).t()));
-        }, 3);
-        const double bwd = seconds([&] {
-          torch::Tensor gx;
-          for (int64_t r = 0; r < n; r += tile) {
-            if (gx.defined()) gx.addmm_(g.narrow(1, r, tile), wd.narrow(0, r, tile));
-            else gx = torch::mm(g.narrow(1, r, tile), wd.narrow(0, r, tile));
-          }
-        }, 3);
+        const double fwd_out = seconds(
+            [&] {
+              torch::Tensor y = torch::empty({tokens, n}, x.options());
+              for (int64_t r = 0; r < n; r += tile) {
+                torch::Tensor yc = y.narrow(1, r, tile);
+                torch::mm_out(yc, x, wd.narrow(0, r, tile).t());
+              }
+            },
+            3);
+        const double fwd_copy = seconds(
+            [&] {
+              torch::Tensor y = torch::empty({tokens, n}, x.options());
+              for (int64_t r = 0; r < n; r += tile)
+                y.narrow(1, r, tile).copy_(torch::mm(x, wd.narrow(0, r, tile).t()));
+            },
+            3);
+        const double bwd = seconds(
+            [&] {
+              torch::Tensor gx;
+              for (int64_t r = 0; r < n; r += tile) {
+                if (gx.defined())
+                  gx.addmm_(g.narrow(1, r, tile), wd.narrow(0, r, tile));
+                else
+                  gx = torch::mm(g.narrow(1, r, tile), wd.narrow(0, r, tile));
+              }
+            },
+            3);
         std::printf("tile %-5ld %-8s fwd mm_out %.1f ms, fwd mm+copy %.1f ms, bwd addmm %.1f ms\n",
                     (long)tile, c10::toString(dt), fwd_out * 1e3, fwd_copy * 1e3, bwd * 1e3);
       }

@@ -19,7 +19,8 @@ namespace {
 const Nf4Backend kBackend;
 
 Json opts(int64_t block_size, bool dq = true, int64_t nested = 256) {
-  return Json{{"block_size", block_size}, {"double_quant", dq}, {"double_quant_block_size", nested}};
+  return Json{
+      {"block_size", block_size}, {"double_quant", dq}, {"double_quant_block_size", nested}};
 }
 
 std::unique_ptr<Nf4Weight> quant(const torch::Tensor& w, const Json& o, bool cpu = true,
@@ -60,7 +61,8 @@ void expect_same_packed(const Packed& a, const Packed& b) {
 
 }  // namespace
 
-// ---- tables --------------------------------------------------------------------------------------
+// ---- tables
+// --------------------------------------------------------------------------------------
 
 TEST(Nf4Tables, ValuesAndMidpoints) {
   // The published values (QLoRA appendix E; bitsandbytes get_4bit_type("nf4")).
@@ -107,7 +109,8 @@ TEST(Nf4Tables, DynamicMapLikeBitsandbytes) {
   EXPECT_TRUE(shared_dynamic_map().equal(m));
 }
 
-// ---- golden codes ----------------------------------------------------------------------------------
+// ---- golden codes
+// ----------------------------------------------------------------------------------
 
 TEST(Nf4Golden, HandComputedCodesAndPacking) {
   // One block of 32 (block_size 32), absmax 2.0, so every scaled value is x * 0.5 exactly.
@@ -130,8 +133,8 @@ TEST(Nf4Golden, HandComputedCodesAndPacking) {
   //   0.2406 0.1203   > 0.12025526                                             9
   //  -0.09  -0.045    > -0.04552502 (7th)                                      7
   // The remaining 16 elements are 0 (code 7).
-  const std::vector<float> x = {2.0f,  -2.0f, 0.0f,  0.08f, 0.0795f, 1.0f,  1.004f, -0.5f,
-                                -0.46f, 1.73f, 1.72f, -1.70f, -1.69f, 0.24f, 0.2406f, -0.09f};
+  const std::vector<float> x = {2.0f,   -2.0f, 0.0f,  0.08f,  0.0795f, 1.0f,  1.004f,  -0.5f,
+                                -0.46f, 1.73f, 1.72f, -1.70f, -1.69f,  0.24f, 0.2406f, -0.09f};
   const std::vector<int> codes = {15, 0, 7, 8, 7, 12, 13, 4, 5, 15, 14, 0, 1, 8, 9, 7};
   std::vector<float> row(32, 0.0f);
   std::copy(x.begin(), x.end(), row.begin());
@@ -170,8 +173,8 @@ TEST(Nf4Golden, ShortLastBlockUsesItsOwnAbsmax) {
   EXPECT_EQ(absmax[1].item<float>(), 0.5f);
   const auto packed = bytes_of(q->packed().data);
   ASSERT_EQ(packed.size(), 21u);
-  EXPECT_EQ(packed[16], 0xF0);            // elements 32, 33: codes 15, 0
-  EXPECT_EQ(packed[20], (2 << 4) | 7);    // element 40, then padding
+  EXPECT_EQ(packed[16], 0xF0);          // elements 32, 33: codes 15, 0
+  EXPECT_EQ(packed[20], (2 << 4) | 7);  // element 40, then padding
   EXPECT_EQ(q->packed().data.sizes(), torch::IntArrayRef({21, 1}));
   torch::Tensor d = q->dequantize(torch::kFloat, torch::kCPU).view({-1});
   EXPECT_EQ(d[32].item<float>(), 0.5f);
@@ -190,7 +193,8 @@ TEST(Nf4Golden, ZeroBlockDequantizesToZeros) {
   }
 }
 
-// ---- double quantization -------------------------------------------------------------------------
+// ---- double quantization
+// -------------------------------------------------------------------------
 
 TEST(Nf4DoubleQuant, AbsmaxRoundTripAndLayout) {
   torch::manual_seed(1);
@@ -221,7 +225,8 @@ TEST(Nf4DoubleQuant, AbsmaxRoundTripAndLayout) {
   EXPECT_GT(e_dq, e_plain * 0.99);
 }
 
-// ---- paths agree ----------------------------------------------------------------------------------
+// ---- paths agree
+// ----------------------------------------------------------------------------------
 
 TEST(Nf4Paths, ChunkedEqualsUnchunkedAndCpuKernelEqualsTensorOps) {
   torch::manual_seed(2);
@@ -263,12 +268,13 @@ TEST(Nf4Paths, InputDtypesAndStrides) {
   expect_same_packed(quant(wt, opts(64))->packed(), quant(wt.contiguous(), opts(64))->packed());
   // bf16 / fp16 / fp64 inputs are converted to fp32 exactly before scaling.
   torch::Tensor wb = w.to(torch::kBFloat16);
-  expect_same_packed(quant(wb, opts(64))->packed(), quant(wb.to(torch::kFloat), opts(64))->packed());
+  expect_same_packed(quant(wb, opts(64))->packed(),
+                     quant(wb.to(torch::kFloat), opts(64))->packed());
   expect_same_packed(quant(wb, opts(64))->packed(), quant(wb, opts(64), false)->packed());
   expect_same_packed(quant(w.to(torch::kDouble), opts(64))->packed(), ref->packed());
   EXPECT_EQ(Json::parse(std::string(
-                reinterpret_cast<const char*>(quant(wb, opts(64))->state().tensors.at(kQuantStateKey)
-                                                  .data_ptr<uint8_t>()),
+                reinterpret_cast<const char*>(
+                    quant(wb, opts(64))->state().tensors.at(kQuantStateKey).data_ptr<uint8_t>()),
                 quant(wb, opts(64))->state().tensors.at(kQuantStateKey).numel()))["dtype"],
             "bfloat16");
 }
@@ -296,7 +302,8 @@ TEST(Nf4Paths, LinearTilesMatchDequantizedMatmul) {
   }
 }
 
-// ---- format, state and sizes -----------------------------------------------------------------------
+// ---- format, state and sizes
+// -----------------------------------------------------------------------
 
 TEST(Nf4State, BitsandbytesKeysAndQuantStateJson) {
   torch::manual_seed(5);
@@ -313,8 +320,8 @@ TEST(Nf4State, BitsandbytesKeysAndQuantStateJson) {
   EXPECT_EQ(s.tensors["weight.quant_map"].numel(), 16);
   EXPECT_EQ(s.tensors["weight.nested_quant_map"].numel(), 256);
   torch::Tensor js = s.tensors[kQuantStateKey];
-  Json qs = Json::parse(std::string(reinterpret_cast<const char*>(js.data_ptr<uint8_t>()),
-                                    js.numel()));
+  Json qs =
+      Json::parse(std::string(reinterpret_cast<const char*>(js.data_ptr<uint8_t>()), js.numel()));
   EXPECT_EQ(qs["quant_type"], "nf4");
   EXPECT_EQ(qs["blocksize"], 64);
   EXPECT_EQ(qs["shape"], Json({40, 100}));
@@ -340,28 +347,33 @@ TEST(Nf4State, LoadValidatesWithClearErrors) {
     edit(s);
     return error_of([&] { kBackend.load(s); });
   };
-  EXPECT_NE(load_err([](TensorState& s) { s.tensors.erase("weight.absmax"); })
-                .find("missing tensor 'weight.absmax'"),
+  EXPECT_NE(load_err([](TensorState& s) {
+              s.tensors.erase("weight.absmax");
+            }).find("missing tensor 'weight.absmax'"),
             std::string::npos);
-  EXPECT_NE(load_err([](TensorState& s) { s.tensors.erase(kQuantStateKey); })
-                .find("weight.quant_state.bitsandbytes__nf4"),
+  EXPECT_NE(load_err([](TensorState& s) {
+              s.tensors.erase(kQuantStateKey);
+            }).find("weight.quant_state.bitsandbytes__nf4"),
             std::string::npos);
   EXPECT_NE(load_err([](TensorState& s) {
               s.tensors["weight.absmax"] = s.tensors["weight.absmax"].to(torch::kFloat);
             }).find("'weight.absmax' must be Byte"),
             std::string::npos);
-  EXPECT_NE(load_err([](TensorState& s) { s.tensors["weight"] = s.tensors["weight"].slice(0, 1); })
-                .find("'weight' must hold 512 elements"),
+  EXPECT_NE(load_err([](TensorState& s) {
+              s.tensors["weight"] = s.tensors["weight"].slice(0, 1);
+            }).find("'weight' must hold 512 elements"),
             std::string::npos);
-  EXPECT_NE(load_err([](TensorState& s) { s.tensors["weight.bias"] = torch::zeros({1}); })
-                .find("unexpected tensor 'weight.bias'"),
+  EXPECT_NE(load_err([](TensorState& s) {
+              s.tensors["weight.bias"] = torch::zeros({1});
+            }).find("unexpected tensor 'weight.bias'"),
             std::string::npos);
   EXPECT_NE(load_err([](TensorState& s) {
               s.tensors[kQuantStateKey] = torch::tensor({123, 34}, torch::kUInt8);
             }).find("not valid JSON"),
             std::string::npos);
-  EXPECT_NE(load_err([](TensorState& s) { s.meta["shape"] = Json({64, 16}); })
-                .find("meta.shape"),
+  EXPECT_NE(load_err([](TensorState& s) {
+              s.meta["shape"] = Json({64, 16});
+            }).find("meta.shape"),
             std::string::npos);
   EXPECT_NE(load_err([](TensorState& s) {
               s.tensors["weight.quant_map"] = s.tensors["weight.quant_map"] * 2;
@@ -377,8 +389,8 @@ TEST(Nf4State, LoadValidatesWithClearErrors) {
   TensorState bare = good;
   bare.meta = Json::object();
   auto w = kBackend.load(bare);
-  EXPECT_TRUE(w->dequantize(torch::kFloat, torch::kCPU)
-                  .equal(q->dequantize(torch::kFloat, torch::kCPU)));
+  EXPECT_TRUE(
+      w->dequantize(torch::kFloat, torch::kCPU).equal(q->dequantize(torch::kFloat, torch::kCPU)));
 }
 
 TEST(Nf4State, BitsPerParameter) {
@@ -403,7 +415,8 @@ TEST(Nf4State, BitsPerParameter) {
   EXPECT_EQ(kBackend.load(s)->nbytes(), small->nbytes() + 1024);
 }
 
-// ---- errors -------------------------------------------------------------------------------------------
+// ---- errors
+// -------------------------------------------------------------------------------------------
 
 TEST(Nf4Errors, OptionsShapesAndValues) {
   torch::Tensor w = torch::randn({4, 64});
@@ -414,21 +427,27 @@ TEST(Nf4Errors, OptionsShapesAndValues) {
               std::string::npos)
         << msg;
   }
-  EXPECT_NE(error_of([&] { kBackend.quantize(w, Json{{"double_quant_block_size", 100}}); })
-                .find("quant.options.double_quant_block_size"),
+  EXPECT_NE(error_of([&] {
+              kBackend.quantize(w, Json{{"double_quant_block_size", 100}});
+            }).find("quant.options.double_quant_block_size"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { kBackend.quantize(w, Json{{"blocksize", 64}}); })
-                .find("quant.options.blocksize"),
+  EXPECT_NE(error_of([&] {
+              kBackend.quantize(w, Json{{"blocksize", 64}});
+            }).find("quant.options.blocksize"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { kBackend.quantize(w, Json{{"double_quant", "yes"}}); })
-                .find("quant.options.double_quant must be a boolean"),
+  EXPECT_NE(error_of([&] {
+              kBackend.quantize(w, Json{{"double_quant", "yes"}});
+            }).find("quant.options.double_quant must be a boolean"),
             std::string::npos);
   EXPECT_NE(error_of([&] { kBackend.quantize(torch::randn({64}), Json()); }).find("2-D"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { kBackend.quantize(torch::randn({2, 3, 64}), Json()); }).find("3-D"),
+  EXPECT_NE(error_of([&] {
+              kBackend.quantize(torch::randn({2, 3, 64}), Json());
+            }).find("3-D"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { kBackend.quantize(torch::ones({4, 4}, torch::kInt), Json()); })
-                .find("float32"),
+  EXPECT_NE(error_of([&] {
+              kBackend.quantize(torch::ones({4, 4}, torch::kInt), Json());
+            }).find("float32"),
             std::string::npos);
   torch::Tensor nan = torch::randn({8, 64});
   nan[5][3] = std::numeric_limits<float>::quiet_NaN();
@@ -442,7 +461,8 @@ TEST(Nf4Errors, OptionsShapesAndValues) {
     EXPECT_NO_THROW(kBackend.quantize(torch::randn({3, 33}), Json{{"block_size", bs}}));
 }
 
-// ---- error bound calibration -----------------------------------------------------------------------
+// ---- error bound calibration
+// -----------------------------------------------------------------------
 
 TEST(Nf4Accuracy, ErrorBoundIsTightButHolds) {
   torch::manual_seed(8);
