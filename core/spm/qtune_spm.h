@@ -1,10 +1,11 @@
 /* Plain-C ABI of libqtune_sentencepiece.so, the wrapper around Debian's libsentencepiece.
  *
- * Why a separate library with a C ABI: libsentencepiece links libprotobuf-lite, LibTorch links
- * the full libprotobuf, and loading both into one process the ordinary way crashes in their
- * static initialisers (duplicate descriptor registration). So core never links sentencepiece:
- * it dlopen()s this module with RTLD_LOCAL | RTLD_DEEPBIND, which makes the module and its
- * dependencies (sentencepiece, protobuf-lite) resolve their symbols among themselves first.
+ * Why a separate library with a C ABI: Debian's libsentencepiece exports its own bundled
+ * protobuf-lite symbols, LibTorch links the full libprotobuf, and linking both into one process
+ * the ordinary way crashes at start-up in static initialisers (the same symbol names from two
+ * protobuf builds interpose). So core never links sentencepiece: it dlopen()s this module with
+ * RTLD_LOCAL | RTLD_DEEPBIND, which makes the module and libsentencepiece resolve their symbols
+ * among themselves first.
  * Nothing but C types crosses the boundary, and nothing may throw across it. */
 #ifndef QTUNE_SPM_H_
 #define QTUNE_SPM_H_

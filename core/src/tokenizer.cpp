@@ -248,8 +248,9 @@ const SpmApi& spm_api() {
     const std::string path =
         env && *env ? std::string(env)
                     : (fs::path(core_library_dir()) / "libqtune_sentencepiece.so").string();
-    // RTLD_DEEPBIND: the module's own dependencies (sentencepiece, protobuf-lite) resolve among
-    // themselves before the process's global symbols (LibTorch's full protobuf). Never closed.
+    // RTLD_DEEPBIND: the module and libsentencepiece (which exports its bundled protobuf-lite)
+    // bind to their own symbols before the process's global ones (LibTorch's libprotobuf).
+    // Never closed.
     void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
     if (!h) {
       const char* e = dlerror();

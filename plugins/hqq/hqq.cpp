@@ -591,19 +591,20 @@ std::unique_ptr<QuantizedWeight> HqqBackend::quantize(const torch::Tensor& w,
   torch::NoGradGuard no_grad;
 
   // Output tensors, filled chunk by chunk (chunks start at multiples of kMetaGroup groups, so
-  // 8-bit meta blocks and packing blocks never straddle two chunks).
+  // 8-bit meta blocks and packing blocks never straddle two chunks). Chunks run in parallel and
+  // only read the map (.at(), never operator[]), each writing its own slices.
   std::map<std::string, torch::Tensor> t;
   for (const auto& k : key_specs(p, groups, padded))
     t[k.key] = torch::zeros({k.size}, torch::TensorOptions().dtype(k.dtype).device(dev));
   auto store = [&](const std::string& name, const MetaStore& m, int64_t k0, int64_t k1) {
     if (m.plain.defined()) {
-      t[name].slice(0, k0, k1).copy_(m.plain);
+      t.at(name).slice(0, k0, k1).copy_(m.plain);
       return;
     }
-    t[name + "_q"].slice(0, k0, k1).copy_(m.q);
+    t.at(name + "_q").slice(0, k0, k1).copy_(m.q);
     const int64_t b0 = k0 / kMetaGroup;
-    t[name + "_q.scale"].slice(0, b0, b0 + m.scale.numel()).copy_(m.scale);
-    t[name + "_q.zero"].slice(0, b0, b0 + m.zero.numel()).copy_(m.zero);
+    t.at(name + "_q.scale").slice(0, b0, b0 + m.scale.numel()).copy_(m.scale);
+    t.at(name + "_q.zero").slice(0, b0, b0 + m.zero.numel()).copy_(m.zero);
   };
   auto finite = [](const torch::Tensor& x) {
     QTUNE_CHECK(torch::isfinite(x).all().item<bool>(),
@@ -651,7 +652,7 @@ std::unique_ptr<QuantizedWeight> HqqBackend::quantize(const torch::Tensor& w,
       const PackBlock blk = pack_block(p.nbits);
       const torch::Tensor packed = pack_codes(gq.codes, p.nbits);
       const int64_t off = k0 * g / blk.codes * blk.bytes;
-      t["W_q"].slice(0, off, off + packed.numel()).copy_(packed);
+      t.at("W_q").slice(0, off, off + packed.numel()).copy_(packed);
     } else {
       codes_all.view({g, groups}).slice(1, k0, k1).copy_(gq.codes.t());
     }

@@ -69,7 +69,11 @@ torch::Tensor Int8Weight::dequantize_rows(int64_t begin, int64_t end, torch::Sca
   // fp32 product then one rounding to dtype (a bf16 product of bf16 operands would round twice).
   const torch::Tensor s = scale_.slice(0, begin, end).to(torch::kFloat32);
   torch::Tensor w = q_.slice(0, begin, end).to(torch::kFloat32);
-  w.mul_(expand_scale(s, params_.group_size, q_.size(1)));
+  const int64_t in = q_.size(1), groups = s.size(1);
+  if (groups == 1 || groups * params_.group_size == in)  // broadcast, no expanded copy
+    w.view({end - begin, groups, in / groups}).mul_(s.unsqueeze(2));
+  else
+    w.mul_(expand_scale(s, params_.group_size, in));
   return w.to(device, dtype);
 }
 

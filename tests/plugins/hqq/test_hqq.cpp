@@ -1,6 +1,7 @@
 // Unit tests of the HQQ backend (linked from hqq_objects): options, bit packing, the min/max
 // initialisation on hand-checkable groups, the proximal solver, 8-bit meta quantization, state
 // round trips, tiled dequantization and error bounds.
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -420,6 +421,21 @@ TEST(HqqState, CpuKernelMatchesTensorOpsBitForBit) {
             << o.dump();
       }
     }
+  }
+}
+
+TEST(HqqState, ThreadCountDoesNotChangeTheResult) {
+  // Chunks of groups are quantized in parallel; every group is solved on its own, so the state
+  // is identical for any thread count (data-parallel ranks rely on it).
+  const torch::Tensor w = gaussian(512, 1024, 8);  // several chunks
+  for (const Json& o : {Json::object(), Json{{"axis", 0}, {"nbits", 3}, {"quant_zero", true}}}) {
+    const int threads = at::get_num_threads();
+    at::set_num_threads(1);
+    const qtune::TensorState one = quant(w, o)->state();
+    at::set_num_threads(2);
+    const qtune::TensorState two = quant(w, o)->state();
+    at::set_num_threads(threads);
+    for (const auto& [k, t] : one.tensors) EXPECT_TRUE(bit_equal(t, two.tensors.at(k))) << k;
   }
 }
 

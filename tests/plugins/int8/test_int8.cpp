@@ -283,3 +283,38 @@ TEST(Int8Measure, DISABLED_ReconstructionAndTime) {
     }
   }
 }
+
+TEST(Int8Measure, DISABLED_Throughput) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(2);
+  const torch::Tensor w = torch::randn({4096, 4096}) * 0.02;
+  auto best = [](const std::function<void()>& f) {
+    f();
+    double b = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      b = std::min(b, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return b;
+  };
+  for (const Json& o : {Json::object(), Json{{"group_size", 128}}}) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto q = quant(w, o);
+    const double tq = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double f32 = best([&] { q->dequantize(torch::kFloat32, torch::kCPU); });
+    const double b16 = best([&] { q->dequantize(torch::kBFloat16, torch::kCPU); });
+    const torch::Tensor d = q->dequantize(torch::kFloat32, torch::kCPU);
+    for (int64_t tokens : {8, 512}) {
+      const torch::Tensor x = torch::randn({tokens, 4096});
+      const double lin = best([&] { q->linear(x); });
+      const double base = best([&] { q->QuantizedWeight::linear(x); });
+      const double dense = best([&] { torch::matmul(x, d.t()); });
+      std::printf(
+          "int8 %-20s quantize %.3fs dequant fp32 %.1f ms bf16 %.1f ms | linear[%ld] %.1f ms "
+          "(default tiling %.1f, dense %.1f)\n",
+          o.dump().c_str(), tq, f32 * 1e3, b16 * 1e3, (long)tokens, lin * 1e3, base * 1e3,
+          dense * 1e3);
+    }
+  }
+}
