@@ -22,7 +22,7 @@ static std::string env_or(const char* name, const std::string& fallback) {
 }
 
 std::string data_path(const std::string& file) {
-  std::string dir = env_or("QTUNE_DATA", env_or("QTUNE_DEFAULT_DATA", "../shared/data"));
+  std::string dir = env_or("QTUNE_DATA", env_or("QTUNE_DEFAULT_DATA", QTUNE_TEST_DATA_DIR));
   std::string path = file.empty() ? dir : (fs::path(dir) / file).string();
   if (!fs::exists(path)) {
     std::string msg = "test data missing: " + path +
@@ -34,8 +34,8 @@ std::string data_path(const std::string& file) {
   return path;
 }
 
-std::string build_dir() { return env_or("QTUNE_BUILD_DIR", "."); }
-std::string source_dir() { return env_or("QTUNE_SOURCE_DIR", ".."); }
+std::string build_dir() { return env_or("QTUNE_BUILD_DIR", QTUNE_TEST_BUILD_DIR); }
+std::string source_dir() { return env_or("QTUNE_SOURCE_DIR", QTUNE_TEST_SOURCE_DIR); }
 std::string bin_path(const std::string& program) { return build_dir() + "/bin/" + program; }
 std::string plugin_dir() { return build_dir() + "/lib/qtune/plugins"; }
 
