@@ -318,6 +318,21 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
                 c10::IntArrayRef(got), ", expected ", c10::IntArrayRef(shape), " from config");
   };
 
+  // A packed state stored with the weights (a qtune-quantize directory) is loaded as is;
+  // otherwise the full-precision `source` tensor is quantized now and dropped.
+  auto load_or_quantize = [&](const std::string& name,
+                              const std::string& source) -> std::shared_ptr<QuantizedWeight> {
+    if (weights.has_quantized(name)) {
+      TensorState st = weights.quantized(name);
+      const std::string backend = st.meta.value("backend", "");
+      QTUNE_CHECK(backend == spec.quant->name(), weights.describe(), ": ", name,
+                  " was quantized with '", backend, "' but quant.name is '", spec.quant->name(),
+                  "'");
+      return spec.quant->load(st);
+    }
+    return spec.quant->quantize(weights.get(source, torch::kFloat32), spec.quant_options);
+  };
+
   // Builds one projection slot: the heart of "QLoRA = LoRA with a quantized base".
   auto make_slot = [&](const std::string& path, const std::string& short_name, int64_t out,
                        int64_t in, bool quantize) -> LinearSlot {
@@ -325,17 +340,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
     expect_shape(name, {out, in});
     LinearSlot slot{nullptr};
     if (quantize) {
-      std::shared_ptr<QuantizedWeight> q;
-      if (weights.has_quantized(name)) {
-        TensorState st = weights.quantized(name);
-        const std::string backend = st.meta.value("backend", "");
-        QTUNE_CHECK(backend == spec.quant->name(), weights.describe(), ": ", name,
-                    " was quantized with '", backend, "' but --quant is '", spec.quant->name(),
-                    "'");
-        q = spec.quant->load(st);
-      } else {
-        q = spec.quant->quantize(weights.get(name, torch::kFloat32), spec.quant_options);
-      }
+      auto q = load_or_quantize(name, name);
       QTUNE_CHECK(q->out_features() == out && q->in_features() == in, name,
                   ": quantized shape mismatch");
       slot = LinearSlot(std::move(q));
@@ -392,9 +397,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
     slots_.emplace_back("lm_head", lm_head);
   } else if (config.tie_word_embeddings) {
     // A quantized copy of the tied matrix: the embedding lookup keeps the dense one.
-    auto q = spec.quant->quantize(model->embed_tokens->weight.to(torch::kFloat32),
-                                  spec.quant_options);
-    lm_head = LinearSlot(std::shared_ptr<QuantizedWeight>(std::move(q)));
+    lm_head = LinearSlot(load_or_quantize("lm_head.weight", "model.embed_tokens.weight"));
     if (spec.target_modules.count("output"))
       lm_head->attach_adapter(spec.adapter->create(dim, config.vocab_size, spec.adapter_options));
     slots_.emplace_back("lm_head", lm_head);

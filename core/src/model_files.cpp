@@ -1,5 +1,6 @@
 // Opening models on disk (HF directories, llama2.c checkpoints) and writing HF directories.
 #include "qtune/model_files.h"
+#include "qtune/quantized_model.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -199,8 +200,12 @@ ModelFiles open_hf_dir(const std::string& dir) {
   QTUNE_CHECK(fs::exists(config_path, ec), "no config.json in ", dir,
               " (expected a Hugging Face model directory or a llama2.c .bin checkpoint)");
   ModelFiles m;
-  m.config = ModelConfig::from_hf_json(read_json_file(config_path), config_path);
-  m.weights = SafetensorsWeightSource::open_dir(dir);
+  const Json config_json = read_json_file(config_path);
+  m.config = ModelConfig::from_hf_json(config_json, config_path);
+  if (is_quantized_config(config_json))
+    m.weights = open_quantized_dir(dir, config_json);  // written by qtune-quantize
+  else
+    m.weights = SafetensorsWeightSource::open_dir(dir);
   check_llama_weights(m.config, *m.weights, dir);
   for (const char* tok : {"tokenizer.model", "tokenizer.bin"}) {
     fs::path p = fs::path(dir) / tok;

@@ -1,0 +1,80 @@
+// qtune-quantize: write a pre-quantized HF-style directory that `trainer --train_type qlora`
+// loads without requantizing (see core/include/qtune/quantized_model.h for the layout).
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include <boost/program_options.hpp>
+
+#include "qtune/error.h"
+#include "qtune/model.h"
+#include "qtune/quantized_model.h"
+#include "qtune/registry.h"
+
+namespace po = boost::program_options;
+
+namespace {
+
+int run(int argc, char** argv) {
+  po::options_description opts("qtune-quantize options");
+  // clang-format off
+  opts.add_options()
+    ("help,h", "show this help")
+    ("model", po::value<std::string>(), "HF model directory or llama2.c .bin")
+    ("tokenizer", po::value<std::string>()->default_value(""), "tokenizer to copy (default: the model's)")
+    ("quant", po::value<std::string>()->default_value("nf4"), "quantization plugin")
+    ("quant_options", po::value<std::string>()->default_value("{}"), "plugin options as JSON")
+    ("skip_output", po::bool_switch(), "keep the output head dense")
+    ("dtype", po::value<std::string>()->default_value("bf16"), "dtype of the dense tensors: fp32 | bf16")
+    ("out", po::value<std::string>(), "output directory")
+    ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first");
+  // clang-format on
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, opts), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw qtune::UserError(std::string(e.what()) + " (see --help)");
+  }
+  if (vm.count("help")) {
+    std::cout << "usage: qtune-quantize --model PATH --quant NAME --out DIR [options]\n\n" << opts;
+    return 0;
+  }
+  QTUNE_CHECK(vm.count("model"), "--model is required");
+  QTUNE_CHECK(vm.count("out"), "--out is required");
+  auto& registry = qtune::Registry::global();
+  registry.scan(qtune::Registry::default_dirs(vm["plugin_dir"].as<std::string>()));
+  auto backend = registry.quant(vm["quant"].as<std::string>());
+  qtune::Json user;
+  try {
+    user = qtune::Json::parse(vm["quant_options"].as<std::string>());
+  } catch (const qtune::Json::exception& e) {
+    throw qtune::UserError("--quant_options is not valid JSON: " + std::string(e.what()));
+  }
+  const auto options = qtune::resolve_options(backend->option_schema(), user, "quant.options");
+  const auto dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
+
+  qtune::ModelFiles files = qtune::open_model(vm["model"].as<std::string>());
+  std::string tok = vm["tokenizer"].as<std::string>();
+  if (tok.empty()) tok = files.tokenizer_path;
+  const std::string out = vm["out"].as<std::string>();
+  const int64_t bytes = qtune::save_quantized_model(out, files.config, *files.weights, *backend,
+                                                    options, vm["skip_output"].as<bool>(), dtype, tok);
+  std::printf("wrote %s: %s %s, quantized projections %.3f MB\n", out.c_str(),
+              backend->name().c_str(), options.dump().c_str(), bytes / 1e6);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const qtune::UserError& e) {
+    std::fprintf(stderr, "qtune-quantize: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qtune-quantize: internal error: %s\n", e.what());
+    return 1;
+  }
+}

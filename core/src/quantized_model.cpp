@@ -1,0 +1,155 @@
+// Pre-quantized model directories (see quantized_model.h).
+#include "qtune/quantized_model.h"
+
+#include <filesystem>
+
+#include <spdlog/spdlog.h>
+
+#include "qtune/atomic_file.h"
+#include "qtune/error.h"
+#include "qtune/model_files.h"
+#include "qtune/safetensors.h"
+
+namespace fs = std::filesystem;
+
+namespace qtune {
+
+namespace {
+
+constexpr const char* kMetaPrefix = "qtune:";
+constexpr int kFormatVersion = 1;
+
+bool is_projection(const std::string& name, const std::vector<int64_t>& shape) {
+  return shape.size() == 2 && name != "model.embed_tokens.weight";
+}
+
+std::string module_of(const std::string& weight_name) {  // "<P>.weight" -> "<P>"
+  return weight_name.substr(0, weight_name.size() - std::string(".weight").size());
+}
+
+class QuantizedDirSource : public SafetensorsWeightSource {
+ public:
+  QuantizedDirSource(const std::string& dir, const Json& qc) : qc_(qc) {
+    load_dir(dir);
+    describe_ = dir + " (quantized with " + qc.value("backend", "?") + ")";
+    for (const auto& f : files_)
+      for (const auto& [k, v] : f->metadata())
+        if (k.rfind(kMetaPrefix, 0) == 0) meta_[k.substr(std::string(kMetaPrefix).size())] = v;
+  }
+  bool has_quantized(const std::string& name) const override { return meta_.count(name) > 0; }
+  bool has(const std::string& name) const override {
+    return !has_quantized(name) && SafetensorsWeightSource::has(name);
+  }
+  TensorState quantized(const std::string& name) const override {
+    auto it = meta_.find(name);
+    QTUNE_CHECK(it != meta_.end(), describe_, ": ", name, " is not stored quantized");
+    TensorState s;
+    try {
+      s.meta = Json::parse(it->second);
+    } catch (const Json::exception& e) {
+      throw UserError(describe_ + ": metadata of " + name + " is not valid JSON: " + e.what());
+    }
+    const std::string prefix = module_of(name) + ".";
+    for (const auto& n : SafetensorsWeightSource::names())
+      if (n.rfind(prefix, 0) == 0) s.tensors[n.substr(prefix.size())] = view(n);
+    QTUNE_CHECK(!s.tensors.empty(), describe_, ": no tensors under ", prefix);
+    return s;
+  }
+  std::vector<int64_t> shape(const std::string& name) const override {
+    if (has_quantized(name)) {
+      auto it = meta_.find(name);
+      return Json::parse(it->second).at("shape").get<std::vector<int64_t>>();
+    }
+    return SafetensorsWeightSource::shape(name);
+  }
+
+ private:
+  Json qc_;
+  std::map<std::string, std::string> meta_;  // weight name -> state meta JSON
+};
+
+}  // namespace
+
+bool is_quantized_config(const Json& config) {
+  return config.contains("quantization_config") && config["quantization_config"].is_object() &&
+         config["quantization_config"].value("quant_method", "") == "qtune";
+}
+
+std::unique_ptr<WeightSource> open_quantized_dir(const std::string& dir, const Json& config_json) {
+  const Json& qc = config_json.at("quantization_config");
+  QTUNE_CHECK(qc.value("format_version", 0) == kFormatVersion, dir,
+              "/config.json: quantization_config.format_version must be ", kFormatVersion,
+              ", got ", qc.value("format_version", Json(nullptr)).dump(),
+              " (re-run qtune-quantize with this version)");
+  return std::make_unique<QuantizedDirSource>(dir, qc);
+}
+
+int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
+                             const WeightSource& weights, const QuantBackend& backend,
+                             const Json& options, bool skip_output, torch::ScalarType dense_dtype,
+                             const std::string& tokenizer_path) {
+  config.validate(weights.describe());
+  check_llama_weights(config, weights, weights.describe());
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  QTUNE_CHECK(fs::is_directory(dir, ec), "cannot create output directory ", dir);
+
+  std::vector<SafetensorsEntry> entries;
+  std::map<std::string, std::string> metadata{{"format", "pt"}};
+  int64_t quantized_bytes = 0;
+  auto add_quantized = [&](const std::string& name, const torch::Tensor& w) {
+    auto q = backend.quantize(w, options);
+    TensorState st = q->state();
+    quantized_bytes += q->nbytes();
+    metadata[kMetaPrefix + name] = st.meta.dump();
+    for (auto& [key, t] : st.tensors) {
+      SafetensorsEntry e;
+      e.name = module_of(name) + "." + key;
+      e.dtype = t.scalar_type();
+      e.shape = t.sizes().vec();
+      torch::Tensor keep = t.contiguous().cpu();
+      e.make = [keep] { return keep; };
+      entries.push_back(std::move(e));
+    }
+  };
+  for (const auto& [name, shape] : llama_weight_shapes(config)) {
+    const bool head = name == "lm_head.weight";
+    if (is_projection(name, shape) && !(head && skip_output)) {
+      add_quantized(name, weights.get(name, torch::kFloat32));
+      spdlog::debug("quantized {}", name);
+      continue;
+    }
+    SafetensorsEntry e;
+    e.name = name;
+    e.dtype = dense_dtype;
+    e.shape = shape;
+    const WeightSource* src = &weights;
+    const std::string n = name;
+    e.make = [src, n, dense_dtype] { return src->get(n, dense_dtype); };
+    entries.push_back(std::move(e));
+  }
+  if (config.tie_word_embeddings && !skip_output)
+    add_quantized("lm_head.weight", weights.get("model.embed_tokens.weight", torch::kFloat32));
+
+  write_safetensors((fs::path(dir) / "model.safetensors").string(), std::move(entries), metadata);
+  Json cfg = config.to_hf_json();
+  cfg["torch_dtype"] = hf_torch_dtype_name(dense_dtype);
+  cfg["quantization_config"] = {{"quant_method", "qtune"},
+                                {"backend", backend.name()},
+                                {"options", options},
+                                {"skip_output", skip_output},
+                                {"format_version", kFormatVersion}};
+  atomic_write_string((fs::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
+  if (!tokenizer_path.empty()) {
+    const auto ext = fs::path(tokenizer_path).extension().string();
+    const auto dst = fs::path(dir) / (ext == ".model" ? "tokenizer.model" : "tokenizer.bin");
+    fs::remove(dst, ec);  // the source may be read-only, and so its earlier copy
+    fs::copy_file(tokenizer_path, dst, ec);
+    QTUNE_CHECK(!ec, "cannot copy tokenizer ", tokenizer_path, " to ", dst.string(), ": ",
+                ec.message());
+    fs::permissions(dst, fs::perms::owner_write, fs::perm_options::add, ec);
+  }
+  return quantized_bytes;
+}
+
+}  // namespace qtune
