@@ -1,6 +1,7 @@
 // Unit tests of the nf4 plugin, linked against its objects: golden codes computed by hand, the
 // code tables, the bitsandbytes layout (nibble order, short last block, state keys), double
 // quantization, bits per parameter, and the CPU kernels against the tensor-op path.
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -257,6 +258,22 @@ TEST(Nf4Paths, ChunkedEqualsUnchunkedAndCpuKernelEqualsTensorOps) {
       }
     }
   }
+}
+
+TEST(Nf4Paths, ThreadCountDoesNotChangeTheResult) {
+  // Data-parallel ranks quantize the same file independently, possibly with different thread
+  // counts; their bases must be bit-identical (the double-quant mean is summed in fixed order).
+  torch::manual_seed(9);
+  torch::Tensor w = torch::randn({512, 640});
+  const int saved = at::get_num_threads();
+  at::set_num_threads(1);
+  auto one = quant(w, opts(64));
+  at::set_num_threads(2);
+  auto two = quant(w, opts(64));
+  EXPECT_TRUE(one->dequantize(torch::kFloat, torch::kCPU)
+                  .equal(two->dequantize(torch::kFloat, torch::kCPU)));
+  at::set_num_threads(saved);
+  expect_same_packed(one->packed(), two->packed());
 }
 
 TEST(Nf4Paths, InputDtypesAndStrides) {
