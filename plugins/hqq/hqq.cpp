@@ -556,7 +556,8 @@ TensorState HqqWeight::state() const {
 
 void HqqWeight::to(torch::Device device) {
   // set_data keeps each TensorImpl, so handles taken from state() (module buffers) move too.
-  for (auto& [_, t] : tensors_) t.set_data(t.to(device));
+  for (auto& [_, t] : tensors_)
+    if (t.device() != device) t.set_data(t.to(device));
 }
 
 // ---------------------------------------------------------------------------------------------
