@@ -3,16 +3,19 @@
 #include "qtune/registry.h"
 
 #include <dlfcn.h>
+#include <elf.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <filesystem>
-#include <map>
-#include <mutex>
-
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <boost/dll/shared_library.hpp>
-#include <spdlog/spdlog.h>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <optional>
 
 #include "qtune/error.h"
 #include "qtune/plugin.h"
@@ -20,6 +23,72 @@
 namespace fs = std::filesystem;
 
 namespace qtune {
+namespace {
+
+// The PluginStamp in a library's ".qtune_plugin" section, read from the file without loading it
+// (see plugin.h). nullopt when the file is not a 64-bit little-endian ELF or has no valid stamp;
+// the caller then loads it and relies on PluginInfo.
+std::optional<PluginStamp> read_stamp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  auto read_at = [&](uint64_t offset, void* out, size_t n) {
+    f.seekg(static_cast<std::streamoff>(offset));
+    return static_cast<bool>(f.read(static_cast<char*>(out), static_cast<std::streamsize>(n)));
+  };
+  Elf64_Ehdr eh;
+  if (!f || !read_at(0, &eh, sizeof eh) || std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 ||
+      eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_ident[EI_DATA] != ELFDATA2LSB ||
+      eh.e_shentsize != sizeof(Elf64_Shdr) || eh.e_shnum == 0 || eh.e_shstrndx >= eh.e_shnum)
+    return std::nullopt;
+  std::vector<Elf64_Shdr> sections(eh.e_shnum);
+  if (!read_at(eh.e_shoff, sections.data(), sections.size() * sizeof(Elf64_Shdr)))
+    return std::nullopt;
+  const Elf64_Shdr& names = sections[eh.e_shstrndx];
+  if (names.sh_size > (1u << 20)) return std::nullopt;
+  std::string strtab(names.sh_size, '\0');
+  if (!read_at(names.sh_offset, strtab.data(), strtab.size())) return std::nullopt;
+  for (const Elf64_Shdr& sh : sections) {
+    if (sh.sh_name >= strtab.size() ||
+        std::strcmp(strtab.c_str() + sh.sh_name, QTUNE_PLUGIN_STAMP_SECTION) != 0)
+      continue;
+    PluginStamp stamp;
+    if (sh.sh_type != SHT_PROGBITS || sh.sh_size < sizeof stamp ||
+        !read_at(sh.sh_offset, &stamp, sizeof stamp))
+      return std::nullopt;
+    // Every string must be terminated inside its field, or the stamp is not ours.
+    auto terminated = [](const char* s, size_t n) { return std::memchr(s, '\0', n) != nullptr; };
+    if (std::strcmp(stamp.magic, QTUNE_PLUGIN_STAMP_MAGIC) != 0 ||
+        !terminated(stamp.kind, sizeof stamp.kind) || !terminated(stamp.name, sizeof stamp.name) ||
+        !terminated(stamp.version, sizeof stamp.version) ||
+        !terminated(stamp.torch_version, sizeof stamp.torch_version) ||
+        !terminated(stamp.cxx_abi, sizeof stamp.cxx_abi))
+      return std::nullopt;
+    return stamp;
+  }
+  return std::nullopt;
+}
+
+// The compatibility checks, the same whether the facts come from the stamp (before loading) or
+// from PluginInfo (after). Each refusal names both sides.
+void check_compatible(const std::string& path, uint32_t abi_version, const std::string& kind,
+                      const std::string& name, const std::string& torch_version,
+                      const std::string& cxx_abi) {
+  const std::string who = name.empty() ? path : path + " (" + name + ")";
+  QTUNE_CHECK(abi_version == kPluginAbiVersion, "plugin ", who, " refused: built for plugin ABI ",
+              "version ", abi_version, ", this qtune core has plugin ABI version ",
+              kPluginAbiVersion, "; rebuild the plugin against this SDK");
+  QTUNE_CHECK(kind == "quant" || kind == "adapter", "plugin ", who, ": unknown kind '", kind,
+              "' (expected quant or adapter)");
+  QTUNE_CHECK(!name.empty(), "plugin ", path, ": empty name in its info record");
+  QTUNE_CHECK(torch_version == TORCH_VERSION, "plugin ", who, " refused: built against LibTorch ",
+              torch_version.empty() ? "?" : torch_version, ", this qtune core uses LibTorch ",
+              TORCH_VERSION, "; rebuild the plugin against LibTorch ", TORCH_VERSION);
+  QTUNE_CHECK(cxx_abi == cxx_abi_tag(), "plugin ", who, " refused: built with C++ ABI ",
+              cxx_abi.empty() ? "?" : cxx_abi, ", this qtune core uses ", cxx_abi_tag());
+}
+
+std::string or_empty(const char* s) { return s ? s : ""; }
+
+}  // namespace
 
 struct Registry::Impl {
   std::mutex mu;
@@ -71,8 +140,7 @@ void Registry::scan(const std::vector<std::string>& dirs) {
     std::vector<fs::path> files;
     for (const auto& entry : fs::directory_iterator(dir, ec)) {
       const auto name = entry.path().filename().string();
-      if (entry.is_regular_file() && name.rfind("lib", 0) == 0 &&
-          entry.path().extension() == ".so")
+      if (entry.is_regular_file() && name.rfind("lib", 0) == 0 && entry.path().extension() == ".so")
         files.push_back(entry.path());
     }
     std::sort(files.begin(), files.end());
@@ -89,58 +157,73 @@ void Registry::scan(const std::vector<std::string>& dirs) {
 }
 
 void Registry::load_library(const std::string& path) {
+  // A stamped plugin built for another ABI, LibTorch or C++ ABI is refused before it is loaded.
+  const std::optional<PluginStamp> stamp = read_stamp(path);
+  if (stamp)
+    check_compatible(path, stamp->abi_version, stamp->kind, stamp->name, stamp->torch_version,
+                     stamp->cxx_abi);
+
   boost::dll::shared_library lib;
   boost::dll::fs::error_code ec;
   lib.load(path, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local, ec);
   if (ec) {
     const char* why = ::dlerror();  // Boost.DLL keeps only a generic error code
-    throw UserError(detail::concat("plugin ", path, ": cannot be loaded: ",
-                                   why ? why : ec.message()));
+    const std::string who = stamp ? path + " (" + stamp->name + ")" : path;
+    throw UserError(
+        detail::concat("plugin ", who, ": cannot be loaded: ", why ? why : ec.message()));
   }
+  // Never unloaded, even when refused below: its static initialisers have run and may have
+  // registered things (operators, autograd functions) that must stay valid. The handle is
+  // handed to impl_ on every way out of this function (declared before the lock below, so it
+  // is destroyed after that is released).
+  struct KeepLoaded {
+    Impl& impl;
+    boost::dll::shared_library& lib;
+    ~KeepLoaded() {
+      std::lock_guard<std::mutex> lock(impl.mu);
+      impl.libraries.push_back(std::move(lib));
+    }
+  } keep{*impl_, lib};
   QTUNE_CHECK(lib.has("qtune_plugin_info"), "plugin ", path,
               ": not a qtune plugin (no qtune_plugin_info symbol)");
   const PluginInfo* info = lib.get_alias<const PluginInfo*()>("qtune_plugin_info")();
   QTUNE_CHECK(info != nullptr, "plugin ", path, ": qtune_plugin_info returned null");
-  QTUNE_CHECK(info->abi_version == kPluginAbiVersion, "plugin ", path, " (built for plugin ABI version ",
-              info->abi_version, ") refused: this qtune core has plugin ABI version ",
-              kPluginAbiVersion, "; rebuild the plugin against this SDK");
-  const std::string kind = info->kind ? info->kind : "";
-  const std::string name = info->name ? info->name : "";
-  QTUNE_CHECK(kind == "quant" || kind == "adapter", "plugin ", path, ": unknown kind '", kind,
-              "' (expected quant or adapter)");
-  QTUNE_CHECK(!name.empty(), "plugin ", path, ": empty name in its info record");
-  QTUNE_CHECK(std::string(info->torch_version ? info->torch_version : "") == TORCH_VERSION,
-              "plugin ", path, " (", name, ") refused: built against LibTorch ",
-              info->torch_version ? info->torch_version : "?", ", this qtune core uses LibTorch ",
-              TORCH_VERSION);
-  QTUNE_CHECK(std::string(info->cxx_abi ? info->cxx_abi : "") == cxx_abi_tag(), "plugin ", path,
-              " (", name, ") refused: built with C++ ABI ", info->cxx_abi ? info->cxx_abi : "?",
-              ", this qtune core uses ", cxx_abi_tag());
-  PluginRecord record{kind, name, info->version ? info->version : "", path};
-
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if ((kind == "quant" && impl_->quant.count(name)) ||
-      (kind == "adapter" && impl_->adapter.count(name))) {
+  // The ABI version comes first: the rest of the record is only meaningful when it matches.
+  if (info->abi_version != kPluginAbiVersion)
+    check_compatible(path, info->abi_version, "", "", "", "");
+  const std::string kind = or_empty(info->kind), name = or_empty(info->name);
+  check_compatible(path, info->abi_version, kind, name, or_empty(info->torch_version),
+                   or_empty(info->cxx_abi));
+  const PluginRecord record{kind, name, or_empty(info->version), path};
+  auto known = [&] {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    return kind == "quant" ? impl_->quant.count(name) > 0 : impl_->adapter.count(name) > 0;
+  };
+  if (known()) {
     spdlog::debug("plugin {} ({}) shadowed by an earlier one of the same name", path, name);
     return;
   }
+  // The factory is plugin code: whatever it throws is reported with the plugin's path and name.
+  // It runs without the lock held, so it may use the registry.
+  std::shared_ptr<QuantBackend> backend;
+  std::shared_ptr<AdapterFactory> factory;
+  const std::string who = "plugin " + path + " (" + name + ")";
   try {
-    if (kind == "quant") {
-      std::shared_ptr<QuantBackend> backend(lib.get_alias<QuantFactoryFn>("qtune_plugin_factory")());
-      QTUNE_CHECK(backend, "plugin ", path, " (", name, "): factory returned null");
-      impl_->quant[name] = {backend, record};
-    } else {
-      std::shared_ptr<AdapterFactory> factory(
-          lib.get_alias<AdapterFactoryFn>("qtune_plugin_factory")());
-      QTUNE_CHECK(factory, "plugin ", path, " (", name, "): factory returned null");
-      impl_->adapter[name] = {factory, record};
-    }
-  } catch (const UserError&) {
-    throw;
+    if (kind == "quant")
+      backend.reset(lib.get_alias<QuantFactoryFn>("qtune_plugin_factory")());
+    else
+      factory.reset(lib.get_alias<AdapterFactoryFn>("qtune_plugin_factory")());
   } catch (const std::exception& e) {
-    throw UserError(detail::concat("plugin ", path, " (", name, "): factory failed: ", e.what()));
+    throw UserError(detail::concat(who, ": factory failed: ", e.what()));
+  } catch (...) {
+    throw UserError(detail::concat(who, ": factory failed with a non-standard exception"));
   }
-  impl_->libraries.push_back(std::move(lib));
+  QTUNE_CHECK(backend || factory, who, ": factory returned null");
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (backend)
+    impl_->quant.emplace(name, std::make_pair(backend, record));  // the first of a name wins
+  else
+    impl_->adapter.emplace(name, std::make_pair(factory, record));
   spdlog::debug("loaded {} plugin {} {} from {}", kind, name, record.version, path);
 }
 

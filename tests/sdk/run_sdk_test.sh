@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The plugin SDK end to end, as a plugin author meets it (CTest: sdk_out_of_tree, label "sdk"):
+#   1. install   `cmake --install` this build into <work>/prefix; check the installed layout
+#   2. build     configure + build examples/quant-plugin against that prefix only
+#                (find_package(qtune) + qtune_add_plugin), hidden visibility
+#   3. list      the *installed* trainer --list-plugins --plugin_dir <example build> lists it,
+#                and finds the SDK's own plugins in <prefix>/lib/qtune/plugins
+#   4. conform   the in-tree conformance suite, unchanged, finds it through QTUNE_PLUGIN_PATH
+#   5. train     the installed trainer runs one qlora step with --quant int4 on stories260K and
+#                writes summary.json saying so
+# Prints one line per step and "sdk: N passed, M failed"; exits non-zero on any failure. A step
+# whose prerequisite failed counts as failed. Everything it writes is under --work-dir.
+set -uo pipefail
+
+usage() {
+  echo "usage: $0 --build-dir DIR --source-dir DIR --work-dir DIR [--cmake CMAKE] [--generator G]" \
+       "[--torch-dir DIR] [--prefix-path PATHS] [--launcher CCACHE] [--build-type TYPE]" >&2
+  exit 2
+}
+cmake_bin=cmake generator=Ninja torch_dir="" prefix_path="" launcher="" build_type=RelWithDebInfo
+build_dir="" source_dir="" work=""
+while (($#)); do
+  case "$1" in
+    --cmake) cmake_bin=$2 ;;
+    --generator) generator=$2 ;;
+    --build-dir) build_dir=$2 ;;
+    --source-dir) source_dir=$2 ;;
+    --work-dir) work=$2 ;;
+    --torch-dir) torch_dir=$2 ;;
+    --prefix-path) prefix_path=$2 ;;
+    --launcher) launcher=$2 ;;
+    --build-type) build_type=$2 ;;
+    *) usage ;;
+  esac
+  shift 2 || usage
+done
+[[ -n "$build_dir" && -n "$source_dir" && -n "$work" ]] || usage
+data="${QTUNE_DATA:-${QTUNE_DEFAULT_DATA:-$source_dir/../shared/data}}"
+
+prefix="$work/prefix"
+example_src="$source_dir/examples/quant-plugin"
+example_build="$work/example-build"
+plugin="$example_build/libqtune_int4.so"
+run_dir="$work/run"
+log="$work/log"
+passed=0 failed=0
+declare -A ok
+
+step() {  # step NAME DESCRIPTION FUNCTION [PREREQUISITE...]
+  local name=$1 what=$2 fn=$3
+  shift 3
+  for pre in "$@"; do
+    if [[ "${ok[$pre]:-0}" != 1 ]]; then
+      echo "sdk: FAIL $name ($what): skipped, '$pre' failed"
+      failed=$((failed + 1))
+      return
+    fi
+  done
+  local t0=$SECONDS
+  if "$fn" >"$log/$name.log" 2>&1; then
+    echo "sdk: ok   $name ($what) $((SECONDS - t0)) s"
+    ok[$name]=1
+    passed=$((passed + 1))
+  else
+    echo "sdk: FAIL $name ($what) after $((SECONDS - t0)) s; last lines of $log/$name.log:"
+    tail -n 40 "$log/$name.log" | sed 's/^/    /'
+    failed=$((failed + 1))
+  fi
+}
+
+expect_file() {
+  [[ -e "$1" ]] || { echo "missing: $1"; return 1; }
+}
+
+# ---- 1. install ---------------------------------------------------------------------------------
+do_install() {
+  "$cmake_bin" --install "$build_dir" --prefix "$prefix" || return 1
+  local f
+  for f in include/qtune/plugin.h include/qtune/quantized_weight.h include/qtune/registry.h \
+           include/qtune/options.h include/qtune/tensor_state.h include/qtune/error.h \
+           include/qtune/export.h include/qtune/adapter.h \
+           lib/libqtune_core.so lib/qtune/plugins/libqtune_nf4.so \
+           lib/qtune/plugins/libqtune_hqq.so lib/qtune/plugins/libqtune_int8.so \
+           lib/qtune/plugins/libqtune_lora.so bin/trainer \
+           lib/cmake/qtune/qtuneConfig.cmake lib/cmake/qtune/qtuneConfigVersion.cmake \
+           lib/cmake/qtune/qtuneTargets.cmake lib/cmake/qtune/QtunePlugin.cmake \
+           lib/cmake/qtune/QtuneDeps.cmake; do
+    expect_file "$prefix/$f" || return 1
+  done
+  # The tokenizer dlopen()s the sentencepiece module from libqtune_core's folder (when the build
+  # has one).
+  if [[ -e "$build_dir/lib/libqtune_sentencepiece.so" ]]; then
+    expect_file "$prefix/lib/libqtune_sentencepiece.so" || return 1
+  fi
+  # Installed programs find the installed core through $ORIGIN, not the build tree.
+  ldd "$prefix/bin/trainer" | grep -E "libqtune_core" || return 1
+  ldd "$prefix/bin/trainer" | grep -q "$prefix/bin/../lib/libqtune_core.so" || {
+    echo "installed trainer does not resolve libqtune_core in $prefix/lib"
+    return 1
+  }
+}
+
+# ---- 2. build the example against the installed SDK ---------------------------------------------
+do_build() {
+  local args=(-S "$example_src" -B "$example_build" -G "$generator"
+              -DCMAKE_BUILD_TYPE="$build_type" -DCMAKE_PREFIX_PATH="$prefix${prefix_path:+;$prefix_path}")
+  [[ -n "$torch_dir" ]] && args+=(-DTorch_DIR="$torch_dir")
+  [[ -n "$launcher" ]] && args+=(-DCMAKE_CXX_COMPILER_LAUNCHER="$launcher")
+  # Cache hits across runs need the same paths; the work dir is fixed, so only BASEDIR matters.
+  export CCACHE_BASEDIR="$work" CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-time_macros,include_file_mtime,include_file_ctime}"
+  "$cmake_bin" "${args[@]}" || return 1
+  grep -E "^qtune_DIR:PATH=$prefix/lib/cmake/qtune\$" "$example_build/CMakeCache.txt" || {
+    echo "the example found qtune elsewhere: $(grep '^qtune_DIR' "$example_build/CMakeCache.txt")"
+    return 1
+  }
+  "$cmake_bin" --build "$example_build" || return 1
+  expect_file "$plugin" || return 1
+  # Hidden visibility: the plugin exports its two entry points and none of its own classes.
+  local exported
+  exported=$(nm -DC --defined-only "$plugin" | grep -E " [TDBRVW] " | grep -c "int4_example" || true)
+  echo "exported int4_example symbols: $exported"
+  [[ "$exported" == 0 ]] || return 1
+  nm -D --defined-only "$plugin" | grep -q " qtune_plugin_info$" || return 1
+  nm -D --defined-only "$plugin" | grep -q " qtune_plugin_factory$" || return 1
+}
+
+# ---- 3. the installed trainer lists it -----------------------------------------------------------
+do_list() {
+  local out
+  out=$("$prefix/bin/trainer" --list-plugins --plugin_dir "$example_build") || return 1
+  echo "$out"
+  grep -qE "^quant +int4 +1\.0\.0 +$plugin\$" <<<"$out" || { echo "int4 not listed"; return 1; }
+  local p
+  for p in nf4 hqq int8 lora; do
+    grep -q " $prefix/bin/../lib/qtune/plugins/libqtune_$p.so\$" <<<"$out" || {
+      echo "the installed trainer did not find $p in $prefix/lib/qtune/plugins"
+      return 1
+    }
+  done
+  if grep -q "^failed" <<<"$out"; then return 1; fi
+}
+
+# ---- 4. the conformance suite, unchanged -------------------------------------------------------
+do_conform() {
+  local out
+  out=$(QTUNE_PLUGIN_PATH="$example_build" "$build_dir/bin/qtune_conformance" \
+          --gtest_filter='*/int4_*:ConformanceDiscovery.*' 2>&1)
+  local rc=$?
+  echo "$out"
+  ((rc == 0)) || return 1
+  # Not vacuous: every test ran for at least the default options.
+  grep -q "Conformance.GaussianRoundTripWithinDeclaredBound/int4_default" <<<"$out" || return 1
+  grep -qE "^\[  PASSED  \] [1-9][0-9]* tests" <<<"$out" || return 1
+  if grep -q "^\[  SKIPPED \]" <<<"$out"; then echo "some int4 cases were skipped"; return 1; fi
+}
+
+# ---- 5. one qlora step with the installed trainer -----------------------------------------------
+do_train() {
+  rm -rf "$run_dir"
+  (cd "$work" && QTUNE_DATA="$data" "$prefix/bin/trainer" --train_type qlora --quant int4 \
+     --plugin_dir "$example_build" --model stories260K.bin --tokenizer tok512.bin \
+     --data tinyshakespeare.txt --max_steps 1 --batch_size 2 --seq_len 32 --threads 1 \
+     eval.max_batches=1 --output_dir "$run_dir") || return 1
+  expect_file "$run_dir/summary.json" || return 1
+  cat "$run_dir/summary.json"
+  grep -qE '"quant": *"int4"' "$run_dir/summary.json" || return 1
+  grep -qE '"train_type": *"qlora"' "$run_dir/summary.json" || return 1
+  grep -qE '"steps": *1[,}]?' "$run_dir/summary.json" || return 1
+}
+
+t_start=$SECONDS
+rm -rf "$prefix" "$example_build" "$run_dir" "$log"
+mkdir -p "$log"
+step install "cmake --install into $prefix" do_install
+step build "examples/quant-plugin against the installed SDK" do_build install
+step list "installed trainer --list-plugins" do_list build
+step conform "qtune_conformance with QTUNE_PLUGIN_PATH" do_conform build
+step train "installed trainer, one qlora step with int4" do_train build
+echo "sdk: $passed passed, $failed failed ($((SECONDS - t_start)) s)"
+((failed == 0))
