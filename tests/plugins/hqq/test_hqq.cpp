@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <functional>
 
 #include "hqq.h"
 #include "qtune/error.h"
