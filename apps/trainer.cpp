@@ -33,7 +33,13 @@ std::string default_config() {
   return "";
 }
 
-void on_signal(int) { qtune::Trainer::request_stop(); }
+// The first SIGINT/SIGTERM asks the trainer to finish the step, save a checkpoint and exit 0; a
+// second one (the default action) ends the process at once: checkpoints are written so that
+// this never destroys the previous one.
+void on_signal(int sig) {
+  qtune::Trainer::request_stop();
+  std::signal(sig, SIG_DFL);
+}
 
 int run(int argc, char** argv) {
   po::options_description opts("trainer options");
@@ -57,7 +63,8 @@ int run(int argc, char** argv) {
     ("dtype", po::value<std::string>(), "compute dtype: fp32 | bf16")
     ("seed", po::value<int64_t>(), "random seed")
     ("threads", po::value<int64_t>(), "intra-op threads (0 = all cores)")
-    ("output_dir", po::value<std::string>(), "where metrics, summary and weights go")
+    ("output_dir", po::value<std::string>(), "where metrics, summary, checkpoints and weights go")
+    ("resume", po::value<std::string>(), "continue from a checkpoint: latest | DIR")
     ("plugin_dir", po::value<std::string>(), "search this plugin folder first")
     ("list-plugins", "list the plugins found and exit")
     ("print-config", "print the complete recipe and exit")
@@ -116,6 +123,7 @@ int run(int argc, char** argv) {
   set("threads", "threads");
   set("output_dir", "output_dir");
   set("plugin_dir", "plugin_dir");
+  set("resume", "resume");
   if (vm.count("overrides"))
     for (const auto& o : vm["overrides"].as<std::vector<std::string>>())
       qtune::apply_override(recipe, o);
@@ -163,6 +171,10 @@ int run(int argc, char** argv) {
                 b < a ? "went down" : "did NOT go down");
   }
   std::printf("saved %s\n", s["saved"].get<std::string>().c_str());
+  if (s["stopped_early"].get<bool>() && s["checkpoint"].is_string())
+    std::printf("stopped at step %lld; checkpoint saved to %s; resume with --resume latest\n",
+                static_cast<long long>(s["steps"].get<int64_t>()),
+                s["checkpoint"].get<std::string>().c_str());
   return 0;
 }
 

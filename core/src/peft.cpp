@@ -3,8 +3,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 
 #include "qtune/atomic_file.h"
+#include "qtune/checkpoint.h"
 #include "qtune/error.h"
 #include "qtune/safetensors.h"
 
@@ -13,7 +16,11 @@ namespace fs = std::filesystem;
 namespace qtune {
 
 namespace {
+// PeftModel wraps the transformers model as base_model (a LoraModel) whose .model is the
+// LlamaForCausalLM: hence the doubled prefix in front of HF's own "model.layers...".
 const std::string kPrefix = "base_model.model.";
+const char* kConfigFile = "adapter_config.json";
+const char* kWeightsFile = "adapter_model.safetensors";
 
 std::string short_name_of(const std::string& slot_path) {
   // "model.layers.3.self_attn.q_proj" -> "q"; "lm_head" -> "output"
@@ -21,25 +28,41 @@ std::string short_name_of(const std::string& slot_path) {
   auto name = slot_path.substr(slot_path.rfind('.') + 1);
   return name.substr(0, name.size() - 5);
 }
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
 }  // namespace
 
 std::string peft_module_name(const std::string& short_name) {
   return short_name == "output" ? "lm_head" : short_name + "_proj";
 }
 
+std::vector<std::pair<std::string, torch::Tensor>> peft_adapter_tensors(
+    const LlamaForCausalLMImpl& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& [path, slot] : model.slots()) {
+    if (!slot->adapter()) continue;
+    for (const auto& [key, t] : slot->adapter()->state().tensors)
+      out.emplace_back(kPrefix + path + "." + key, t);
+  }
+  return out;
+}
+
 void save_peft_adapter(const std::string& dir, const LlamaForCausalLMImpl& model,
-                       const std::string& base_model) {
+                       const std::string& base_model, const Json& qtune_info) {
   std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [key, t] : peft_adapter_tensors(model)) tensors[key] = t.detach().to(torch::kCPU);
+  QTUNE_CHECK(!tensors.empty(), "the model has no adapter to save (train_type full?)");
   Json config;
   std::set<std::string> targets;
   for (const auto& [path, slot] : model.slots()) {
     if (!slot->adapter()) continue;
-    for (const auto& [key, t] : slot->adapter()->state().tensors)
-      tensors[kPrefix + path + "." + key] = t.detach().to(torch::kCPU);
     if (config.is_null()) config = slot->adapter()->peft_config();
     targets.insert(peft_module_name(short_name_of(path)));
   }
-  QTUNE_CHECK(!tensors.empty(), "the model has no adapter to save (train_type full?)");
   config["target_modules"] = std::vector<std::string>(targets.begin(), targets.end());
   config["base_model_name_or_path"] = base_model;
   config["task_type"] = "CAUSAL_LM";
@@ -48,30 +71,100 @@ void save_peft_adapter(const std::string& dir, const LlamaForCausalLMImpl& model
   std::error_code ec;
   fs::create_directories(dir, ec);
   QTUNE_CHECK(!ec, "cannot create adapter directory ", dir, ": ", ec.message());
-  write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors,
-                    {{"format", "pt"}});
-  atomic_write_string((fs::path(dir) / "adapter_config.json").string(), config.dump(2) + "\n");
+  std::map<std::string, std::string> meta{{"format", "pt"}};
+  if (!qtune_info.is_null()) meta["qtune"] = qtune_info.dump();
+  write_safetensors((fs::path(dir) / kWeightsFile).string(), tensors, meta);
+  atomic_write_string((fs::path(dir) / kConfigFile).string(), config.dump(2) + "\n");
 }
 
-void load_peft_adapter(const std::string& dir, LlamaForCausalLMImpl& model) {
-  const auto file = (fs::path(dir) / "adapter_model.safetensors").string();
+Json read_peft_config(const std::string& dir) {
+  const auto file = (fs::path(dir) / kConfigFile).string();
+  QTUNE_CHECK(fs::exists(file), "not a PEFT adapter directory: ", file, " is missing");
+  std::ifstream in(file, std::ios::binary);
+  QTUNE_CHECK(in.good(), "cannot read ", file);
+  Json j;
+  try {
+    j = Json::parse(in);
+  } catch (const Json::exception& e) {
+    throw UserError(file + ": not valid JSON (" + e.what() + ")");
+  }
+  QTUNE_CHECK(j.is_object() && j.contains("peft_type") && j["peft_type"].is_string(), file,
+              ": expected a JSON object with a string \"peft_type\"");
+  return j;
+}
+
+Json read_peft_qtune_info(const std::string& dir) {
+  const auto file = (fs::path(dir) / kWeightsFile).string();
   QTUNE_CHECK(fs::exists(file), "adapter not found: ", file);
   auto st = SafetensorsFile::open(file);
+  auto it = st->metadata().find("qtune");
+  if (it == st->metadata().end()) return nullptr;
+  try {
+    Json j = Json::parse(it->second);
+    QTUNE_CHECK(j.is_object(), file, ": __metadata__.qtune must be a JSON object");
+    return j;
+  } catch (const Json::exception& e) {
+    throw UserError(file + ": __metadata__.qtune is not valid JSON (" + e.what() + ")");
+  }
+}
+
+void load_peft_adapter(const std::string& dir, LlamaForCausalLMImpl& model,
+                       const Json& base_identity) {
+  const auto file = (fs::path(dir) / kWeightsFile).string();
+  QTUNE_CHECK(fs::exists(file), "adapter not found: ", file);
+  const Json config = read_peft_config(dir);
+  const Json info = read_peft_qtune_info(dir);
+  const Json identity = info.is_object() ? info.value("identity", Json()) : Json();
+
+  // A different base is refused before any shape is compared: the shapes may well agree (two
+  // fine-tunes of one architecture) while the adapter would be meaningless on the other one.
+  if (!base_identity.is_null() && identity.is_object() && identity.contains("base"))
+    check_base_identity(identity["base"], base_identity, "adapter " + dir);
+
+  // The options the adapter was trained with, for the plugin's own checks of what shapes cannot
+  // show (alpha, rslora). qtune adapters record the plugin's option names; PEFT LoRA configs are
+  // translated where the plugin uses the same meaning.
+  Json options;
+  if (identity.is_object() && identity.value("adapter_options", Json()).is_object()) {
+    options = identity["adapter_options"];
+  } else if (config["peft_type"] == "LORA") {
+    options = Json::object();
+    if (config.contains("lora_alpha") && config["lora_alpha"].is_number())
+      options["alpha"] = config["lora_alpha"];
+    if (config.contains("use_rslora") && config["use_rslora"].is_boolean())
+      options["use_rslora"] = config["use_rslora"];
+  }
+
+  auto st = SafetensorsFile::open(file);
   std::set<std::string> used;
+  bool any = false;
   for (const auto& [path, slot] : model.slots()) {
     if (!slot->adapter()) continue;
+    any = true;
     TensorState state = slot->adapter()->state();
     TensorState incoming;
     incoming.meta = state.meta;
-    for (const auto& [key, _] : state.tensors) {
+    if (options.is_object() && incoming.meta.contains("options"))
+      for (const auto& [k, v] : options.items())
+        if (incoming.meta["options"].contains(k)) incoming.meta["options"][k] = v;
+    for (const auto& [key, want] : state.tensors) {
       const std::string name = kPrefix + path + "." + key;
       QTUNE_CHECK(st->has(name), file, ": missing tensor ", name,
                   " (the adapter was trained with other target modules?)");
-      incoming.tensors[key] = st->tensor(name);
+      auto t = st->tensor(name);
+      QTUNE_CHECK(t.sizes() == want.sizes(), file, ": tensor ", name, " has shape ",
+                  shape_str(t.sizes()), " but this model needs ", shape_str(want.sizes()),
+                  " (the adapter was trained on a different base model or with another rank)");
+      incoming.tensors[key] = t;
       used.insert(name);
     }
-    slot->adapter()->load(incoming);
+    try {
+      slot->adapter()->load(incoming);
+    } catch (const UserError& e) {
+      throw UserError(file + ": " + path + ": " + e.what());
+    }
   }
+  QTUNE_CHECK(any, "cannot load adapter ", dir, ": the model has no adapter slots");
   for (const auto& name : st->names())
     QTUNE_CHECK(used.count(name), file, ": tensor ", name,
                 " has no adapter slot in this model (different target modules?)");

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "qtune/atomic_file.h"
+#include "qtune/checkpoint.h"
 #include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/model_files.h"
@@ -153,9 +154,76 @@ EvalResult evaluate(LlamaForCausalLMImpl& model, const TokenDataset& data, int64
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+// Resume helpers
+
+namespace {
+
+// Keeps the metrics records up to `step` (a resumed run redoes the steps after it; a record cut
+// short by a kill is dropped too) so metrics.jsonl reads as one run.
+void trim_metrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in.good()) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    try {
+      Json j = Json::parse(line);
+      if (j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step)
+        continue;
+      kept += line + "\n";
+    } catch (const Json::exception&) {
+    }
+  }
+  in.close();
+  atomic_write_string(path, kept);
+}
+
+void flatten(const Json& j, const std::string& prefix, std::map<std::string, Json>& out) {
+  if (j.is_object() && !j.empty()) {
+    for (const auto& [k, v] : j.items()) flatten(v, prefix.empty() ? k : prefix + "." + k, out);
+  } else {
+    out[prefix] = j;
+  }
+}
+
+// Recipe keys that changed since the checkpoint, other than where things go. They are allowed
+// (extending max_steps is the usual reason to resume a finished run) but change what the
+// resumed steps compute, so the user hears about each.
+std::vector<std::string> recipe_changes(const Json& before, const Json& now) {
+  std::map<std::string, Json> a, b;
+  flatten(before, "", a);
+  flatten(now, "", b);
+  std::vector<std::string> out;
+  for (const auto& [k, v] : b) {
+    if (k == "output_dir" || k == "resume" || k == "plugin_dir" || k == "log_every") continue;
+    auto it = a.find(k);
+    if (it == a.end() || it->second != v)
+      out.push_back(k + " " + (it == a.end() ? std::string("(unset)") : it->second.dump()) +
+                    " -> " + v.dump());
+  }
+  return out;
+}
+
+int64_t dir_bytes(const std::string& dir) {
+  int64_t n = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.is_regular_file(ec)) n += static_cast<int64_t>(e.file_size(ec));
+  return n;
+}
+
+Json nan_to_null(double v) { return std::isnan(v) ? Json(nullptr) : Json(v); }
+double null_to_nan(const Json& j, const char* key) {
+  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
 // The loop
 
 Trainer::Trainer(ResolvedRecipe recipe) : r_(std::move(recipe)) {}
+
+bool Trainer::stop_requested() { return g_stop.load(); }
 
 Json Trainer::run() {
   using clock = std::chrono::steady_clock;
@@ -170,6 +238,23 @@ Json Trainer::run() {
   torch::manual_seed(seed);
 
   const std::string out_dir = rc["output_dir"].get<std::string>();
+  const std::string ckpt_root = (fs::path(out_dir) / "checkpoints").string();
+  const int64_t max_steps = t["max_steps"].get<int64_t>();
+
+  // A checkpoint to resume from is read (and its format checked) before anything is loaded.
+  const std::string resume_spec = rc["resume"].get<std::string>();
+  std::string resume_dir;
+  CheckpointState resumed;
+  if (!resume_spec.empty()) {
+    resume_dir = resolve_checkpoint(resume_spec, ckpt_root);
+    resumed = read_checkpoint_state(resume_dir);
+    QTUNE_CHECK(resumed.step < max_steps, "resume: checkpoint ", resume_dir, " is at step ",
+                resumed.step, ", which already reaches train.max_steps ", max_steps,
+                "; raise --max_steps to train further");
+    for (const auto& change : recipe_changes(resumed.recipe, rc))
+      spdlog::warn("resume: recipe changed since the checkpoint: {}", change);
+  }
+
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   QTUNE_CHECK(!ec, "output_dir: cannot create ", out_dir, ": ", ec.message());
@@ -185,6 +270,10 @@ Json Trainer::run() {
   QTUNE_CHECK(tokenizer->vocab_size() <= files.config.vocab_size, "model.tokenizer: ", tok_path,
               " has ", tokenizer->vocab_size(), " tokens but the model's vocabulary is ",
               files.config.vocab_size);
+  // What checkpoints and adapters are only valid with; a resumed run must match it.
+  const Json identity =
+      run_identity(r_.spec, base_identity(r_.model_path, files.config, *files.weights));
+  if (!resume_dir.empty()) check_run_identity(resumed.identity, identity, "cannot resume from " + resume_dir);
 
   DataConfig dc;
   dc.path = r_.data_path;
@@ -221,25 +310,47 @@ Json Trainer::run() {
 
   const int64_t batch_size = t["batch_size"].get<int64_t>();
   const int64_t accum = t["grad_accum"].get<int64_t>();
-  const int64_t max_steps = t["max_steps"].get<int64_t>();
   const int64_t warmup = t["warmup_steps"].get<int64_t>();
   const double min_ratio = t["min_lr_ratio"].get<double>();
   const double max_norm = t["max_grad_norm"].get<double>();
   const int64_t eval_every = rc["eval"]["every"].get<int64_t>();
   const int64_t eval_batches = rc["eval"]["max_batches"].get<int64_t>();
   const int64_t log_every = rc["log_every"].get<int64_t>();
+  const int64_t ckpt_every = rc["checkpoint"]["every"].get<int64_t>();
+  const int64_t ckpt_keep = rc["checkpoint"]["keep"].get<int64_t>();
   DataLoader loader(data.train, batch_size, seed, /*shuffle=*/true, /*drop_last=*/true);
 
-  std::ofstream metrics((fs::path(out_dir) / "metrics.jsonl").string(), std::ios::trunc);
+  // Progress carried over from earlier sessions of this run.
+  int64_t start_step = 0, tokens_seen = 0;
+  double prior_train_s = 0;
+  double first_val = NAN, last_val = NAN, best_val = NAN;
+  if (!resume_dir.empty()) {
+    load_checkpoint_tensors(resume_dir, resumed, *model, opt);
+    loader.restore(LoaderState::from_json(resumed.loader));
+    // Last: building the model drew adapter initialisations from this generator.
+    restore_rng_state(resumed.rng);
+    start_step = resumed.step;
+    const Json& p = resumed.progress;
+    tokens_seen = p.value("tokens", int64_t{0});
+    prior_train_s = p.value("train_seconds", 0.0);
+    first_val = null_to_nan(p, "first_val_loss");
+    best_val = null_to_nan(p, "best_val_loss");
+    last_val = null_to_nan(p, "last_val_loss");
+    spdlog::info("resumed from {} at step {}/{}", resume_dir, start_step, max_steps);
+  }
+
+  const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
+  if (!resume_dir.empty()) trim_metrics(metrics_path, start_step);
+  std::ofstream metrics(metrics_path, resume_dir.empty() ? std::ios::trunc : std::ios::app);
   QTUNE_CHECK(metrics.good(), "output_dir: cannot write ", out_dir, "/metrics.jsonl");
   auto emit = [&](const Json& j) {
     metrics << j.dump() << "\n";
     metrics.flush();
     if (on_metrics) on_metrics(j);
   };
+  if (!resume_dir.empty())
+    emit({{"type", "resume"}, {"step", start_step}, {"checkpoint", resume_dir}});
 
-  Json summary;
-  double first_val = NAN, last_val = NAN, best_val = NAN;
   auto run_eval = [&](int64_t step) {
     if (!data.val) return;
     auto e = evaluate(*model, *data.val, batch_size, eval_batches);
@@ -251,12 +362,38 @@ Json Trainer::run() {
     spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
   };
 
-  run_eval(0);
-  Progress progress(max_steps);
   const auto t_train = clock::now();
-  int64_t tokens_seen = 0, step = 0;
+  auto train_seconds = [&] {
+    return prior_train_s + std::chrono::duration<double>(clock::now() - t_train).count();
+  };
+  std::string last_checkpoint;
+  auto checkpoint = [&](int64_t step) {
+    const auto t0 = clock::now();
+    CheckpointState st;
+    st.step = step;
+    st.loader = loader.state().to_json();
+    st.rng = capture_rng_state();
+    st.progress = {{"tokens", tokens_seen},
+                   {"train_seconds", train_seconds()},
+                   {"first_val_loss", nan_to_null(first_val)},
+                   {"best_val_loss", nan_to_null(best_val)},
+                   {"last_val_loss", nan_to_null(last_val)}};
+    st.recipe = rc;
+    st.identity = identity;
+    st.tokenizer = tok_path;
+    last_checkpoint = save_checkpoint(ckpt_root, *model, opt, st, ckpt_keep, r_.model_path);
+    const double s = std::chrono::duration<double>(clock::now() - t0).count();
+    const int64_t bytes = dir_bytes(last_checkpoint);
+    emit({{"type", "checkpoint"}, {"step", step}, {"path", last_checkpoint}, {"bytes", bytes},
+          {"save_s", s}});
+    spdlog::info("step {}: checkpoint {} ({:.2f} MB, {:.3f}s)", step, last_checkpoint, bytes / 1e6, s);
+  };
+
+  if (resume_dir.empty()) run_eval(0);
+  Progress progress(max_steps);
+  int64_t step = start_step, session_tokens = 0;
   double last_loss = NAN;
-  for (step = 1; step <= max_steps; ++step) {
+  for (step = start_step + 1; step <= max_steps; ++step) {
     const auto t_step = clock::now();
     const double step_lr = lr_at(step, max_steps, warmup, lr, min_ratio);
     for (auto& group : opt.param_groups())
@@ -277,27 +414,34 @@ Json Trainer::run() {
                 ": loss is not finite (lower train.lr?)");
     opt.step();
     tokens_seen += step_tokens;
+    session_tokens += step_tokens;
     last_loss = loss_sum / static_cast<double>(accum);
     const double step_s = std::chrono::duration<double>(clock::now() - t_step).count();
     const double elapsed = std::chrono::duration<double>(clock::now() - t_train).count();
-    const double tok_s = tokens_seen / std::max(1e-9, elapsed);
+    const double tok_s = session_tokens / std::max(1e-9, elapsed);
     emit({{"type", "train"}, {"step", step}, {"loss", last_loss}, {"lr", step_lr},
           {"grad_norm", grad_norm}, {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
           {"step_s", step_s}, {"epoch", loader.epoch()}});
-    progress.update(step, last_loss, tok_s, elapsed / step * (max_steps - step));
-    if (!progress.tty() && (step % log_every == 0 || step == 1))
+    progress.update(step, last_loss, tok_s,
+                    elapsed / static_cast<double>(step - start_step) * (max_steps - step));
+    if (!progress.tty() && (step % log_every == 0 || step == start_step + 1))
       spdlog::info("step {}/{}: loss {:.4f} lr {:.2e} grad_norm {:.3f} {:.0f} tok/s", step,
                    max_steps, last_loss, step_lr, grad_norm, tok_s);
+    detail::debug_point("step", step, out_dir, &Trainer::stop_requested);
     const bool last = step == max_steps || g_stop.load();
     if ((eval_every > 0 && step % eval_every == 0) || last) {
       progress.finish();
       run_eval(step);
     }
+    // After the eval, so the checkpoint's best/last validation loss includes this step's.
+    if ((ckpt_every > 0 && step % ckpt_every == 0) || last) checkpoint(step);
     if (last) break;
   }
   progress.finish();
   const int64_t steps_done = std::min(step, max_steps);
-  const double train_s = std::chrono::duration<double>(clock::now() - t_train).count();
+  const double train_s = train_seconds();
+  if (g_stop.load())
+    spdlog::info("stopped at step {} on request; checkpoint {}", steps_done, last_checkpoint);
 
   // Outputs: adapters in PEFT layout, or the full model as an HF directory.
   std::string saved;
@@ -307,10 +451,11 @@ Json Trainer::run() {
     save_hf_model(saved, files.config, *weights, torch::kFloat32, tok_path);
   } else {
     saved = (fs::path(out_dir) / "adapter").string();
-    save_peft_adapter(saved, *model, r_.model_path);
+    save_peft_adapter(saved, *model, r_.model_path,
+                      Json{{"identity", identity}, {"tokenizer", tok_path}, {"step", steps_done}});
   }
 
-  summary = {
+  Json summary = {
       {"train_type", to_string(r_.spec.train_type)},
       {"dtype", rc["dtype"]},
       {"quant", r_.spec.quant ? Json(r_.spec.quant->name()) : Json(nullptr)},
@@ -328,11 +473,13 @@ Json Trainer::run() {
       {"train_seconds", train_s},
       {"load_seconds", load_s},
       {"tokens_per_s", tokens_seen / std::max(1e-9, train_s)},
-      {"final_train_loss", last_loss},
-      {"first_val_loss", std::isnan(first_val) ? Json(nullptr) : Json(first_val)},
-      {"final_val_loss", std::isnan(last_val) ? Json(nullptr) : Json(last_val)},
-      {"best_val_loss", std::isnan(best_val) ? Json(nullptr) : Json(best_val)},
+      {"final_train_loss", nan_to_null(last_loss)},
+      {"first_val_loss", nan_to_null(first_val)},
+      {"final_val_loss", nan_to_null(last_val)},
+      {"best_val_loss", nan_to_null(best_val)},
       {"saved", saved},
+      {"checkpoint", last_checkpoint.empty() ? Json(nullptr) : Json(last_checkpoint)},
+      {"resumed_from", resume_dir.empty() ? Json(nullptr) : Json(resume_dir)},
       {"stopped_early", steps_done < max_steps},
   };
   atomic_write_string((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");

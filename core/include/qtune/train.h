@@ -1,6 +1,7 @@
 // The one training recipe for every train type: data -> model -> AdamW over trainable
 // parameters -> loop with gradient accumulation, clipping, warmup + cosine schedule, periodic
-// evaluation, JSONL metrics, progress, adapter/model export and a run summary.
+// evaluation, JSONL metrics, progress, crash-safe checkpoints and exact resume (checkpoint.h),
+// adapter/model export and a run summary.
 #pragma once
 
 #include <atomic>
@@ -40,10 +41,21 @@ class QTUNE_API Trainer {
  public:
   explicit Trainer(ResolvedRecipe recipe);
   /// Runs to max_steps (or until request_stop()); returns the summary that it also writes to
-  /// output_dir/summary.json.
+  /// output_dir/summary.json. Checkpoints go to output_dir/checkpoints every checkpoint.every
+  /// steps, at the end and when stopped (summary "checkpoint" names the last one).
+  ///
+  /// With recipe key `resume` ("latest" = output_dir/checkpoints/latest, or a checkpoint
+  /// directory) the run continues from that checkpoint: trainable weights, AdamW moments, step
+  /// (and so the LR schedule), data-loader position and the CPU RNG state are restored; the
+  /// base model, train type, quant backend/options and adapter/options must match the
+  /// checkpoint's (UserError naming both values otherwise). metrics.jsonl keeps the records up to
+  /// the checkpoint's step and continues after them. On CPU with fp32 and a fixed thread count,
+  /// the resumed steps' losses equal an uninterrupted run's bit for bit.
   Json run();
-  /// Asks a running trainer to stop after the current step (signal-safe).
+  /// Asks a running trainer to stop after the current step and save a checkpoint (signal-safe).
   static void request_stop();
+  /// Whether request_stop() was called since run() started.
+  static bool stop_requested();
 
   /// Called with every metrics record (also appended to output_dir/metrics.jsonl).
   std::function<void(const Json&)> on_metrics;

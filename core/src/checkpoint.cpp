@@ -1,0 +1,773 @@
+// Training checkpoints and rebuilding trained models (see checkpoint.h).
+#include "qtune/checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <type_traits>
+#include <unordered_map>
+
+#include <spdlog/spdlog.h>
+
+#include "qtune/atomic_file.h"
+#include "qtune/error.h"
+#include "qtune/model_files.h"
+#include "qtune/peft.h"
+#include "qtune/safetensors.h"
+
+namespace fs = std::filesystem;
+
+namespace qtune {
+
+namespace {
+
+const char* kStateFile = "trainer_state.json";
+const char* kTrainableFile = "trainable.safetensors";
+const char* kOptimizerFile = "optimizer.safetensors";
+const char* kAdapterFile = "adapter_model.safetensors";
+const char* kLatestFile = "latest";
+
+std::string errno_text() { return std::strerror(errno); }
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  QTUNE_CHECK(in.good(), "cannot read ", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string dtype_name(torch::ScalarType t) {
+  if (t == torch::kFloat32) return "fp32";
+  if (t == torch::kBFloat16) return "bf16";
+  if (t == torch::kFloat64) return "fp64";
+  return c10::toString(t);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Identity
+
+namespace {
+
+// FNV-1a, 64 bit: a fingerprint against mistakes, not an adversary.
+struct Fnv1a {
+  uint64_t h = 1469598103934665603ull;
+  void add(const void* data, size_t n) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    for (size_t i = 0; i < n; ++i) {
+      h ^= p[i];
+      h *= 1099511628211ull;
+    }
+  }
+  void add(const std::string& s) {
+    add(s.data(), s.size());
+    add("\0", 1);
+  }
+  std::string hex() const {
+    char buf[17];
+    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+    return buf;
+  }
+};
+
+// Rows of a tensor the fingerprint looks at: first, last and evenly spaced between.
+constexpr int64_t kSampleRows = 16;
+
+// Sampled rows of `name`, rounded to bf16: an fp32 model and its bf16 copy hash the same.
+void hash_tensor(Fnv1a& h, const WeightSource& w, const std::string& name) {
+  torch::Tensor t;
+  if (const auto* st = dynamic_cast<const SafetensorsWeightSource*>(&w)) {
+    t = st->view(name);  // zero-copy: only the sampled rows are touched
+  } else {
+    t = w.get(name, torch::kFloat32);
+  }
+  if (t.dim() >= 2 && t.size(0) > kSampleRows) {
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < kSampleRows; ++i) rows.push_back(i * (t.size(0) - 1) / (kSampleRows - 1));
+    t = t.index_select(0, torch::tensor(rows, torch::kLong));
+  }
+  t = t.to(torch::kFloat32).to(torch::kBFloat16).contiguous();
+  h.add(name);
+  for (auto s : t.sizes()) h.add(&s, sizeof s);
+  h.add(t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size()));
+}
+
+// The config.json fields that decide the function a set of weights computes.
+const std::vector<std::string>& architecture_fields() {
+  static const std::vector<std::string> f{"hidden_size",         "intermediate_size",
+                                          "num_hidden_layers",   "num_attention_heads",
+                                          "num_key_value_heads", "vocab_size",
+                                          "rms_norm_eps",        "rope_theta",
+                                          "tie_word_embeddings"};
+  return f;
+}
+
+}  // namespace
+
+Json base_identity(const std::string& model_path, const ModelConfig& config,
+                   const WeightSource& weights) {
+  const Json hf = config.to_hf_json();
+  Json arch = Json::object();
+  for (const auto& k : architecture_fields()) arch[k] = hf.at(k);
+
+  Fnv1a dense, linear;
+  bool linear_ok = true;
+  std::vector<std::string> dense_names{"model.embed_tokens.weight", "model.norm.weight"};
+  std::vector<std::string> linear_names;
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    dense_names.push_back(p + "input_layernorm.weight");
+    dense_names.push_back(p + "post_attention_layernorm.weight");
+    for (const char* s : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
+      linear_names.push_back(p + s + ".weight");
+  }
+  if (!config.tie_word_embeddings) linear_names.push_back("lm_head.weight");
+  for (const auto& n : dense_names) {
+    QTUNE_CHECK(weights.has(n), weights.describe(), ": missing tensor ", n);
+    hash_tensor(dense, weights, n);
+  }
+  for (const auto& n : linear_names) {
+    if (!weights.has(n) || weights.has_quantized(n)) {
+      // Stored only quantized (a qtune-quantize directory): its projections cannot be compared
+      // with a dense model's, so the dense part alone identifies the base.
+      linear_ok = false;
+      break;
+    }
+    hash_tensor(linear, weights, n);
+  }
+  std::string path = model_path;
+  std::error_code ec;
+  if (auto abs = fs::absolute(model_path, ec); !ec) path = abs.lexically_normal().string();
+  return Json{{"path", path},
+              {"source", weights.describe()},
+              {"config", arch},
+              {"dense_hash", dense.hex()},
+              {"linear_hash", linear_ok ? Json(linear.hex()) : Json(nullptr)}};
+}
+
+Json run_identity(const TuningSpec& spec, const Json& base) {
+  const bool qlora = spec.train_type == TrainType::kQlora;
+  const bool adapters = spec.train_type != TrainType::kFull;
+  Json targets = nullptr;
+  if (adapters) targets = std::vector<std::string>(spec.target_modules.begin(), spec.target_modules.end());
+  return Json{
+      {"train_type", to_string(spec.train_type)},
+      {"dtype", dtype_name(spec.dtype)},
+      {"quant", qlora && spec.quant ? Json(spec.quant->name()) : Json(nullptr)},
+      {"quant_options", qlora ? spec.quant_options : Json(nullptr)},
+      {"quant_skip_output", qlora ? Json(spec.quant_skip_output) : Json(nullptr)},
+      {"adapter", adapters && spec.adapter ? Json(spec.adapter->name()) : Json(nullptr)},
+      {"adapter_options", adapters ? spec.adapter_options : Json(nullptr)},
+      {"target_modules", targets},
+      {"base", base},
+  };
+}
+
+void check_base_identity(const Json& recorded, const Json& current, const std::string& what) {
+  QTUNE_CHECK(recorded.is_object() && current.is_object(), what,
+              ": the base model identity is missing or malformed");
+  const std::string rp = recorded.value("path", "?"), cp = current.value("path", "?");
+  const Json& rc = recorded.at("config");
+  const Json& cc = current.at("config");
+  for (const auto& [k, v] : rc.items()) {
+    const Json other = cc.value(k, Json(nullptr));
+    QTUNE_CHECK(v == other, what, ": it was trained on base model ", rp, " with ", k, " ",
+                v.dump(), ", but ", cp, " has ", k, " ", other.dump(),
+                " (pass the base model it was trained on with --model)");
+  }
+  QTUNE_CHECK(recorded.value("dense_hash", "") == current.value("dense_hash", ""), what,
+              ": it was trained on base model ", rp, " (weights fingerprint ",
+              recorded.value("dense_hash", "?"), "), but ", cp,
+              " has different embedding/norm weights (fingerprint ",
+              current.value("dense_hash", "?"), "); pass the base model it was trained on");
+  const Json rl = recorded.value("linear_hash", Json(nullptr));
+  const Json cl = current.value("linear_hash", Json(nullptr));
+  QTUNE_CHECK(rl.is_null() || cl.is_null() || rl == cl, what, ": it was trained on base model ",
+              rp, " (projection fingerprint ", rl.dump(), "), but ", cp,
+              " has different projection weights (fingerprint ", cl.dump(),
+              "); pass the base model it was trained on");
+}
+
+void check_run_identity(const Json& recorded, const Json& current, const std::string& what) {
+  QTUNE_CHECK(recorded.is_object(), what, ": the run identity is missing or malformed");
+  for (const char* field : {"train_type", "quant", "quant_skip_output", "quant_options", "adapter",
+                            "adapter_options", "target_modules"}) {
+    const Json r = recorded.value(field, Json(nullptr));
+    const Json c = current.value(field, Json(nullptr));
+    if (r == c) continue;
+    if (r.is_object() && c.is_object()) {
+      // Name the option that differs, not the whole mapping.
+      for (const auto& [k, v] : r.items())
+        QTUNE_CHECK(c.contains(k) && c[k] == v, what, ": it was trained with ", field, ".", k, " ",
+                    v.dump(), ", but this run has ",
+                    c.contains(k) ? c[k].dump() : std::string("no such option"));
+      for (const auto& [k, v] : c.items())
+        QTUNE_CHECK(r.contains(k), what, ": this run has ", field, ".", k, " ", v.dump(),
+                    ", which the checkpoint does not record");
+    }
+    throw UserError(what + ": it was trained with " + field + " " + r.dump() +
+                    ", but this run has " + field + " " + c.dump());
+  }
+  check_base_identity(recorded.at("base"), current.at("base"), what);
+}
+
+// ---------------------------------------------------------------------------------------------
+// State file and RNG
+
+Json CheckpointState::to_json() const {
+  return Json{{"format", kCheckpointFormat},
+              {"version", kCheckpointVersion},
+              {"step", step},
+              {"loader", loader},
+              {"progress", progress},
+              {"identity", identity},
+              {"tokenizer", tokenizer},
+              {"storage", storage},
+              {"rng", rng},
+              {"torch_version", TORCH_VERSION},
+              {"recipe", recipe}};
+}
+
+CheckpointState CheckpointState::from_json(const Json& j, const std::string& origin) {
+  QTUNE_CHECK(j.is_object(), origin, ": expected a JSON object");
+  const std::string format = j.value("format", "");
+  QTUNE_CHECK(format == kCheckpointFormat, origin, ": not a qtune checkpoint (format '", format,
+              "', expected '", kCheckpointFormat, "')");
+  QTUNE_CHECK(j.contains("version") && j["version"].is_number_integer(), origin,
+              ": missing integer \"version\"");
+  const int version = j["version"].get<int>();
+  QTUNE_CHECK(version == kCheckpointVersion, origin, ": checkpoint format version ", version,
+              ", but this qtune reads version ", kCheckpointVersion,
+              version > kCheckpointVersion ? " (written by a newer qtune: upgrade qtune)"
+                                           : " (written by an older qtune: resume with that version)");
+  auto need = [&](const char* key, bool (Json::*is)() const noexcept, const char* type) {
+    QTUNE_CHECK(j.contains(key) && (j[key].*is)(), origin, ": \"", key, "\" must be ", type);
+  };
+  need("step", &Json::is_number_integer, "an integer");
+  need("loader", &Json::is_object, "an object");
+  need("rng", &Json::is_object, "an object");
+  need("progress", &Json::is_object, "an object");
+  need("identity", &Json::is_object, "an object");
+  need("storage", &Json::is_object, "an object");
+  need("recipe", &Json::is_object, "an object");
+  CheckpointState s;
+  s.step = j["step"].get<int64_t>();
+  s.loader = j["loader"];
+  s.rng = j["rng"];
+  s.progress = j["progress"];
+  s.identity = j["identity"];
+  s.storage = j["storage"];
+  s.recipe = j["recipe"];
+  s.tokenizer = j.value("tokenizer", "");
+  return s;
+}
+
+Json capture_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  torch::Tensor state;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    state = gen.get_state();
+  }
+  state = state.contiguous();
+  static const char* digits = "0123456789abcdef";
+  const auto* p = state.data_ptr<uint8_t>();
+  std::string hex;
+  hex.reserve(static_cast<size_t>(state.numel()) * 2);
+  for (int64_t i = 0; i < state.numel(); ++i) {
+    hex.push_back(digits[p[i] >> 4]);
+    hex.push_back(digits[p[i] & 15]);
+  }
+  return Json{{"cpu", hex}};
+}
+
+void restore_rng_state(const Json& rng) {
+  QTUNE_CHECK(rng.is_object() && rng.contains("cpu") && rng["cpu"].is_string(),
+              "checkpoint rng: expected {\"cpu\": \"<hex>\"}");
+  const std::string hex = rng["cpu"].get<std::string>();
+  QTUNE_CHECK(hex.size() % 2 == 0, "checkpoint rng.cpu: odd number of hex digits");
+  auto state = torch::empty({static_cast<int64_t>(hex.size() / 2)}, torch::kUInt8);
+  auto* p = state.data_ptr<uint8_t>();
+  auto nibble = [&](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    throw UserError(std::string("checkpoint rng.cpu: not a hex digit: '") + c + "'");
+  };
+  for (size_t i = 0; i < hex.size() / 2; ++i)
+    p[i] = static_cast<uint8_t>(nibble(hex[2 * i]) << 4 | nibble(hex[2 * i + 1]));
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  try {
+    gen.set_state(state);
+  } catch (const c10::Error& e) {
+    throw UserError(std::string("checkpoint rng.cpu: rejected by this LibTorch: ") +
+                    e.what_without_backtrace());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection for tests
+
+namespace detail {
+
+void debug_point(const std::string& point, int64_t step, const std::string& marker_dir,
+                 bool (*interrupted)()) {
+  const std::string here = point + "@" + std::to_string(step);
+  auto armed = [&](const char* var) {
+    const char* v = std::getenv(var);
+    return v != nullptr && here == v;
+  };
+  if (armed("QTUNE_DEBUG_FAIL"))
+    throw UserError("injected failure at " + here + " (QTUNE_DEBUG_FAIL)");
+  if (!armed("QTUNE_DEBUG_PAUSE")) return;
+  {
+    std::ofstream((fs::path(marker_dir) / ".qtune-debug-paused").string()) << here << "\n";
+  }
+  spdlog::warn("QTUNE_DEBUG_PAUSE: paused at {}", here);
+  for (int i = 0; i < 30000; ++i) {  // 5 minutes at most: a test that forgot us must not hang
+    if (interrupted != nullptr && interrupted()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Saving
+
+namespace {
+
+// AdamW's per-parameter state map is keyed by the parameter's TensorImpl: as a string in
+// LibTorch 1.x, as the pointer itself in 2.x. The key type is read off the map.
+template <typename Map>
+typename Map::key_type optimizer_key(const Map&, const torch::Tensor& p) {
+  using Key = typename Map::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    return c10::guts::to_string(p.unsafeGetTensorImpl());
+  } else {
+    return static_cast<Key>(p.unsafeGetTensorImpl());
+  }
+}
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+// step-<N> -> N; -1 for any other name.
+int64_t step_of(const std::string& name) {
+  if (!starts_with(name, "step-") || name.size() == 5) return -1;
+  int64_t n = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9' || n > (INT64_MAX - 9) / 10) return -1;
+    n = n * 10 + (name[i] - '0');
+  }
+  return n;
+}
+
+std::string make_temp_dir(const std::string& root, const std::string& stem) {
+  std::string pattern = (fs::path(root) / (stem + "XXXXXX")).string();
+  std::vector<char> buf(pattern.begin(), pattern.end());
+  buf.push_back('\0');
+  QTUNE_CHECK(::mkdtemp(buf.data()) != nullptr, "cannot create checkpoint directory ", pattern,
+              ": ", errno_text());
+  // mkdtemp makes it private (0700); a checkpoint is as readable as the other outputs.
+  std::error_code ec;
+  fs::permissions(buf.data(),
+                  fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                      fs::perms::others_read | fs::perms::others_exec,
+                  ec);
+  return buf.data();
+}
+
+// Moves the complete directory `tmp` to `dest`. An existing `dest` (a checkpoint of the same
+// step from an abandoned timeline, or a re-save) is swapped out atomically where the kernel
+// can (renameat2 RENAME_EXCHANGE), so there is no moment without a step-<N>.
+void publish_dir(const std::string& tmp, const std::string& dest, const std::string& root) {
+  std::error_code ec;
+  if (!fs::exists(dest, ec)) {
+    QTUNE_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0, "cannot rename ", tmp, " to ", dest,
+                ": ", errno_text());
+    return;
+  }
+#ifdef SYS_renameat2
+  if (::syscall(SYS_renameat2, AT_FDCWD, tmp.c_str(), AT_FDCWD, dest.c_str(), RENAME_EXCHANGE) ==
+      0) {
+    fs::remove_all(tmp, ec);  // now the old checkpoint
+    return;
+  }
+#endif
+  const std::string old = make_temp_dir(root, "." + fs::path(dest).filename().string() + ".old-");
+  fs::remove(old, ec);
+  QTUNE_CHECK(::rename(dest.c_str(), old.c_str()) == 0, "cannot move ", dest, " aside: ",
+              errno_text());
+  QTUNE_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0, "cannot rename ", tmp, " to ", dest,
+              ": ", errno_text());
+  fs::remove_all(old, ec);
+}
+
+void remove_leftovers(const std::string& root) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const std::string name = e.path().filename().string();
+    if (starts_with(name, ".step-")) {
+      spdlog::info("checkpoint: removing {} left by an interrupted save", e.path().string());
+      fs::remove_all(e.path(), ec);
+    }
+  }
+}
+
+void prune(const std::string& root, int64_t newest, int64_t keep) {
+  std::vector<int64_t> steps;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const int64_t n = step_of(e.path().filename().string());
+    if (n >= 0 && n <= newest && e.is_directory()) steps.push_back(n);
+  }
+  std::sort(steps.rbegin(), steps.rend());
+  for (size_t i = static_cast<size_t>(std::max<int64_t>(keep, 1)); i < steps.size(); ++i) {
+    const auto dir = fs::path(root) / ("step-" + std::to_string(steps[i]));
+    fs::remove_all(dir, ec);
+    if (ec) spdlog::warn("checkpoint: cannot remove {}: {}", dir.string(), ec.message());
+  }
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& root, const LlamaForCausalLMImpl& model,
+                            const torch::optim::AdamW& optimizer, const CheckpointState& state,
+                            int64_t keep, const std::string& base_model) {
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  QTUNE_CHECK(!ec, "cannot create checkpoint directory ", root, ": ", ec.message());
+  remove_leftovers(root);
+  const std::string name = "step-" + std::to_string(state.step);
+  const std::string dest = (fs::path(root) / name).string();
+  const std::string tmp = make_temp_dir(root, "." + name + ".tmp-");
+  try {
+    CheckpointState st = state;
+    st.storage = Json::object();
+    const auto trainable = model.trainable_parameters();
+
+    // Adapters go out in PEFT layout (the checkpoint is then also an adapter directory); any
+    // trainable parameter no adapter state holds goes to trainable.safetensors by module path.
+    std::unordered_map<const void*, std::string> in_adapter;
+    const auto peft = peft_adapter_tensors(model);
+    if (!peft.empty()) {
+      save_peft_adapter(tmp, model, base_model,
+                        Json{{"identity", st.identity}, {"tokenizer", st.tokenizer},
+                             {"step", st.step}});
+      for (const auto& [key, t] : peft) in_adapter[t.unsafeGetTensorImpl()] = key;
+    }
+    std::map<std::string, torch::Tensor> rest;
+    for (const auto& [path, p] : trainable) {
+      auto it = in_adapter.find(p.unsafeGetTensorImpl());
+      if (it != in_adapter.end()) {
+        st.storage[path] = Json{{"file", kAdapterFile}, {"key", it->second}};
+      } else {
+        rest[path] = p.detach();
+        st.storage[path] = Json{{"file", kTrainableFile}, {"key", path}};
+      }
+    }
+    if (!rest.empty()) write_safetensors((fs::path(tmp) / kTrainableFile).string(), rest);
+
+    std::map<std::string, torch::Tensor> moments;
+    const auto& opt_state = optimizer.state();
+    for (const auto& [path, p] : trainable) {
+      auto it = opt_state.find(optimizer_key(opt_state, p));
+      if (it == opt_state.end()) continue;  // never stepped (no gradient yet)
+      const auto& s = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      moments[path + ".exp_avg"] = s.exp_avg();
+      moments[path + ".exp_avg_sq"] = s.exp_avg_sq();
+      if (s.max_exp_avg_sq().defined()) moments[path + ".max_exp_avg_sq"] = s.max_exp_avg_sq();
+      moments[path + ".step"] = torch::scalar_tensor(s.step(), torch::kLong);
+    }
+    write_safetensors((fs::path(tmp) / kOptimizerFile).string(), moments,
+                      {{"format", "qtune-adamw"}});
+
+    detail::debug_point("save", st.step, root);
+
+    atomic_write_string((fs::path(tmp) / kStateFile).string(), st.to_json().dump(1) + "\n");
+    fsync_directory(tmp);
+    publish_dir(tmp, dest, root);
+    fsync_directory(root);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  atomic_write_string((fs::path(root) / kLatestFile).string(), name + "\n");
+  prune(root, state.step, keep);
+  return dest;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+namespace {
+bool is_checkpoint_dir(const fs::path& dir) {
+  std::error_code ec;
+  return fs::is_regular_file(dir / kStateFile, ec);
+}
+}  // namespace
+
+std::string resolve_checkpoint(const std::string& spec, const std::string& root) {
+  QTUNE_CHECK(!spec.empty(), "resume: no checkpoint given");
+  if (spec != "latest") {
+    fs::path p(spec);
+    if (is_checkpoint_dir(p)) return p.string();
+    // An output directory or its checkpoints/ folder: take its latest.
+    if (fs::exists(p / "checkpoints")) return resolve_checkpoint("latest", (p / "checkpoints").string());
+    if (fs::exists(p / kLatestFile)) return resolve_checkpoint("latest", p.string());
+    throw UserError("resume: " + spec + " is not a checkpoint directory (no " + kStateFile +
+                    " in it); give a checkpoints/step-<N> directory or 'latest'");
+  }
+  const fs::path pointer = fs::path(root) / kLatestFile;
+  std::error_code ec;
+  if (fs::exists(pointer, ec)) {
+    std::string name = read_text(pointer.string());
+    while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+    if (step_of(name) >= 0 && is_checkpoint_dir(fs::path(root) / name))
+      return (fs::path(root) / name).string();
+    spdlog::warn("checkpoint: {} names '{}', which is not a complete checkpoint; using the newest "
+                 "one instead",
+                 pointer.string(), name);
+  }
+  int64_t best = -1;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const int64_t n = step_of(e.path().filename().string());
+    if (n > best && is_checkpoint_dir(e.path())) best = n;
+  }
+  QTUNE_CHECK(best >= 0, "resume latest: no checkpoint in ", root,
+              " (checkpoints are written every checkpoint.every steps and at the end)");
+  return (fs::path(root) / ("step-" + std::to_string(best))).string();
+}
+
+CheckpointState read_checkpoint_state(const std::string& dir) {
+  const std::string file = (fs::path(dir) / kStateFile).string();
+  QTUNE_CHECK(fs::exists(file), "not a checkpoint directory: ", file, " is missing");
+  Json j;
+  try {
+    j = Json::parse(read_text(file));
+  } catch (const Json::exception& e) {
+    throw UserError(file + ": not valid JSON (" + e.what() + ")");
+  }
+  return CheckpointState::from_json(j, file);
+}
+
+namespace {
+
+class FileCache {
+ public:
+  explicit FileCache(std::string dir) : dir_(std::move(dir)) {}
+  const SafetensorsFile& get(const std::string& file) {
+    auto it = files_.find(file);
+    if (it != files_.end()) return *it->second;
+    QTUNE_CHECK(file.find('/') == std::string::npos && file.find("..") == std::string::npos,
+                dir_, "/", kStateFile, ": storage names file '", file,
+                "', expected a file name inside the checkpoint");
+    const std::string path = (fs::path(dir_) / file).string();
+    QTUNE_CHECK(fs::exists(path), "checkpoint ", dir_, " is incomplete: ", path, " is missing");
+    return *(files_[file] = SafetensorsFile::open(path));
+  }
+
+ private:
+  std::string dir_;
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> files_;
+};
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+}  // namespace
+
+void load_checkpoint_weights(const std::string& dir, const CheckpointState& state,
+                             LlamaForCausalLMImpl& model) {
+  FileCache files(dir);
+  torch::NoGradGuard no_grad;
+  std::set<std::string> seen;
+  for (const auto& [path, p] : model.trainable_parameters()) {
+    QTUNE_CHECK(state.storage.contains(path), "checkpoint ", dir, " has no parameter ", path,
+                " (saved with other target modules or train type?)");
+    const Json& where = state.storage[path];
+    const std::string file = where.value("file", ""), key = where.value("key", "");
+    const auto& st = files.get(file);
+    QTUNE_CHECK(st.has(key), st.path(), ": missing tensor ", key, " (parameter ", path, ")");
+    auto t = st.tensor(key);
+    QTUNE_CHECK(t.sizes() == p.sizes(), st.path(), ": tensor ", key, " has shape ",
+                shape_str(t.sizes()), ", but parameter ", path, " of this model has ",
+                shape_str(p.sizes()));
+    p.copy_(t);
+    seen.insert(path);
+  }
+  for (const auto& [path, _] : state.storage.items())
+    QTUNE_CHECK(seen.count(path), "checkpoint ", dir, " holds parameter ", path,
+                ", which is not trainable in this model (other target modules or train type?)");
+}
+
+void load_checkpoint_tensors(const std::string& dir, const CheckpointState& state,
+                             LlamaForCausalLMImpl& model, torch::optim::AdamW& optimizer) {
+  load_checkpoint_weights(dir, state, model);
+  const std::string file = (fs::path(dir) / kOptimizerFile).string();
+  QTUNE_CHECK(fs::exists(file), "checkpoint ", dir, " is incomplete: ", file, " is missing");
+  auto st = SafetensorsFile::open(file);
+  auto& opt_state = optimizer.state();
+  std::set<std::string> used;
+  for (const auto& [path, p] : model.trainable_parameters()) {
+    if (!st->has(path + ".exp_avg")) continue;
+    auto moment = [&](const std::string& suffix) {
+      const std::string key = path + suffix;
+      QTUNE_CHECK(st->has(key), file, ": missing tensor ", key);
+      auto t = st->tensor(key);
+      QTUNE_CHECK(t.sizes() == p.sizes(), file, ": tensor ", key, " has shape ",
+                  shape_str(t.sizes()), ", expected ", shape_str(p.sizes()));
+      used.insert(key);
+      // A private copy: the mapping is read-only and AdamW updates its moments in place.
+      return t.to(p.options(), /*non_blocking=*/false, /*copy=*/true);
+    };
+    auto s = std::make_unique<torch::optim::AdamWParamState>();
+    s->exp_avg(moment(".exp_avg"));
+    s->exp_avg_sq(moment(".exp_avg_sq"));
+    if (st->has(path + ".max_exp_avg_sq")) s->max_exp_avg_sq(moment(".max_exp_avg_sq"));
+    QTUNE_CHECK(st->has(path + ".step"), file, ": missing tensor ", path, ".step");
+    s->step(st->tensor(path + ".step").item<int64_t>());
+    used.insert(path + ".step");
+    opt_state[optimizer_key(opt_state, p)] = std::move(s);
+  }
+  for (const auto& name : st->names())
+    QTUNE_CHECK(used.count(name), file, ": tensor ", name,
+                " belongs to no trainable parameter of this model");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rebuilding a trained model
+
+namespace {
+
+// The adapter plugin options a PEFT LoraConfig implies, for adapters trained by other tools.
+Json peft_lora_options(const Json& config, const AdapterFactory& factory) {
+  Json out = Json::object();
+  std::set<std::string> names;
+  for (const auto& o : factory.option_schema()) names.insert(o.name);
+  const std::pair<const char*, const char*> map[] = {
+      {"r", "rank"}, {"lora_alpha", "alpha"}, {"lora_dropout", "dropout"}, {"use_rslora", "use_rslora"}};
+  for (const auto& [peft_key, ours] : map)
+    if (config.contains(peft_key) && !config[peft_key].is_null() && names.count(ours))
+      out[ours] = config[peft_key];
+  return out;
+}
+
+}  // namespace
+
+TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& registry) {
+  TrainedModel out;
+  const bool has_adapter = !o.adapter_dir.empty();
+  const bool is_checkpoint = has_adapter && is_checkpoint_dir(o.adapter_dir);
+  CheckpointState ckpt;
+  Json peft_config;
+  std::string recorded_tokenizer;
+  if (is_checkpoint) {
+    ckpt = read_checkpoint_state(o.adapter_dir);
+    out.identity = ckpt.identity;
+    recorded_tokenizer = ckpt.tokenizer;
+  } else if (has_adapter) {
+    QTUNE_CHECK(fs::is_directory(o.adapter_dir), "adapter directory not found: ", o.adapter_dir);
+    peft_config = read_peft_config(o.adapter_dir);
+    Json info = read_peft_qtune_info(o.adapter_dir);
+    if (info.is_object()) {
+      out.identity = info.value("identity", Json());
+      recorded_tokenizer = info.value("tokenizer", "");
+    }
+  }
+  const bool recorded = out.identity.is_object();
+  QTUNE_CHECK(o.quant.empty() || (has_adapter && !recorded), "--quant applies to the base of an "
+              "adapter trained elsewhere; ", has_adapter ? "this adapter records how its base "
+              "was quantized" : "give --adapter (the base alone runs in full precision)");
+
+  // The base: given, else recorded.
+  out.base_path = o.model_path;
+  if (out.base_path.empty() && recorded) out.base_path = out.identity["base"].value("path", "");
+  if (out.base_path.empty() && peft_config.is_object())
+    out.base_path = peft_config.value("base_model_name_or_path", "");
+  QTUNE_CHECK(!out.base_path.empty(), "no base model: give --model");
+  QTUNE_CHECK(fs::exists(out.base_path), "base model not found: ", out.base_path,
+              has_adapter && o.model_path.empty() ? " (recorded by the adapter; give --model)" : "");
+  ModelFiles files = open_model(out.base_path);
+  out.config = files.config;
+
+  TuningSpec spec;
+  spec.dtype = o.dtype;
+  if (recorded) {
+    const Json& id = out.identity;
+    check_base_identity(id.at("base"), base_identity(out.base_path, files.config, *files.weights),
+                        (is_checkpoint ? "checkpoint " : "adapter ") + o.adapter_dir);
+    spec.train_type = parse_train_type(id.at("train_type").get<std::string>());
+    if (spec.train_type == TrainType::kQlora) {
+      spec.quant = registry.quant(id.at("quant").get<std::string>());
+      spec.quant_options =
+          resolve_options(spec.quant->option_schema(), id.at("quant_options"), "quant.options");
+      spec.quant_skip_output = id.value("quant_skip_output", false);
+    }
+    if (spec.train_type != TrainType::kFull) {
+      spec.adapter = registry.adapter(id.at("adapter").get<std::string>());
+      spec.adapter_options = resolve_options(spec.adapter->option_schema(),
+                                             id.at("adapter_options"), "adapter.options");
+      spec.target_modules = parse_target_modules(
+          id.at("target_modules").get<std::vector<std::string>>(), "target_modules");
+    }
+  } else if (has_adapter) {
+    // An adapter from another tool: PEFT's config says what it is.
+    const std::string cfg_file = (fs::path(o.adapter_dir) / "adapter_config.json").string();
+    std::string type = peft_config["peft_type"].get<std::string>();
+    std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+    spec.adapter = registry.adapter(type);
+    spec.adapter_options = resolve_options(spec.adapter->option_schema(),
+                                           peft_lora_options(peft_config, *spec.adapter),
+                                           cfg_file);
+    QTUNE_CHECK(peft_config.contains("target_modules") && peft_config["target_modules"].is_array(),
+                cfg_file, ": target_modules must be a list of module names (patterns are not "
+                "supported)");
+    spec.target_modules = parse_target_modules(
+        peft_config["target_modules"].get<std::vector<std::string>>(), cfg_file + " target_modules");
+    spec.train_type = o.quant.empty() ? TrainType::kLora : TrainType::kQlora;
+    if (!o.quant.empty()) {
+      spec.quant = registry.quant(o.quant);
+      spec.quant_options = resolve_options(spec.quant->option_schema(), o.quant_options, "quant_options");
+    }
+  } else {
+    spec.train_type = TrainType::kFull;
+  }
+
+  out.model = LlamaForCausalLM(files.config, *files.weights, spec);
+  files.weights.reset();
+  if (is_checkpoint) {
+    load_checkpoint_weights(o.adapter_dir, ckpt, *out.model);
+  } else if (has_adapter) {
+    load_peft_adapter(o.adapter_dir, *out.model);  // the base was checked above
+  }
+  out.model->eval();
+  out.tokenizer_path = files.tokenizer_path;
+  if (!recorded_tokenizer.empty() && fs::exists(recorded_tokenizer))
+    out.tokenizer_path = recorded_tokenizer;
+  return out;
+}
+
+}  // namespace qtune
