@@ -209,7 +209,8 @@ float block_absmax(const float* x, int64_t n) {
 [[noreturn]] void throw_non_finite(const Layout& l, int64_t block) {
   const int64_t e = block * l.block_size;
   throw UserError(detail::concat("nf4: cannot quantize a weight [", l.out, ", ", l.in,
-                                 "] that holds NaN or Inf (in row ", e / l.in,
+                                 "] that holds NaN or Inf (in the ", l.block_size,
+                                 "-element block starting at row ", e / l.in, ", column ", e % l.in,
                                  "); check the checkpoint or the training that produced it"));
 }
 
