@@ -10,7 +10,7 @@
 //  - linear(x) == x @ dequantize()^T and linear_grad_input(g) == g @ dequantize() in fp32 and
 //    bf16, also across its internal row tiles;
 //  - through QuantizedLinearFunction: the right grad_x and no gradient anywhere else;
-//  - state() -> load() is bit-exact, also through a safetensors byte image of the state;
+//  - state() -> load() is bit-exact, also through a safetensors file;
 //  - nbytes() covers every tensor it does not share with other weights, and is below fp16 size;
 //  - odd shapes (33x17, 1x1, 127x65, ...) quantize correctly or raise UserError, never crash;
 //    non-2-D input and bad options raise UserError naming the problem;
@@ -27,6 +27,8 @@
 #include "qtune/options.h"
 #include "qtune/quantized_linear.h"
 #include "qtune/registry.h"
+#include "qtune/safetensors.h"
+#include "test_util.h"
 
 using qtune::Json;
 using qtune::QuantBackend;
@@ -126,77 +128,18 @@ void expect_states_identical(const TensorState& a, const TensorState& b) {
   EXPECT_EQ(a.meta, b.meta);
 }
 
-// A safetensors byte image of a state (u64 header length, JSON header, data) and its parse, with
-// fresh storage for every tensor: what a checkpoint writer and reader do, minus the file.
-std::string dtype_code(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat:
-      return "F32";
-    case torch::kDouble:
-      return "F64";
-    case torch::kHalf:
-      return "F16";
-    case torch::kBFloat16:
-      return "BF16";
-    case torch::kLong:
-      return "I64";
-    case torch::kInt:
-      return "I32";
-    case torch::kShort:
-      return "I16";
-    case torch::kChar:
-      return "I8";
-    case torch::kByte:
-      return "U8";
-    case torch::kBool:
-      return "BOOL";
-    default:
-      throw std::runtime_error("state holds a dtype safetensors cannot store");
-  }
-}
-
-std::string to_safetensors(const TensorState& s) {
-  Json header = Json::object();
-  std::string data;
-  for (const auto& [key, t] : s.tensors) {
-    torch::Tensor c = t.to(torch::kCPU).contiguous();
-    const size_t n = c.numel() * c.element_size();
-    header[key] = {{"dtype", dtype_code(c.scalar_type())},
-                   {"shape", c.sizes().vec()},
-                   {"data_offsets", {data.size(), data.size() + n}}};
-    data.append(static_cast<const char*>(c.data_ptr()), n);
-  }
-  header["__metadata__"] = {{"qtune.meta", s.meta.dump()}};
-  const std::string h = header.dump();
-  const uint64_t len = h.size();
-  std::string out(reinterpret_cast<const char*>(&len), 8);
-  return out + h + data;
-}
-
-TensorState from_safetensors(const std::string& bytes) {
-  uint64_t len = 0;
-  std::memcpy(&len, bytes.data(), 8);
-  const Json header = Json::parse(bytes.substr(8, len));
-  const char* buffer = bytes.data() + 8 + len;
-  TensorState s;
-  for (const auto& [key, v] : header.items()) {
-    if (key == "__metadata__") {
-      s.meta = Json::parse(v["qtune.meta"].get<std::string>());
-      continue;
-    }
-    static const std::map<std::string, torch::ScalarType> kTypes = {
-        {"F32", torch::kFloat},     {"F64", torch::kDouble}, {"F16", torch::kHalf},
-        {"BF16", torch::kBFloat16}, {"I64", torch::kLong},   {"I32", torch::kInt},
-        {"I16", torch::kShort},     {"I8", torch::kChar},    {"U8", torch::kByte},
-        {"BOOL", torch::kBool}};
-    const auto begin = v["data_offsets"][0].get<size_t>(), end = v["data_offsets"][1].get<size_t>();
-    std::vector<char> copy(buffer + begin, buffer + end);  // fresh memory, like a file read
-    torch::Tensor t = torch::empty(v["shape"].get<std::vector<int64_t>>(),
-                                   kTypes.at(v["dtype"].get<std::string>()));
-    std::memcpy(t.data_ptr(), copy.data(), copy.size());
-    s.tensors[key] = t;
-  }
-  return s;
+// A state through a real safetensors file (core's writer and reader): tensors under their state
+// keys, meta as a "__metadata__" string, every tensor read back into fresh memory.
+TensorState through_safetensors(const TensorState& s) {
+  static const std::string dir = qtune::test::temp_dir("conformance");
+  static int counter = 0;
+  const std::string path = dir + "/state" + std::to_string(counter++) + ".safetensors";
+  qtune::write_safetensors(path, s.tensors, {{"qtune.meta", s.meta.dump()}});
+  auto file = qtune::SafetensorsFile::open(path);
+  TensorState out;
+  for (const auto& name : file->names()) out.tensors[name] = file->tensor(name).clone();
+  out.meta = Json::parse(file->metadata().at("qtune.meta"));
+  return out;
 }
 
 // ---- fixture
@@ -337,7 +280,7 @@ TEST_P(Conformance, SaveLoadIsBitExact) {
   EXPECT_TRUE(tensors_identical(d, direct->dequantize(torch::kFloat, torch::kCPU)));
   expect_states_identical(s, direct->state());
 
-  const TensorState parsed = from_safetensors(to_safetensors(s));
+  const TensorState parsed = through_safetensors(s);
   auto reloaded = backend_->load(parsed);
   EXPECT_EQ(reloaded->out_features(), 70);
   EXPECT_EQ(reloaded->in_features(), 130);
@@ -394,7 +337,7 @@ TEST_P(Conformance, OddShapesWorkOrRaiseUserError) {
     EXPECT_TRUE(torch::isfinite(d).all().item<bool>());
     EXPECT_LE(rel_error(w, d), kSmallShapeFactor * bound_);
     check_consistency(*q);
-    auto reloaded = backend_->load(from_safetensors(to_safetensors(q->state())));
+    auto reloaded = backend_->load(through_safetensors(q->state()));
     EXPECT_TRUE(tensors_identical(d, reloaded->dequantize(torch::kFloat, torch::kCPU)));
   }
 }
