@@ -58,7 +58,7 @@ TEST(Trainer, LoraLowersHeldOutLossAndWritesPeftAdapter) {
       ++train_lines;
       for (const char* k : {"step", "loss", "lr", "grad_norm", "tokens_per_s"})
         EXPECT_TRUE(j.contains(k)) << k;
-    } else {
+    } else if (j["type"] == "eval") {
       ++eval_lines;
       EXPECT_TRUE(j.contains("val_loss"));
     }
