@@ -93,8 +93,10 @@ do_install() {
     expect_file "$prefix/lib/libqtune_sentencepiece.so" || return 1
   fi
   # Installed programs find the installed core through $ORIGIN, not the build tree.
-  ldd "$prefix/bin/trainer" | grep -E "libqtune_core" || return 1
-  ldd "$prefix/bin/trainer" | grep -q "$prefix/bin/../lib/libqtune_core.so" || {
+  local deps
+  deps=$(ldd "$prefix/bin/trainer") || return 1
+  grep -F "libqtune_core" <<<"$deps"
+  grep -qF "$prefix/bin/../lib/libqtune_core.so" <<<"$deps" || {
     echo "installed trainer does not resolve libqtune_core in $prefix/lib"
     return 1
   }
@@ -113,15 +115,15 @@ do_build() {
     echo "the example found qtune elsewhere: $(grep '^qtune_DIR' "$example_build/CMakeCache.txt")"
     return 1
   }
-  "$cmake_bin" --build "$example_build" || return 1
+  echo "building $example_build"
+  "$cmake_bin" --build "$example_build" || { echo "the build failed"; return 1; }
   expect_file "$plugin" || return 1
   # Hidden visibility: the plugin exports its two entry points and none of its own classes.
-  local exported
-  exported=$(nm -DC --defined-only "$plugin" | grep -E " [TDBRVW] " | grep -c "int4_example" || true)
-  echo "exported int4_example symbols: $exported"
-  [[ "$exported" == 0 ]] || return 1
-  nm -D --defined-only "$plugin" | grep -q " qtune_plugin_info$" || return 1
-  nm -D --defined-only "$plugin" | grep -q " qtune_plugin_factory$" || return 1
+  local symbols
+  symbols=$(nm -DC --defined-only "$plugin") || return 1
+  if grep "int4_example" <<<"$symbols"; then echo "the plugin exports its own classes"; return 1; fi
+  grep -q " qtune_plugin_info$" <<<"$symbols" || { echo "no qtune_plugin_info"; return 1; }
+  grep -q " qtune_plugin_factory$" <<<"$symbols" || { echo "no qtune_plugin_factory"; return 1; }
 }
 
 # ---- 3. the installed trainer lists it -----------------------------------------------------------
@@ -132,7 +134,7 @@ do_list() {
   grep -qE "^quant +int4 +1\.0\.0 +$plugin\$" <<<"$out" || { echo "int4 not listed"; return 1; }
   local p
   for p in nf4 hqq int8 lora; do
-    grep -q " $prefix/bin/../lib/qtune/plugins/libqtune_$p.so\$" <<<"$out" || {
+    grep -q " $prefix/lib/qtune/plugins/libqtune_$p.so\$" <<<"$out" || {
       echo "the installed trainer did not find $p in $prefix/lib/qtune/plugins"
       return 1
     }
