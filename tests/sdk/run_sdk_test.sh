@@ -5,7 +5,8 @@
 #                (find_package(qtune) + qtune_add_plugin), hidden visibility
 #   3. list      the *installed* trainer --list-plugins --plugin_dir <example build> lists it,
 #                and finds the SDK's own plugins in <prefix>/lib/qtune/plugins
-#   4. conform   the in-tree conformance suite, unchanged, finds it through QTUNE_PLUGIN_PATH
+#   4. conform   the conformance suite, unchanged (the installed qtune_conformance), finds it
+#                through QTUNE_PLUGIN_PATH and passes
 #   5. train     the installed trainer runs one qlora step with --quant int4 on stories260K and
 #                writes summary.json saying so
 # Prints one line per step and "sdk: N passed, M failed"; exits non-zero on any failure. A step
@@ -81,7 +82,7 @@ do_install() {
            include/qtune/export.h include/qtune/adapter.h \
            lib/libqtune_core.so lib/qtune/plugins/libqtune_nf4.so \
            lib/qtune/plugins/libqtune_hqq.so lib/qtune/plugins/libqtune_int8.so \
-           lib/qtune/plugins/libqtune_lora.so bin/trainer \
+           lib/qtune/plugins/libqtune_lora.so bin/trainer bin/qtune_conformance \
            lib/cmake/qtune/qtuneConfig.cmake lib/cmake/qtune/qtuneConfigVersion.cmake \
            lib/cmake/qtune/qtuneTargets.cmake lib/cmake/qtune/QtunePlugin.cmake \
            lib/cmake/qtune/QtuneDeps.cmake; do
@@ -145,7 +146,7 @@ do_list() {
 # ---- 4. the conformance suite, unchanged -------------------------------------------------------
 do_conform() {
   local out
-  out=$(QTUNE_PLUGIN_PATH="$example_build" "$build_dir/bin/qtune_conformance" \
+  out=$(QTUNE_PLUGIN_PATH="$example_build" "$prefix/bin/qtune_conformance" \
           --gtest_filter='*/int4_*:ConformanceDiscovery.*' 2>&1)
   local rc=$?
   echo "$out"
@@ -176,7 +177,7 @@ mkdir -p "$log"
 step install "cmake --install into $prefix" do_install
 step build "examples/quant-plugin against the installed SDK" do_build install
 step list "installed trainer --list-plugins" do_list build
-step conform "qtune_conformance with QTUNE_PLUGIN_PATH" do_conform build
+step conform "installed qtune_conformance with QTUNE_PLUGIN_PATH" do_conform build
 step train "installed trainer, one qlora step with int4" do_train build
 echo "sdk: $passed passed, $failed failed ($((SECONDS - t_start)) s)"
 ((failed == 0))
