@@ -162,6 +162,14 @@ Json base_identity(const std::string& model_path, const ModelConfig& config,
               {"linear_hash", linear_ok ? Json(linear.hex()) : Json(nullptr)}};
 }
 
+Json prequantized_options(const WeightSource& weights) {
+  const std::string probe = "model.layers.0.self_attn.q_proj.weight";
+  if (!weights.has_quantized(probe)) return nullptr;
+  const TensorState st = weights.quantized(probe);
+  return Json{{"backend", st.meta.value("backend", "")},
+              {"options", st.meta.value("options", Json::object())}};
+}
+
 Json run_identity(const TuningSpec& spec, const Json& base) {
   const bool qlora = spec.train_type == TrainType::kQlora;
   const bool adapters = spec.train_type != TrainType::kFull;
@@ -698,9 +706,8 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
     }
   }
   const bool recorded = out.identity.is_object();
-  QTUNE_CHECK(o.quant.empty() || (has_adapter && !recorded), "--quant applies to the base of an "
-              "adapter trained elsewhere; ", has_adapter ? "this adapter records how its base "
-              "was quantized" : "give --adapter (the base alone runs in full precision)");
+  QTUNE_CHECK(o.quant.empty() || !recorded, "--base_quant: ", o.adapter_dir,
+              " records how its base was quantized; it is rebuilt that way");
 
   // The base: given, else recorded.
   out.base_path = o.model_path;
@@ -715,16 +722,34 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
 
   TuningSpec spec;
   spec.dtype = o.dtype;
+  const Json pq = prequantized_options(*files.weights);
+  auto use_quant = [&](const std::string& backend, const Json& options, const std::string& key) {
+    spec.quant = registry.quant(backend);
+    spec.quant_options = resolve_options(spec.quant->option_schema(), options, key);
+  };
   if (recorded) {
     const Json& id = out.identity;
+    const std::string what = (is_checkpoint ? "checkpoint " : "adapter ") + o.adapter_dir;
     check_base_identity(id.at("base"), base_identity(out.base_path, files.config, *files.weights),
-                        (is_checkpoint ? "checkpoint " : "adapter ") + o.adapter_dir);
+                        what);
     spec.train_type = parse_train_type(id.at("train_type").get<std::string>());
     if (spec.train_type == TrainType::kQlora) {
-      spec.quant = registry.quant(id.at("quant").get<std::string>());
-      spec.quant_options =
-          resolve_options(spec.quant->option_schema(), id.at("quant_options"), "quant.options");
+      use_quant(id.at("quant").get<std::string>(), id.at("quant_options"), "quant.options");
       spec.quant_skip_output = id.value("quant_skip_output", false);
+      if (!pq.is_null()) {
+        // A qtune-quantize directory of the right base: it must also be quantized the same way.
+        const Json pq_options = resolve_options(spec.quant->option_schema(), pq["options"],
+                                                out.base_path);
+        QTUNE_CHECK(pq["backend"] == spec.quant->name() && pq_options == spec.quant_options, what,
+                    ": it was trained on a base quantized with ", spec.quant->name(), " ",
+                    spec.quant_options.dump(), ", but ", out.base_path, " is quantized with ",
+                    pq["backend"].get<std::string>(), " ", pq_options.dump());
+      }
+    } else {
+      QTUNE_CHECK(pq.is_null(), what, ": it was trained (", to_string(spec.train_type),
+                  ") on a full-precision base, but ", out.base_path, " is quantized with ",
+                  pq.is_null() ? "" : pq["backend"].get<std::string>(),
+                  "; pass the original model with --model");
     }
     if (spec.train_type != TrainType::kFull) {
       spec.adapter = registry.adapter(id.at("adapter").get<std::string>());
@@ -733,27 +758,42 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
       spec.target_modules = parse_target_modules(
           id.at("target_modules").get<std::vector<std::string>>(), "target_modules");
     }
-  } else if (has_adapter) {
-    // An adapter from another tool: PEFT's config says what it is.
-    const std::string cfg_file = (fs::path(o.adapter_dir) / "adapter_config.json").string();
-    std::string type = peft_config["peft_type"].get<std::string>();
-    std::transform(type.begin(), type.end(), type.begin(), ::tolower);
-    spec.adapter = registry.adapter(type);
-    spec.adapter_options = resolve_options(spec.adapter->option_schema(),
-                                           peft_lora_options(peft_config, *spec.adapter),
-                                           cfg_file);
-    QTUNE_CHECK(peft_config.contains("target_modules") && peft_config["target_modules"].is_array(),
-                cfg_file, ": target_modules must be a list of module names (patterns are not "
-                "supported)");
-    spec.target_modules = parse_target_modules(
-        peft_config["target_modules"].get<std::vector<std::string>>(), cfg_file + " target_modules");
-    spec.train_type = o.quant.empty() ? TrainType::kLora : TrainType::kQlora;
-    if (!o.quant.empty()) {
-      spec.quant = registry.quant(o.quant);
-      spec.quant_options = resolve_options(spec.quant->option_schema(), o.quant_options, "quant_options");
-    }
   } else {
-    spec.train_type = TrainType::kFull;
+    if (!pq.is_null()) {
+      QTUNE_CHECK(o.quant.empty() || o.quant == pq["backend"], "--base_quant ", o.quant, ": ",
+                  out.base_path, " is already quantized with ", pq["backend"].get<std::string>());
+      use_quant(pq["backend"].get<std::string>(), pq["options"], out.base_path);
+    } else if (!o.quant.empty()) {
+      use_quant(o.quant, o.quant_options, "--base_quant_options");
+    }
+    if (has_adapter) {
+      // An adapter from another tool: PEFT's config says what it is.
+      const std::string cfg_file = (fs::path(o.adapter_dir) / "adapter_config.json").string();
+      std::string type = peft_config["peft_type"].get<std::string>();
+      std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+      spec.adapter = registry.adapter(type);
+      spec.adapter_options = resolve_options(spec.adapter->option_schema(),
+                                             peft_lora_options(peft_config, *spec.adapter),
+                                             cfg_file);
+      QTUNE_CHECK(peft_config.contains("target_modules") &&
+                      peft_config["target_modules"].is_array(),
+                  cfg_file,
+                  ": target_modules must be a list of module names (patterns are not supported)");
+      spec.target_modules =
+          parse_target_modules(peft_config["target_modules"].get<std::vector<std::string>>(),
+                               cfg_file + " target_modules");
+    } else if (spec.quant) {
+      // A quantized base alone. The builder wants an adapter factory under qlora; with no
+      // target module none is ever created, so any registered one will do.
+      for (const auto& p : registry.plugins())
+        if (p.kind == "adapter") {
+          spec.adapter = registry.adapter(p.name);
+          break;
+        }
+      QTUNE_CHECK(spec.adapter, "a quantized base needs an adapter plugin loaded (none found)");
+    }
+    spec.train_type = spec.quant ? TrainType::kQlora
+                                 : (has_adapter ? TrainType::kLora : TrainType::kFull);
   }
 
   out.model = LlamaForCausalLM(files.config, *files.weights, spec);

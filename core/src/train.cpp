@@ -270,6 +270,23 @@ Json Trainer::run() {
   QTUNE_CHECK(tokenizer->vocab_size() <= files.config.vocab_size, "model.tokenizer: ", tok_path,
               " has ", tokenizer->vocab_size(), " tokens but the model's vocabulary is ",
               files.config.vocab_size);
+  if (r_.spec.train_type == TrainType::kQlora) {
+    // A qtune-quantize directory is used as it was quantized: its options are the run's.
+    const Json pq = prequantized_options(*files.weights);
+    if (!pq.is_null()) {
+      QTUNE_CHECK(pq["backend"] == r_.spec.quant->name(), "quant.name: ", r_.model_path,
+                  " is quantized with ", pq["backend"].dump(), ", but quant.name is \"",
+                  r_.spec.quant->name(), "\"");
+      const Json opts = resolve_options(r_.spec.quant->option_schema(), pq["options"], r_.model_path);
+      if (opts != r_.spec.quant_options) {
+        spdlog::info("quant: {} was quantized with options {}; those apply (not {})", r_.model_path,
+                     opts.dump(), r_.spec.quant_options.dump());
+        r_.spec.quant_options = opts;
+        r_.recipe["quant"]["options"] = opts;
+        atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
+      }
+    }
+  }
   // What checkpoints and adapters are only valid with; a resumed run must match it.
   const Json identity =
       run_identity(r_.spec, base_identity(r_.model_path, files.config, *files.weights));

@@ -53,6 +53,10 @@ inline constexpr int kCheckpointVersion = 1;
 QTUNE_API Json base_identity(const std::string& model_path, const ModelConfig& config,
                              const WeightSource& weights);
 
+/// How a pre-quantized source (a qtune-quantize directory) was quantized: {"backend", "options"}
+/// from the state meta of its first quantized projection; null for a dense source.
+QTUNE_API Json prequantized_options(const WeightSource& weights);
+
 /// The identity of a training run:
 ///   {"train_type", "dtype", "quant", "quant_options", "quant_skip_output", "adapter",
 ///    "adapter_options", "target_modules", "base": base_identity(...)}
@@ -139,7 +143,8 @@ struct QTUNE_API TrainedModelOptions {
   /// the base model alone.
   std::string adapter_dir;
   /// Quantize the base with this backend. Only for the base alone or a foreign PEFT adapter;
-  /// qtune adapters and checkpoints rebuild the base the way they were trained.
+  /// qtune adapters and checkpoints rebuild the base the way they were trained, and a
+  /// pre-quantized base is used as it was quantized.
   std::string quant;
   Json quant_options = Json::object();
   /// Compute dtype.

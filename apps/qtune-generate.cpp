@@ -1,0 +1,134 @@
+// qtune-generate: continue a prompt with a model, optionally with a trained adapter or checkpoint
+// on it, to look at what a fine-tune learned. Greedy (temperature 0), temperature and top-p
+// sampling with a KV cache; tokens stream to stdout as they are produced, like llama2.c's run.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include <boost/program_options.hpp>
+
+#include "qtune/checkpoint.h"
+#include "qtune/error.h"
+#include "qtune/generate.h"
+#include "qtune/registry.h"
+#include "qtune/tokenizer.h"
+
+namespace fs = std::filesystem;
+namespace po = boost::program_options;
+
+namespace {
+
+int run(int argc, char** argv) {
+  po::options_description opts("qtune-generate options");
+  // clang-format off
+  opts.add_options()
+    ("help,h", "show this help")
+    ("model", po::value<std::string>(), "base model: HF directory or llama2.c .bin (default: the adapter's)")
+    ("tokenizer", po::value<std::string>(), "tokenizer .model or tok*.bin (default: the run's or the model's)")
+    ("adapter", po::value<std::string>(), "PEFT adapter directory or training checkpoint")
+    ("prompt", po::value<std::string>()->default_value(""), "text to continue (empty: start from BOS)")
+    ("max_new_tokens", po::value<int64_t>()->default_value(256), "tokens to generate at most")
+    ("temperature", po::value<double>()->default_value(0.0), "0 = greedy")
+    ("top_p", po::value<double>()->default_value(1.0), "nucleus sampling mass in (0, 1]")
+    ("seed", po::value<uint64_t>()->default_value(0), "sampling seed")
+    ("dtype", po::value<std::string>()->default_value("fp32"), "compute dtype: fp32 | bf16")
+    ("base_quant", po::value<std::string>(), "adapters from other tools only: quantize the base with this backend")
+    ("base_quant_options", po::value<std::string>()->default_value("{}"), "options of --base_quant as JSON")
+    ("threads", po::value<int64_t>()->default_value(0), "intra-op threads (0 = LibTorch's default)")
+    ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first");
+  // clang-format on
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, opts), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw qtune::UserError(std::string(e.what()) + " (see --help)");
+  }
+  if (vm.count("help")) {
+    std::cout << "usage: qtune-generate --model M [--adapter DIR] --prompt TEXT [options]\n\n"
+              << opts;
+    return 0;
+  }
+  QTUNE_CHECK(vm.count("model") || vm.count("adapter"), "give --model (and optionally --adapter)");
+  if (vm["threads"].as<int64_t>() > 0) at::set_num_threads(static_cast<int>(vm["threads"].as<int64_t>()));
+
+  auto& registry = qtune::Registry::global();
+  const std::string plugin_dir = vm["plugin_dir"].as<std::string>();
+  QTUNE_CHECK(plugin_dir.empty() || fs::is_directory(plugin_dir),
+              "--plugin_dir: not a directory: ", plugin_dir);
+  registry.scan(qtune::Registry::default_dirs(plugin_dir));
+
+  qtune::TrainedModelOptions o;
+  if (vm.count("model")) o.model_path = vm["model"].as<std::string>();
+  if (vm.count("adapter")) o.adapter_dir = vm["adapter"].as<std::string>();
+  if (vm.count("base_quant")) o.quant = vm["base_quant"].as<std::string>();
+  try {
+    o.quant_options = qtune::Json::parse(vm["base_quant_options"].as<std::string>());
+  } catch (const qtune::Json::exception& e) {
+    throw qtune::UserError(std::string("--base_quant_options is not valid JSON: ") + e.what());
+  }
+  o.dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
+  qtune::TrainedModel tm = qtune::load_trained_model(o, registry);
+
+  const std::string tok_path =
+      vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : tm.tokenizer_path;
+  QTUNE_CHECK(!tok_path.empty(), tm.base_path, " has no tokenizer beside it; give --tokenizer");
+  auto tok = qtune::load_tokenizer(tok_path);
+  QTUNE_CHECK(tok->vocab_size() <= tm.config.vocab_size, "--tokenizer: ", tok_path, " has ",
+              tok->vocab_size(), " tokens but the model's vocabulary is ", tm.config.vocab_size);
+
+  qtune::GenerateOptions g;
+  g.max_new_tokens = vm["max_new_tokens"].as<int64_t>();
+  g.temperature = vm["temperature"].as<double>();
+  g.top_p = vm["top_p"].as<double>();
+  g.seed = vm["seed"].as<uint64_t>();
+  QTUNE_CHECK(g.max_new_tokens > 0, "--max_new_tokens must be > 0, got ", g.max_new_tokens);
+  // llama2.c's models end a story with BOS; HF chat/instruct models with EOS.
+  g.stop_tokens = {tok->bos_id(), tok->eos_id()};
+
+  const std::string prompt = vm["prompt"].as<std::string>();
+  std::vector<int64_t> ids;
+  for (int id : tok->encode(prompt, /*bos=*/true, /*eos=*/false)) ids.push_back(id);
+  const int64_t room = tm.config.max_position_embeddings - static_cast<int64_t>(ids.size());
+  QTUNE_CHECK(room > 0, "--prompt has ", ids.size(), " tokens; the model's context is ",
+              tm.config.max_position_embeddings);
+  g.max_new_tokens = std::min(g.max_new_tokens, room);
+
+  // The prompt is printed token by token as run.c does, so what is shown is what the model saw.
+  int prev = tok->bos_id();
+  for (size_t i = 1; i < ids.size(); ++i) {
+    std::fputs(tok->decode_token(prev, static_cast<int>(ids[i])).c_str(), stdout);
+    prev = static_cast<int>(ids[i]);
+  }
+  std::fflush(stdout);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto out = qtune::generate(*tm.model, ids, g, [&](int64_t id) {
+    std::fputs(tok->decode_token(prev, static_cast<int>(id)).c_str(), stdout);
+    std::fflush(stdout);
+    prev = static_cast<int>(id);
+  });
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("\n");
+  std::fprintf(stderr, "qtune-generate: %zu tokens in %.2fs (%.1f tok/s)%s%s\n", out.size(), s,
+               out.size() / std::max(1e-9, s), o.adapter_dir.empty() ? "" : ", adapter ",
+               o.adapter_dir.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const qtune::UserError& e) {
+    std::fprintf(stderr, "qtune-generate: error: %s\n", e.what());
+    return 2;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "qtune-generate: internal error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qtune-generate: internal error: %s\n", e.what());
+    return 1;
+  }
+}
