@@ -9,6 +9,10 @@
 #                through QTUNE_PLUGIN_PATH and passes
 #   5. train     the installed trainer runs one qlora step with --quant int4 on stories260K and
 #                writes summary.json saying so
+#   6. install-plugin  `cmake --install` of the example puts it in <prefix>/lib/qtune/plugins,
+#                where the installed trainer finds it with no --plugin_dir
+#   7. torch-mismatch  find_package(qtune) with another LibTorch fails at configure time, naming
+#                both versions (a stand-in TorchConfig.cmake claiming 9.9.9; nothing compiled)
 # Prints one line per step and "sdk: N passed, M failed"; exits non-zero on any failure. A step
 # whose prerequisite failed counts as failed. Everything it writes is under --work-dir.
 set -uo pipefail
@@ -171,13 +175,53 @@ do_train() {
   grep -qE '"steps": *1[,}]?' "$run_dir/summary.json" || return 1
 }
 
+# ---- 6. install the plugin into the SDK's plugin folder -----------------------------------------
+do_install_plugin() {
+  "$cmake_bin" --install "$example_build" || return 1
+  expect_file "$prefix/lib/qtune/plugins/libqtune_int4.so" || return 1
+  local out
+  out=$(cd "$work" && "$prefix/bin/trainer" --list-plugins) || return 1
+  echo "$out"
+  grep -qE "^quant +int4 +1\.0\.0 +$prefix/lib/qtune/plugins/libqtune_int4.so\$" <<<"$out" || {
+    echo "the installed trainer did not find int4 in its plugin folder"
+    return 1
+  }
+}
+
+# ---- 7. another LibTorch is refused when configuring -------------------------------------------
+do_torch_mismatch() {
+  local fake="$work/fake-torch" fake_build="$work/mismatch-build"
+  mkdir -p "$fake" || return 1
+  printf '%s\n' 'set(PACKAGE_VERSION "9.9.9")' 'set(PACKAGE_VERSION_COMPATIBLE TRUE)' \
+    >"$fake/TorchConfigVersion.cmake"
+  # A stand-in for another LibTorch: only what find_package(Torch) users read.
+  printf '%s\n' 'set(TORCH_LIBRARIES "")' 'set(TORCH_INCLUDE_DIRS "")' 'set(TORCH_CXX_FLAGS "")' \
+    'set(Torch_FOUND TRUE)' >"$fake/TorchConfig.cmake"
+  local out
+  if out=$("$cmake_bin" -S "$example_src" -B "$fake_build" -G "$generator" \
+             -DCMAKE_PREFIX_PATH="$prefix${prefix_path:+;$prefix_path}" -DTorch_DIR="$fake" 2>&1); then
+    echo "$out"
+    echo "configuring against LibTorch 9.9.9 succeeded"
+    return 1
+  fi
+  echo "$out"
+  # CMake wraps long messages: compare with the line breaks removed.
+  local flat
+  flat=$(tr -s ' \n' ' ' <<<"$out")
+  grep -q "was built against LibTorch [0-9]" <<<"$flat" || return 1
+  grep -q "found LibTorch 9.9.9" <<<"$flat" || return 1
+}
+
 t_start=$SECONDS
-rm -rf "$prefix" "$example_build" "$run_dir" "$log"
+rm -rf "$prefix" "$example_build" "$run_dir" "$log" "$work/fake-torch" "$work/mismatch-build"
 mkdir -p "$log"
 step install "cmake --install into $prefix" do_install
 step build "examples/quant-plugin against the installed SDK" do_build install
 step list "installed trainer --list-plugins" do_list build
 step conform "installed qtune_conformance with QTUNE_PLUGIN_PATH" do_conform build
 step train "installed trainer, one qlora step with int4" do_train build
+step install-plugin "cmake --install of the example into the SDK's plugin folder" \
+  do_install_plugin build
+step torch-mismatch "find_package(qtune) refuses another LibTorch" do_torch_mismatch install
 echo "sdk: $passed passed, $failed failed ($((SECONDS - t_start)) s)"
 ((failed == 0))
