@@ -476,8 +476,8 @@ int64_t LlamaForCausalLMImpl::num_trainable_parameters() const {
 }
 
 namespace {
-// Sums tensor bytes once per storage: code tables shared between quantized weights and the
-// tied embedding/head are held once in memory, so they are counted once.
+// Sums base bytes. Dense tensors are counted once per storage (a tied head is the embedding);
+// a quantized weight counts what its backend's nbytes() says it holds.
 struct ByteCounter {
   std::unordered_set<const void*> seen;
   int64_t total = 0;
@@ -488,12 +488,7 @@ struct ByteCounter {
   }
   void add_slot(const LinearSlotImpl& slot) {
     if (auto q = slot.quantized()) {
-      int64_t tensors = 0;
-      for (const auto& [_, t] : q->state().tensors) {
-        tensors += t.numel() * t.element_size();
-        add(t);
-      }
-      total += std::max<int64_t>(0, q->nbytes() - tensors);  // non-tensor state it declares
+      total += q->nbytes();  // the backend's count: held tensors, without process-wide tables
     } else {
       add(slot.dense());
     }

@@ -27,7 +27,7 @@ torch::Tensor QuantizedLinearFunction::run(const torch::Tensor& x,
 
 QuantizedLinearImpl::QuantizedLinearImpl(std::shared_ptr<QuantizedWeight> weight)
     : weight_(std::move(weight)) {
-  for (auto& [key, tensor] : weight_->state().tensors) {
+  for (auto& [key, tensor] : held_tensors(*weight_)) {
     std::string name = key;
     std::replace(name.begin(), name.end(), '.', '_');
     register_buffer(name, tensor);

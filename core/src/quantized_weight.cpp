@@ -48,12 +48,21 @@ torch::Tensor QuantizedWeight::linear_grad_input(const torch::Tensor& g) const {
   return gx;
 }
 
+std::map<std::string, torch::Tensor> held_tensors(const QuantizedWeight& w) {
+  TensorState a = w.state(), b = w.state();
+  std::map<std::string, torch::Tensor> out;
+  for (auto& [key, t] : a.tensors) {
+    auto it = b.tensors.find(key);
+    if (it != b.tensors.end() && t.defined() && it->second.defined() &&
+        t.storage().unsafeGetStorageImpl() == it->second.storage().unsafeGetStorageImpl())
+      out[key] = t;
+  }
+  return out;
+}
+
 int64_t QuantizedWeight::nbytes() const {
-  TensorState s = state();
   int64_t total = 0;
-  for (const auto& [_, t] : s.tensors) total += t.numel() * t.element_size();
-  // meta (shape, options) is rebuilt on demand by state(); in memory a weight holds only a few
-  // scalars beside its tensors, so the JSON text is not counted.
+  for (const auto& [_, t] : held_tensors(*this)) total += t.numel() * t.element_size();
   return total;
 }
 

@@ -88,26 +88,26 @@ bool is_shared_table(const torch::Tensor& t) {
 // Nf4Weight
 // ================================================================================================
 
-Nf4Weight::Nf4Weight(const Layout& layout, Packed packed, Json options, std::string source_dtype,
-                     torch::Tensor quant_state)
+Nf4Weight::Nf4Weight(const Layout& layout, Packed packed, Json options, std::string source_dtype)
     : layout_(layout),
       packed_(std::move(packed)),
       options_(std::move(options)),
-      source_dtype_(std::move(source_dtype)),
-      quant_state_(std::move(quant_state)) {
-  if (!quant_state_.defined()) {
-    // bitsandbytes QuantState.as_dict(packed=True): the non-tensor items as JSON bytes.
-    Json qs = {{"quant_type", "nf4"},
-               {"blocksize", layout_.block_size},
-               {"dtype", source_dtype_},
-               {"shape", {layout_.out, layout_.in}}};
-    if (layout_.double_quant) {
-      qs["nested_blocksize"] = layout_.nested_block_size;
-      qs["nested_dtype"] = "float32";
-      qs["nested_offset"] = static_cast<double>(packed_.offset);
-    }
-    quant_state_ = json_bytes(qs).to(packed_.data.device());
+      source_dtype_(std::move(source_dtype)) {}
+
+torch::Tensor Nf4Weight::quant_state_bytes() const {
+  // bitsandbytes QuantState.as_dict(packed=True): the non-tensor items as JSON bytes. Rebuilt on
+  // each call from a few scalars rather than held: per weight it would cost more than the
+  // absmax codes of a small matrix.
+  Json qs = {{"quant_type", "nf4"},
+             {"blocksize", layout_.block_size},
+             {"dtype", source_dtype_},
+             {"shape", {layout_.out, layout_.in}}};
+  if (layout_.double_quant) {
+    qs["nested_blocksize"] = layout_.nested_block_size;
+    qs["nested_dtype"] = "float32";
+    qs["nested_offset"] = static_cast<double>(packed_.offset);
   }
+  return json_bytes(qs).to(packed_.data.device());
 }
 
 bool Nf4Weight::cpu_kernel_ok(torch::ScalarType dtype) const {
@@ -202,15 +202,18 @@ TensorState Nf4Weight::state() const {
     s.tensors["weight.nested_absmax"] = packed_.nested_absmax;
     s.tensors["weight.nested_quant_map"] = packed_.nested_quant_map;
   }
-  s.tensors[kQuantStateKey] = quant_state_;
+  s.tensors[kQuantStateKey] = quant_state_bytes();
   s.meta = {{"backend", "nf4"}, {"shape", {layout_.out, layout_.in}}, {"options", options_}};
   return s;
 }
 
 int64_t Nf4Weight::nbytes() const {
-  const TensorState s = state();
-  int64_t total = static_cast<int64_t>(s.meta.dump().size());
-  for (const auto& [key, t] : s.tensors)
+  // What this weight holds: its packed codes and absmax tensors and the double-quantization
+  // offset. Not counted: the code tables every NF4 weight of the process shares (held once, like
+  // the constants in bitsandbytes' kernels), and the quant_state JSON / meta, which state()
+  // derives on demand from the layout.
+  int64_t total = layout_.double_quant ? static_cast<int64_t>(sizeof(packed_.offset)) : 0;
+  for (const auto& [key, t] : held_tensors(*this))
     if (!is_shared_table(t)) total += t.numel() * t.element_size();
   return total;
 }
@@ -219,7 +222,7 @@ void Nf4Weight::to(torch::Device device) {
   // set_data swaps the storage of the very TensorImpl that state() handed out (and that a
   // QuantizedLinear registered as a buffer), so every handle sees the move.
   for (torch::Tensor* t : {&packed_.data, &packed_.absmax, &packed_.quant_map,
-                           &packed_.nested_absmax, &packed_.nested_quant_map, &quant_state_})
+                           &packed_.nested_absmax, &packed_.nested_quant_map})
     if (t->defined() && t->device() != device) t->set_data(t->to(device));
 }
 
@@ -418,7 +421,7 @@ std::unique_ptr<QuantizedWeight> Nf4Backend::load(const TensorState& state) cons
     QTUNE_CHECK(torch::isfinite(p.absmax).all().item<bool>(),
                 "nf4 state: weight.absmax holds NaN or Inf");
   }
-  return std::make_unique<Nf4Weight>(l, std::move(p), options, source_dtype, own(qs_it->second));
+  return std::make_unique<Nf4Weight>(l, std::move(p), options, source_dtype);
 }
 
 }  // namespace qtune::nf4

@@ -20,10 +20,8 @@ constexpr const char* kQuantStateKey = "weight.quant_state.bitsandbytes__nf4";
 class Nf4Weight : public QuantizedWeight {
  public:
   /// `options` are the resolved plugin options; `source_dtype` the dtype name of the original
-  /// W ("float32", "bfloat16", ...); `quant_state` the packed JSON bytes (uint8), or undefined
-  /// to build them from the other arguments.
-  Nf4Weight(const Layout& layout, Packed packed, Json options, std::string source_dtype,
-            torch::Tensor quant_state = {});
+  /// W ("float32", "bfloat16", ...), recorded in the quant_state JSON.
+  Nf4Weight(const Layout& layout, Packed packed, Json options, std::string source_dtype);
 
   std::string backend() const override { return "nf4"; }
   int64_t out_features() const override { return layout_.out; }
@@ -49,12 +47,14 @@ class Nf4Weight : public QuantizedWeight {
 
  private:
   bool cpu_kernel_ok(torch::ScalarType dtype) const;
+  /// The packed quant_state JSON (bitsandbytes' weight.quant_state.bitsandbytes__nf4), built
+  /// from the layout on demand.
+  torch::Tensor quant_state_bytes() const;
 
   Layout layout_;
   Packed packed_;
   Json options_;
   std::string source_dtype_;
-  torch::Tensor quant_state_;  // uint8 JSON bytes
 };
 
 /// The plugin's factory.

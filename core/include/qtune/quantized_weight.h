@@ -44,8 +44,8 @@ class QTUNE_API QuantizedWeight {
   /// of the result rebuilds an identical weight. meta always holds "backend", "shape" and
   /// "options".
   virtual TensorState state() const = 0;
-  /// Bytes really held: every tensor in state() (packed codes, scales, code tables); the
-  /// default sums them. A backend holding more (e.g. scalars outside tensors) adds it.
+  /// Bytes really held: the default sums held_tensors() (packed codes, scales, code tables). A
+  /// backend adds what it holds outside tensors and may leave out tables shared process-wide.
   virtual int64_t nbytes() const;
   /// Moves every tensor to `device` in place (handles from state() see the move).
   virtual void to(torch::Device device) = 0;
@@ -55,6 +55,11 @@ class QTUNE_API QuantizedWeight {
   /// Rows of W dequantized per tile by the default linear/linear_grad_input.
   virtual int64_t tile_rows() const;
 };
+
+/// The tensors a weight really holds: those state() hands out as the same storage on every
+/// call. Tensors state() builds on demand (a serialised JSON record, say) are derived, not held:
+/// they are neither registered as module buffers nor counted as model memory.
+QTUNE_API std::map<std::string, torch::Tensor> held_tensors(const QuantizedWeight& w);
 
 /// A quantization plugin's factory. Stateless; safe to call from several threads.
 class QTUNE_API QuantBackend {
