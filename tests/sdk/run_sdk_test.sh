@@ -13,6 +13,8 @@
 #                where the installed trainer finds it with no --plugin_dir
 #   7. torch-mismatch  find_package(qtune) with another LibTorch fails at configure time, naming
 #                both versions (a stand-in TorchConfig.cmake claiming 9.9.9; nothing compiled)
+#   8. tokenizer the installed trainer loads a sentencepiece .model through the module installed
+#                beside libqtune_core
 # Prints one line per step and "sdk: N passed, M failed"; exits non-zero on any failure. A step
 # whose prerequisite failed counts as failed. Everything it writes is under --work-dir.
 set -uo pipefail
@@ -212,8 +214,26 @@ do_torch_mismatch() {
   grep -q "found LibTorch 9.9.9" <<<"$flat" || return 1
 }
 
+# ---- 8. the installed tokenizer module ---------------------------------------------------------
+# The installed trainer reads a sentencepiece .model through libqtune_sentencepiece.so beside the
+# installed libqtune_core. The Llama 2 tokenizer does not fit stories260K, so the run stops with
+# a vocabulary error, which it can only report after loading the .model (32000 pieces).
+do_tokenizer() {
+  if [[ ! -e "$build_dir/lib/libqtune_sentencepiece.so" ]]; then
+    echo "this build has no sentencepiece module; nothing to check"
+    return 0
+  fi
+  local out
+  out=$(cd "$work" && QTUNE_DATA="$data" "$prefix/bin/trainer" --train_type lora \
+          --model stories260K.bin --tokenizer llama2_tokenizer.model --max_steps 1 \
+          --output_dir "$work/run-spm" 2>&1)
+  echo "$out"
+  grep -q "llama2_tokenizer.model has 32000 tokens but the model's vocabulary is 512" <<<"$out"
+}
+
 t_start=$SECONDS
-rm -rf "$prefix" "$example_build" "$run_dir" "$log" "$work/fake-torch" "$work/mismatch-build"
+rm -rf "$prefix" "$example_build" "$run_dir" "$log" "$work/fake-torch" "$work/mismatch-build" \
+  "$work/run-spm"
 mkdir -p "$log"
 step install "cmake --install into $prefix" do_install
 step build "examples/quant-plugin against the installed SDK" do_build install
@@ -223,5 +243,6 @@ step train "installed trainer, one qlora step with int4" do_train build
 step install-plugin "cmake --install of the example into the SDK's plugin folder" \
   do_install_plugin build
 step torch-mismatch "find_package(qtune) refuses another LibTorch" do_torch_mismatch install
+step tokenizer "installed trainer reads a sentencepiece .model" do_tokenizer install
 echo "sdk: $passed passed, $failed failed ($((SECONDS - t_start)) s)"
 ((failed == 0))
