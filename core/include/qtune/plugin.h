@@ -73,22 +73,22 @@ using AdapterFactoryFn = AdapterFactory*();
 #define QTUNE_PLUGIN_INFO_SYMBOL qtune_plugin_info
 #define QTUNE_PLUGIN_FACTORY_SYMBOL qtune_plugin_factory
 
-#define QTUNE_DETAIL_PLUGIN(KIND, NAME, VERSION, FACTORY_TYPE, CLASS)                          \
-  namespace qtune_plugin_detail {                                                              \
-  __attribute__((used, section(QTUNE_PLUGIN_STAMP_SECTION))) constexpr ::qtune::PluginStamp   \
-      stamp{QTUNE_PLUGIN_STAMP_MAGIC, QTUNE_PLUGIN_ABI_VERSION,   KIND, NAME, VERSION,         \
-            QTUNE_PLUGIN_TORCH_VERSION, QTUNE_CXX_ABI_TAG};                                    \
-  /* The record points into the stamp: one source of truth, and a reference that keeps the */  \
-  /* stamp's section alive under --gc-sections. */                                             \
-  static const ::qtune::PluginInfo* info() {                                                   \
-    static constexpr ::qtune::PluginInfo record{stamp.abi_version, stamp.kind,   stamp.name,   \
-                                                stamp.version,     stamp.torch_version,        \
-                                                stamp.cxx_abi};                                \
-    return &record;                                                                            \
-  }                                                                                            \
-  static FACTORY_TYPE* factory() { return new CLASS(); }                                       \
-  }                                                                                            \
-  BOOST_DLL_ALIAS(qtune_plugin_detail::info, qtune_plugin_info)                                \
+#define QTUNE_DETAIL_PLUGIN(KIND, NAME, VERSION, FACTORY_TYPE, CLASS)                              \
+  namespace qtune_plugin_detail {                                                                  \
+  __attribute__((used, section(QTUNE_PLUGIN_STAMP_SECTION))) constexpr ::qtune::PluginStamp stamp{ \
+      QTUNE_PLUGIN_STAMP_MAGIC,   QTUNE_PLUGIN_ABI_VERSION, KIND, NAME, VERSION,                   \
+      QTUNE_PLUGIN_TORCH_VERSION, QTUNE_CXX_ABI_TAG};                                              \
+  /* The record points into the stamp: one source of truth, and a reference that keeps the */      \
+  /* stamp's section alive under --gc-sections. */                                                 \
+  static const ::qtune::PluginInfo* info() {                                                       \
+    static constexpr ::qtune::PluginInfo record{stamp.abi_version,   stamp.kind,                   \
+                                                stamp.name,          stamp.version,                \
+                                                stamp.torch_version, stamp.cxx_abi};               \
+    return &record;                                                                                \
+  }                                                                                                \
+  static FACTORY_TYPE* factory() { return new CLASS(); }                                           \
+  }                                                                                                \
+  BOOST_DLL_ALIAS(qtune_plugin_detail::info, qtune_plugin_info)                                    \
   BOOST_DLL_ALIAS(qtune_plugin_detail::factory, qtune_plugin_factory)
 
 /// Registers a quantization backend class (default-constructible, derives QuantBackend).
