@@ -1,0 +1,813 @@
+// qtune-bench ppl, finetune and scale: whole models. ppl evaluates a quantized base in-process;
+// finetune and scale run each configuration in a fresh child process (this executable with a
+// hidden sub-command), so each one's peak RSS is its own, and collect what the child wrote.
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "bench_internal.h"
+#include "qtune/atomic_file.h"
+#include "qtune/bench.h"
+#include "qtune/data.h"
+#include "qtune/error.h"
+#include "qtune/model.h"
+#include "qtune/recipe.h"
+#include "qtune/tokenizer.h"
+#include "qtune/train.h"
+#include "qtune/weight_source.h"
+
+namespace fs = std::filesystem;
+
+namespace qtune {
+
+using namespace bench_detail;
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+Json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  QTUNE_CHECK(in.good(), "cannot read ", path);
+  try {
+    return Json::parse(in);
+  } catch (const std::exception& e) {
+    throw UserError(path + ": not valid JSON (" + e.what() + ")");
+  }
+}
+
+// A child that failed: its exit code and the last line it printed, without the program prefix.
+std::string child_status(int rc, const std::string& log) {
+  std::string line = last_line(log);
+  const std::string prefix = "qtune-bench: error: ";
+  if (line.rfind(prefix, 0) == 0) line = line.substr(prefix.size());
+  if (rc == 2) return "rejected: " + line;
+  if (rc > 128) return "failed: killed by signal " + std::to_string(rc - 128) + " (" + line + ")";
+  return "failed (exit " + std::to_string(rc) + "): " + line;
+}
+
+// Builds quantized-only models for ppl: the builder needs an adapter factory for any
+// non-full train type, but no slot is targeted, so create() is never called.
+class NoAdapterFactory : public AdapterFactory {
+ public:
+  std::string name() const override { return "none"; }
+  std::vector<OptionSpec> option_schema() const override { return {}; }
+  std::shared_ptr<Adapter> create(int64_t, int64_t, const Json&) const override {
+    throw std::logic_error("bench: no adapter is created for a perplexity model");
+  }
+};
+
+int64_t linear_params(const LlamaForCausalLMImpl& m) {
+  int64_t n = 0;
+  for (const auto& [_, s] : m.slots()) n += s->in_features() * s->out_features();
+  return n;
+}
+
+// Series colours and dash patterns for up to 16 lines.
+std::string line_style(size_t i) {
+  return "lt " + std::to_string(i % 8 + 1) + " dt " + std::to_string(i / 8 + 1);
+}
+
+// The markdown/CSV label of a (train type, set) configuration.
+struct RunConfig {
+  std::string label;  // "full", "lora", "qlora nf4 double_quant=false"
+  TrainType type;
+  const QuantSet* set = nullptr;
+};
+
+std::vector<RunConfig> run_configs(bool with_full, const std::vector<QuantSet>& sets) {
+  std::vector<RunConfig> out;
+  if (with_full) out.push_back({"full", TrainType::kFull, nullptr});
+  out.push_back({"lora", TrainType::kLora, nullptr});
+  for (const auto& s : sets) out.push_back({"qlora " + s.label(), TrainType::kQlora, &s});
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// ppl
+
+BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
+  const auto t_start = clock_type::now();
+  torch::NoGradGuard no_grad;
+  const int threads = apply_threads(o.threads);
+  const std::string model_path = resolve_data_path(o.model_path, "--model");
+  ModelFiles files = open_model(model_path);
+  std::string tok_path = o.tokenizer_path.empty()
+                             ? files.tokenizer_path
+                             : resolve_data_path(o.tokenizer_path, "--tokenizer");
+  QTUNE_CHECK(!tok_path.empty(), "--tokenizer: ", model_path, " has no tokenizer beside it");
+  auto tokenizer = load_tokenizer(tok_path);
+  const std::string text = resolve_data_path(o.ppl_text, "--ppl_text");
+  const int64_t seq = o.ppl_seq_len > 0 ? o.ppl_seq_len : files.config.max_position_embeddings;
+  QTUNE_CHECK(seq <= files.config.max_position_embeddings, "--ppl_seq_len ", seq,
+              " exceeds the model's max_position_embeddings ",
+              files.config.max_position_embeddings);
+  // The whole file as one token stream (BOS once, at the start), cut into non-overlapping
+  // windows of seq + 1 tokens sharing one token, the way llama2.c measures its validation loss
+  // and perplexity tools read a text file. Blank lines are text ("\n\n" tokens), not document
+  // breaks: in TinyStories they separate paragraphs inside a story as often as stories.
+  std::string content;
+  {
+    std::ifstream in(text, std::ios::binary);
+    QTUNE_CHECK(in.good(), "--ppl_text: cannot read ", text);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    content = ss.str();
+  }
+  const std::vector<int> ids = tokenizer->encode(content, /*bos=*/true, /*eos=*/false);
+  int64_t blocks = (static_cast<int64_t>(ids.size()) - 1) / seq;
+  if (o.ppl_max_blocks > 0) blocks = std::min(blocks, o.ppl_max_blocks);
+  QTUNE_CHECK(blocks > 0, "--ppl_text: ", text, " has ", ids.size(),
+              " tokens, fewer than one block of ", seq + 1);
+  torch::Tensor stream = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()), torch::kLong);
+  constexpr int64_t kBatch = 8;
+
+  BenchTable table("ppl", "Perplexity with every linear weight quantized",
+                   {{"set", 4, true},
+                    {"backend", 4, false},
+                    {"bits_per_param", 4, true},
+                    {"linear_weight_mb", 4, true},
+                    {"base_weight_mb", 4, false},
+                    {"loss", 5, true},
+                    {"ppl", 5, true},
+                    {"ppl_ratio", 4, true},
+                    {"delta_loss", 3, true},
+                    {"tokens", 4, true},
+                    {"eval_s", 3, true},
+                    {"build_s", 3, false},
+                    {"seq_len", 4, false},
+                    {"threads", 4, false},
+                    {"status", 4, true},
+                    {"options", 4, false}});
+
+  auto no_adapter = std::make_shared<NoAdapterFactory>();
+  double base_loss = NAN;
+  auto run = [&](const QuantSet* set) {
+    Json row = {{"set", set ? set->label() : "none (fp32)"},
+                {"backend", set ? set->backend : "none"},
+                {"seq_len", seq},
+                {"threads", threads},
+                {"options", set ? set->options.dump() : "{}"}};
+    TuningSpec spec;
+    spec.dtype = torch::kFloat32;
+    spec.adapter = no_adapter;
+    spec.train_type = set ? TrainType::kQlora : TrainType::kLora;
+    try {
+      if (set) {
+        spec.quant = registry.quant(set->backend);
+        spec.quant_options =
+            resolve_options(spec.quant->option_schema(), set->options, set->backend);
+        row["options"] = spec.quant_options.dump();
+      }
+      auto t0 = clock_type::now();
+      LlamaForCausalLM model(files.config, *files.weights, spec);
+      model->to(o.device);
+      model->eval();
+      row["build_s"] = seconds_since(t0);
+      t0 = clock_type::now();
+      double sum = 0;
+      int64_t count = 0;
+      for (int64_t b0 = 0; b0 < blocks; b0 += kBatch) {
+        const int64_t nb = std::min(kBatch, blocks - b0);
+        torch::Tensor win = stream.narrow(0, b0 * seq, nb * seq + 1);
+        torch::Tensor x = win.narrow(0, 0, nb * seq).view({nb, seq});
+        torch::Tensor y = win.narrow(0, 1, nb * seq).view({nb, seq});
+        auto [loss, n] = model->loss(x.to(o.device), y.to(o.device));
+        sum += loss.item<double>() * static_cast<double>(n);
+        count += n;
+      }
+      row["eval_s"] = seconds_since(t0);
+      const double loss = sum / static_cast<double>(std::max<int64_t>(1, count));
+      if (!set) base_loss = loss;
+      row["loss"] = loss;
+      row["ppl"] = std::exp(loss);
+      row["ppl_ratio"] = std::exp(loss - base_loss);
+      row["delta_loss"] = loss - base_loss;
+      row["tokens"] = count;
+      row["linear_weight_mb"] = model->linear_weight_bytes() / 1e6;
+      row["base_weight_mb"] = model->base_weight_bytes() / 1e6;
+      row["bits_per_param"] = 8.0 * static_cast<double>(model->linear_weight_bytes()) /
+                              static_cast<double>(linear_params(*model));
+      row["status"] = "ok";
+      spdlog::info("bench ppl: {}: loss {:.4f} ppl {:.3f} ({} tokens)",
+                   row["set"].get<std::string>(), loss, std::exp(loss), count);
+    } catch (const std::exception& e) {
+      if (!set) throw;  // the unquantized model must work: anything wrong is the user's input
+      row["status"] =
+          (dynamic_cast<const UserError*>(&e) ? "rejected: " : "failed: ") + first_line(e);
+      spdlog::warn("bench ppl: {}: {}", set->label(), row["status"].get<std::string>());
+    }
+    table.add(row);
+  };
+  run(nullptr);
+  for (const auto& s : o.quant_sets) run(&s);
+
+  table.notes = {
+      "Mean next-token cross-entropy (*loss*, nats) and perplexity exp(loss) of `" +
+          fs::path(model_path).filename().string() + "` on `" + fs::path(text).filename().string() +
+          "`, cut into blocks of " + std::to_string(seq) +
+          " tokens (the file as one token stream, BOS at its start, like llama2.c's validation "
+          "loss), with every linear projection quantized by the set (the output head too, as "
+          "under QLoRA; embeddings and norms stay fp32); compute in fp32. *ppl_ratio* and "
+          "*delta_loss* are against the unquantized model in the same run. *bits_per_param* "
+          "counts the linear weights' `nbytes()`.",
+  };
+
+  BenchResult result;
+  result.command = "ppl";
+  {
+    std::ostringstream gp;
+    gp << gp_preamble("ppl.png", 1000, 560);
+    gp << gp_datablock("p", table, {"set", "ppl", "bits_per_param"},
+                       [&](size_t r) { return table.at(r, "status") == "ok"; });
+    size_t n = 0;
+    for (size_t r = 0; r < table.rows().size(); ++r) n += table.at(r, "status") == "ok";
+    gp << "set title "
+       << gp_quote("Perplexity of " + fs::path(model_path).stem().string() + " on " +
+                   fs::path(text).filename().string())
+       << "\nset style data histograms\nset style fill solid 0.85 border -1\nset boxwidth 0.8\n"
+       << "set xtics rotate by -30 left font ',9'\nset ylabel 'perplexity'\nset bmargin 7\n"
+       << "set key off\nset yrange [0:*]\nset xrange [-0.6:" << (n == 0 ? 0.6 : n - 0.4) << "]\n"
+       << "plot $p using 2:xtic(sprintf('%s (%.2f b)', strcol(1), $3)) lc rgb '#4477aa', \\\n"
+       << "     $p using 0:2:(sprintf('%.3f', $2)) with labels offset 0,0.7 font ',8'";
+    if (std::isfinite(base_loss))
+      gp << ", \\\n     " << std::exp(base_loss) << " with lines dt 2 lc rgb 'black'";
+    gp << "\n";
+    result.plots.push_back({"ppl", "perplexity per option set", gp.str()});
+  }
+  result.tables.push_back(std::move(table));
+  result.seconds = seconds_since(t_start);
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// finetune
+
+BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
+  const auto t_start = clock_type::now();
+  const int threads = apply_threads(o.threads);
+  QTUNE_CHECK(!o.self_exe.empty(), "bench: the path of qtune-bench itself is unknown");
+  QTUNE_CHECK(o.device.is_cpu(), "--device ", o.device.str(),
+              ": finetune runs the trainer, which trains on the CPU; use --device cpu");
+  QTUNE_CHECK(o.finetune_steps > 0, "--finetune_steps must be > 0, got ", o.finetune_steps);
+  auto adapter = pick_adapter(o, registry);
+  const std::string model_path = resolve_data_path(o.model_path, "--model");
+  const std::string tok_path =
+      o.tokenizer_path.empty() ? "" : resolve_data_path(o.tokenizer_path, "--tokenizer");
+  const std::string data_path = resolve_data_path(o.finetune_data, "--finetune_data");
+  WorkDir work(o);
+
+  auto make_recipe = [&](const RunConfig& c, const std::string& out) {
+    Json r = recipe_defaults();
+    r["model"]["path"] = model_path;
+    r["model"]["tokenizer"] = tok_path;
+    r["train_type"] = to_string(c.type);
+    r["dtype"] = o.finetune_dtype;
+    if (c.set) {
+      r["quant"]["name"] = c.set->backend;
+      r["quant"]["options"] = c.set->options;
+    }
+    r["adapter"]["name"] = adapter->name();
+    r["adapter"]["options"] = o.adapter_options;
+    r["data"]["path"] = data_path;
+    r["data"]["format"] = "auto";
+    r["data"]["val_fraction"] = 0.05;
+    r["data"]["seq_len"] = o.finetune_seq_len;
+    r["train"]["max_steps"] = o.finetune_steps;
+    r["train"]["batch_size"] = o.finetune_batch;
+    r["train"]["lr"] = c.type == TrainType::kFull ? o.finetune_full_lr : o.finetune_lr;
+    r["train"]["warmup_steps"] = std::max<int64_t>(1, o.finetune_steps / 10);
+    r["eval"]["every"] = o.finetune_eval_every;
+    r["eval"]["max_batches"] = 8;
+    r["log_every"] = std::max<int64_t>(1, o.finetune_steps / 5);
+    r["seed"] = static_cast<int64_t>(o.seed);
+    r["threads"] = threads;
+    r["output_dir"] = out;
+    r["plugin_dir"] = o.plugin_dir;
+    return r;
+  };
+
+  const auto configs = run_configs(true, o.quant_sets);
+  // The flags themselves are checked before any run: a bad path or value is the user's error,
+  // not a row. A quant set the schema rejects becomes a row.
+  {
+    RunConfig lora{"lora", TrainType::kLora, nullptr};
+    resolve_recipe(make_recipe(lora, work.path() + "/check"), registry);
+  }
+
+  BenchTable table("finetune", "The same short fine-tune: full, LoRA and QLoRA per backend",
+                   {{"config", 4, true},
+                    {"train_type", 4, false},
+                    {"backend", 4, false},
+                    {"dtype", 4, false},
+                    {"steps", 4, false},
+                    {"batch", 4, false},
+                    {"seq_len", 4, false},
+                    {"lr", 3, false},
+                    {"first_val_loss", 4, false},
+                    {"final_val_loss", 4, true},
+                    {"best_val_loss", 4, false},
+                    {"final_train_loss", 4, false},
+                    {"tokens_per_s", 4, true},
+                    {"step_ms", 4, true},
+                    {"step_ratio_vs_lora", 3, true},
+                    {"peak_rss_mb", 4, true},
+                    {"base_weight_mb", 4, true},
+                    {"linear_weight_mb", 4, false},
+                    {"trainable_params", 4, true},
+                    {"total_params", 4, false},
+                    {"trainer_tokens_per_s", 4, false},
+                    {"threads", 4, false},
+                    {"status", 4, true},
+                    {"options", 4, false}});
+  BenchTable curves("finetune_curves", "",
+                    {{"config", 4, true},
+                     {"step", 4, true},
+                     {"train_loss", 5, true},
+                     {"train_loss_avg10", 5, true},
+                     {"val_loss", 5, true}});
+
+  double lora_step = NAN;
+  for (size_t i = 0; i < configs.size(); ++i) {
+    const auto& c = configs[i];
+    Json row = {{"config", c.label},
+                {"train_type", to_string(c.type)},
+                {"backend", c.set ? c.set->backend : ""},
+                {"dtype", o.finetune_dtype},
+                {"steps", o.finetune_steps},
+                {"batch", o.finetune_batch},
+                {"seq_len", o.finetune_seq_len},
+                {"lr", c.type == TrainType::kFull ? o.finetune_full_lr : o.finetune_lr},
+                {"threads", threads},
+                {"options", c.set ? c.set->options.dump() : ""}};
+    const std::string dir = work.path() + "/" + std::to_string(i) + "_" + slug(c.label);
+    fs::create_directories(dir);
+    const Json recipe = make_recipe(c, dir);
+    try {
+      row["options"] = c.set ? resolve_recipe(recipe, registry).spec.quant_options.dump() : "";
+    } catch (const UserError& e) {
+      row["status"] = std::string("rejected: ") + e.what();
+      table.add(row);
+      continue;
+    }
+    const std::string recipe_path = dir + "/bench_recipe.json";
+    atomic_write_string(recipe_path, recipe.dump(2) + "\n");
+    const std::string log = dir + "/log.txt";
+    spdlog::info("bench finetune: {} ({} steps)", c.label, o.finetune_steps);
+    const int rc = run_child(o.self_exe, {"__finetune", recipe_path}, log);
+    if (rc != 0) {
+      row["status"] = child_status(rc, log);
+      spdlog::warn("bench finetune: {}: {}", c.label, row["status"].get<std::string>());
+      table.add(row);
+      continue;
+    }
+    const Json s = read_json_file(dir + "/summary.json");
+    std::vector<double> step_s;
+    std::ifstream m(dir + "/metrics.jsonl");
+    std::map<int64_t, Json> by_step;
+    std::vector<double> window;
+    for (std::string line; std::getline(m, line);) {
+      if (line.empty()) continue;
+      const Json j = Json::parse(line);
+      const int64_t step = j.value("step", int64_t{0});
+      Json& p = by_step[step];
+      p["config"] = c.label;
+      p["step"] = step;
+      if (j.value("type", "") == "train") {
+        step_s.push_back(j.value("step_s", NAN));
+        p["train_loss"] = j["loss"];
+        window.push_back(j["loss"].get<double>());
+        if (window.size() > 10) window.erase(window.begin());
+        double avg = 0;
+        for (double v : window) avg += v;
+        p["train_loss_avg10"] = avg / static_cast<double>(window.size());
+      } else if (j.value("type", "") == "eval") {
+        p["val_loss"] = j["val_loss"];
+      }
+    }
+    for (const auto& [_, p] : by_step) curves.add(p);
+    // The first steps pay for first-touch allocations and thread start-up: not steady state.
+    const size_t skip =
+        std::min<size_t>(step_s.size() / 2, std::max<size_t>(2, step_s.size() / 10));
+    const double step_med = median(
+        std::vector<double>(step_s.begin() + static_cast<std::ptrdiff_t>(skip), step_s.end()));
+    if (c.type == TrainType::kLora) lora_step = step_med;
+    row["first_val_loss"] = s["first_val_loss"];
+    row["final_val_loss"] = s["final_val_loss"];
+    row["best_val_loss"] = s["best_val_loss"];
+    row["final_train_loss"] = s["final_train_loss"];
+    row["step_ms"] = 1e3 * step_med;
+    row["tokens_per_s"] = static_cast<double>(o.finetune_batch * o.finetune_seq_len) / step_med;
+    row["step_ratio_vs_lora"] = step_med / lora_step;
+    row["peak_rss_mb"] = s["peak_rss_bytes"].get<double>() / 1e6;
+    row["base_weight_mb"] = s["base_weight_bytes"].get<double>() / 1e6;
+    row["linear_weight_mb"] = s["linear_weight_bytes"].get<double>() / 1e6;
+    row["trainable_params"] = s["trainable_parameters"];
+    row["total_params"] = s["total_parameters"];
+    row["trainer_tokens_per_s"] = s["tokens_per_s"];
+    row["status"] = "ok";
+    spdlog::info("bench finetune: {}: val loss {} -> {}, {:.1f} ms/step, peak RSS {:.0f} MB",
+                 c.label, s["first_val_loss"].dump(), s["final_val_loss"].dump(), 1e3 * step_med,
+                 row["peak_rss_mb"].get<double>());
+    table.add(row);
+  }
+
+  table.notes = {
+      "Every configuration fine-tunes `" + fs::path(model_path).filename().string() + "` on `" +
+          fs::path(data_path).filename().string() + "` (5% of its documents held out) for " +
+          std::to_string(o.finetune_steps) + " steps of " + std::to_string(o.finetune_batch) +
+          " x " + std::to_string(o.finetune_seq_len) +
+          " tokens, same seed and data order, compute dtype " + o.finetune_dtype +
+          "; LoRA/QLoRA use adapter `" + adapter->name() + "` on every projection at lr " +
+          std::to_string(o.finetune_lr).substr(0, 6) + ", full fine-tuning lr " +
+          std::to_string(o.finetune_full_lr).substr(0, 6) +
+          " (full updates every weight, so it takes a smaller rate). Each runs in its own "
+          "process: *peak_rss_mb* is that process's peak resident memory.",
+      "*step_ms* is the median optimizer step after the first " +
+          std::string("steps (evaluation excluded); *tokens_per_s* = batch x seq_len / step; ") +
+          "*step_ratio_vs_lora* = step / the LoRA step of this run (the QLoRA overhead at "
+          "stories260K's size, where per-call overheads, not matmuls, dominate; see scale for "
+          "larger models). *base_weight_mb* counts every base weight the model holds "
+          "(projections quantized or not, embeddings, norms; adapters excluded).",
+  };
+
+  BenchResult result;
+  result.command = "finetune";
+  {
+    std::ostringstream gp;
+    gp << gp_preamble("finetune_loss.png", 1200, 560);
+    std::vector<std::string> ok_labels;
+    for (size_t r = 0; r < table.rows().size(); ++r)
+      if (table.at(r, "status") == "ok")
+        ok_labels.push_back(table.at(r, "config").get<std::string>());
+    for (size_t i = 0; i < ok_labels.size(); ++i) {
+      gp << gp_datablock("c" + std::to_string(i), curves, {"step", "train_loss_avg10", "val_loss"},
+                         [&](size_t r) { return curves.at(r, "config") == ok_labels[i]; });
+    }
+    gp << "set multiplot layout 1,2 title "
+       << gp_quote("Fine-tuning " + fs::path(model_path).stem().string() + " on " +
+                   fs::path(data_path).filename().string())
+       << "\nset xlabel 'step'\nset key top right font ',8'\n"
+       << "set title 'train loss (mean of the last 10 steps)'\nset ylabel 'loss'\nplot ";
+    for (size_t i = 0; i < ok_labels.size(); ++i)
+      gp << (i ? ", \\\n     " : "") << "$c" << i << " using 1:2 with lines " << line_style(i)
+         << " lw 1.5 title " << gp_quote(ok_labels[i]);
+    if (ok_labels.empty()) gp << "NaN notitle";
+    gp << "\nset title 'held-out loss'\nset ylabel 'val loss'\nset datafile missing 'NaN'\nplot ";
+    for (size_t i = 0; i < ok_labels.size(); ++i)
+      gp << (i ? ", \\\n     " : "") << "$c" << i << " using 1:3 with linespoints " << line_style(i)
+         << " pt 7 ps 0.6 lw 1.5 title " << gp_quote(ok_labels[i]);
+    if (ok_labels.empty()) gp << "NaN notitle";
+    gp << "\nunset multiplot\n";
+    result.plots.push_back({"finetune_loss", "loss curves per configuration", gp.str()});
+  }
+  result.tables.push_back(std::move(table));
+  result.tables.push_back(std::move(curves));
+  result.seconds = seconds_since(t_start);
+  return result;
+}
+
+namespace bench_detail {
+
+int finetune_child(const std::string& recipe_path, const Registry& registry) {
+  const Json recipe = read_json_file(recipe_path);
+  Trainer trainer(resolve_recipe(recipe, registry));
+  trainer.run();
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale
+
+int scale_child(const std::string& spec_path, const std::string& result_path,
+                const Registry& registry) {
+  const int64_t rss_start = current_rss_bytes();
+  const Json s = read_json_file(spec_path);
+  const int threads = apply_threads(s.at("threads").get<int>());
+  const torch::Device device(s.at("device").get<std::string>());
+  const ModelConfig config = ModelConfig::from_hf_json(s.at("config"), spec_path);
+  TuningSpec spec;
+  spec.train_type = parse_train_type(s.at("train_type").get<std::string>());
+  spec.dtype = parse_dtype(s.at("dtype").get<std::string>(), "dtype");
+  if (spec.train_type == TrainType::kQlora) {
+    spec.quant = registry.quant(s.at("quant").get<std::string>());
+    spec.quant_options =
+        resolve_options(spec.quant->option_schema(), s.at("quant_options"), "quant.options");
+  }
+  spec.adapter = registry.adapter(s.at("adapter").get<std::string>());
+  spec.adapter_options =
+      resolve_options(spec.adapter->option_schema(), s.at("adapter_options"), "adapter.options");
+  spec.target_modules = parse_target_modules({"all-linear"}, "targets");
+
+  const uint64_t seed = s.at("seed").get<uint64_t>();
+  torch::manual_seed(seed);
+  auto weights = random_weights(config, seed);
+  auto t0 = clock_type::now();
+  LlamaForCausalLM model(config, *weights, spec);
+  model->to(device);
+  const double build_s = seconds_since(t0);
+  const int64_t rss_built = current_rss_bytes();
+
+  std::vector<torch::Tensor> params;
+  for (auto& [_, p] : model->trainable_parameters()) params.push_back(p);
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4));
+  const int64_t batch = s.at("batch").get<int64_t>(), seq = s.at("seq_len").get<int64_t>();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+  torch::Tensor ids = torch::randint(config.vocab_size, {batch, seq + 1}, gen, torch::kLong);
+  torch::Tensor tokens = ids.narrow(1, 0, seq).contiguous().to(device);
+  torch::Tensor targets = ids.narrow(1, 1, seq).contiguous().to(device);
+  model->train();
+  const int64_t warm = s.at("warmup").get<int64_t>(), steps = s.at("steps").get<int64_t>();
+  std::vector<double> times;
+  double last_loss = NAN;
+  for (int64_t i = 0; i < warm + steps; ++i) {
+    t0 = clock_type::now();
+    opt.zero_grad();
+    auto [loss, n] = model->loss(tokens, targets);
+    loss.backward();
+    opt.step();
+    sync(device);
+    last_loss = loss.item<double>();
+    if (i >= warm) times.push_back(seconds_since(t0));
+  }
+  const Json result = {
+      {"build_s", build_s},
+      {"rss_start_bytes", rss_start},
+      {"rss_built_bytes", rss_built},
+      {"peak_rss_bytes", peak_rss_bytes()},
+      {"step_s", median(times)},
+      {"step_times", times},
+      {"loss", last_loss},
+      {"base_weight_bytes", model->base_weight_bytes()},
+      {"linear_weight_bytes", model->linear_weight_bytes()},
+      {"trainable_parameters", model->num_trainable_parameters()},
+      {"total_parameters", model->num_total_parameters()},
+      {"threads", threads},
+  };
+  atomic_write_string(result_path, result.dump(2) + "\n");
+  return 0;
+}
+
+}  // namespace bench_detail
+
+BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
+  const auto t_start = clock_type::now();
+  const int threads = apply_threads(o.threads);
+  QTUNE_CHECK(!o.self_exe.empty(), "bench: the path of qtune-bench itself is unknown");
+  QTUNE_CHECK(o.scale_steps > 0, "--scale_steps must be > 0, got ", o.scale_steps);
+  QTUNE_CHECK(o.scale_batch > 0 && o.scale_seq_len > 0,
+              "--scale_batch and --scale_seq_len must be > 0");
+  auto adapter = pick_adapter(o, registry);
+  resolve_options(adapter->option_schema(), o.adapter_options, "--adapter_options");
+  std::vector<ModelConfig> configs;
+  for (const auto& n : o.scale_sizes) {
+    configs.push_back(synthetic_config(n, "--scale_sizes"));
+    QTUNE_CHECK(o.scale_seq_len <= configs.back().max_position_embeddings, "--scale_seq_len ",
+                o.scale_seq_len, " exceeds size ", n, "'s max_position_embeddings ",
+                configs.back().max_position_embeddings);
+  }
+  for (const auto& d : o.scale_dtypes) parse_dtype(d, "--scale_dtypes");
+  // One set per backend unless the user named them: the sweep's cost grows with the model.
+  std::vector<QuantSet> sets = o.scale_sets;
+  if (sets.empty()) {
+    std::vector<std::string> seen;
+    for (const auto& s : o.quant_sets)
+      if (std::find(seen.begin(), seen.end(), s.backend) == seen.end()) {
+        seen.push_back(s.backend);
+        sets.push_back(s);
+      }
+  }
+  const auto runs = run_configs(false, sets);
+  WorkDir work(o);
+
+  BenchTable table("scale", "LoRA vs QLoRA on synthetic Llama models of growing size",
+                   {{"size", 4, true},
+                    {"params_m", 4, true},
+                    {"hidden", 4, false},
+                    {"layers", 4, false},
+                    {"intermediate", 4, false},
+                    {"dtype", 4, true},
+                    {"config", 4, true},
+                    {"train_type", 4, false},
+                    {"backend", 4, false},
+                    {"batch", 4, false},
+                    {"seq_len", 4, false},
+                    {"steps", 4, false},
+                    {"build_s", 3, true},
+                    {"rss_start_mb", 4, false},
+                    {"rss_built_mb", 4, true},
+                    {"peak_rss_mb", 4, true},
+                    {"base_weight_mb", 4, true},
+                    {"linear_weight_mb", 4, false},
+                    {"step_ms", 4, true},
+                    {"tokens_per_s", 4, false},
+                    {"step_ratio_vs_lora", 3, true},
+                    {"trainable_params", 4, false},
+                    {"threads", 4, false},
+                    {"status", 4, true},
+                    {"options", 4, false}});
+
+  size_t index = 0;
+  for (const auto& dtype : o.scale_dtypes) {
+    for (size_t ci = 0; ci < configs.size(); ++ci) {
+      const auto& cfg = configs[ci];
+      double lora_step = NAN;
+      for (const auto& c : runs) {
+        Json row = {{"size", o.scale_sizes[ci]},
+                    {"params_m", cfg.num_parameters() / 1e6},
+                    {"hidden", cfg.hidden_size},
+                    {"layers", cfg.num_hidden_layers},
+                    {"intermediate", cfg.intermediate_size},
+                    {"dtype", dtype},
+                    {"config", c.label},
+                    {"train_type", to_string(c.type)},
+                    {"backend", c.set ? c.set->backend : ""},
+                    {"batch", o.scale_batch},
+                    {"seq_len", o.scale_seq_len},
+                    {"steps", o.scale_steps},
+                    {"threads", threads},
+                    {"options", c.set ? c.set->options.dump() : ""}};
+        const std::string dir = work.path() + "/scale_" + std::to_string(index++) + "_" +
+                                slug(o.scale_sizes[ci] + "_" + dtype + "_" + c.label);
+        fs::create_directories(dir);
+        const Json spec = {{"config", cfg.to_hf_json()},
+                           {"train_type", to_string(c.type)},
+                           {"dtype", dtype},
+                           {"quant", c.set ? c.set->backend : ""},
+                           {"quant_options", c.set ? c.set->options : Json::object()},
+                           {"adapter", adapter->name()},
+                           {"adapter_options", o.adapter_options},
+                           {"batch", o.scale_batch},
+                           {"seq_len", o.scale_seq_len},
+                           {"steps", o.scale_steps},
+                           {"warmup", std::max(1, o.warmup)},
+                           {"threads", threads},
+                           {"seed", static_cast<int64_t>(o.seed)},
+                           {"device", o.device.str()}};
+        atomic_write_string(dir + "/spec.json", spec.dump(2) + "\n");
+        const std::string log = dir + "/log.txt";
+        spdlog::info("bench scale: {} {} {}", o.scale_sizes[ci], dtype, c.label);
+        const int rc =
+            run_child(o.self_exe, {"__scale", dir + "/spec.json", dir + "/result.json"}, log);
+        if (rc != 0) {
+          row["status"] = child_status(rc, log);
+          spdlog::warn("bench scale: {} {} {}: {}", o.scale_sizes[ci], dtype, c.label,
+                       row["status"].get<std::string>());
+          table.add(row);
+          continue;
+        }
+        const Json r = read_json_file(dir + "/result.json");
+        const double step = r["step_s"].get<double>();
+        if (c.type == TrainType::kLora) lora_step = step;
+        row["build_s"] = r["build_s"];
+        row["rss_start_mb"] = r["rss_start_bytes"].get<double>() / 1e6;
+        row["rss_built_mb"] = r["rss_built_bytes"].get<double>() / 1e6;
+        row["peak_rss_mb"] = r["peak_rss_bytes"].get<double>() / 1e6;
+        row["base_weight_mb"] = r["base_weight_bytes"].get<double>() / 1e6;
+        row["linear_weight_mb"] = r["linear_weight_bytes"].get<double>() / 1e6;
+        row["step_ms"] = 1e3 * step;
+        row["tokens_per_s"] = static_cast<double>(o.scale_batch * o.scale_seq_len) / step;
+        row["step_ratio_vs_lora"] = step / lora_step;
+        row["trainable_params"] = r["trainable_parameters"];
+        row["status"] = "ok";
+        spdlog::info("bench scale: {} {} {}: peak RSS {:.0f} MB, step {:.0f} ms (x{:.2f} LoRA)",
+                     o.scale_sizes[ci], dtype, c.label, row["peak_rss_mb"].get<double>(),
+                     1e3 * step, step / lora_step);
+        table.add(row);
+      }
+    }
+  }
+
+  // Least-squares slope of peak RSS and of base bytes over parameters, per series: the memory a
+  // parameter costs under each configuration.
+  BenchTable slope("scale_slope", "Memory per parameter (least-squares slope over sizes)",
+                   {{"dtype", 4, true},
+                    {"config", 4, true},
+                    {"sizes", 4, true},
+                    {"peak_rss_bytes_per_param", 3, true},
+                    {"peak_rss_intercept_mb", 4, true},
+                    {"base_bytes_per_param", 3, true}});
+  std::vector<std::pair<std::string, std::string>> series;
+  for (const auto& d : o.scale_dtypes)
+    for (const auto& c : runs) series.emplace_back(d, c.label);
+  for (const auto& [d, label] : series) {
+    std::vector<double> x, y, b;
+    for (size_t r = 0; r < table.rows().size(); ++r) {
+      if (table.at(r, "status") != "ok" || table.at(r, "dtype") != d ||
+          table.at(r, "config") != label)
+        continue;
+      x.push_back(table.at(r, "params_m").get<double>() * 1e6);
+      y.push_back(table.at(r, "peak_rss_mb").get<double>() * 1e6);
+      b.push_back(table.at(r, "base_weight_mb").get<double>() * 1e6);
+    }
+    Json row = {{"dtype", d}, {"config", label}, {"sizes", static_cast<int64_t>(x.size())}};
+    if (x.size() >= 2) {
+      auto fit = [&](const std::vector<double>& v) {
+        double mx = 0, my = 0;
+        for (size_t i = 0; i < x.size(); ++i) mx += x[i], my += v[i];
+        mx /= x.size();
+        my /= x.size();
+        double sxy = 0, sxx = 0;
+        for (size_t i = 0; i < x.size(); ++i)
+          sxy += (x[i] - mx) * (v[i] - my), sxx += (x[i] - mx) * (x[i] - mx);
+        const double k = sxx > 0 ? sxy / sxx : NAN;
+        return std::make_pair(k, my - k * mx);
+      };
+      const auto [k, c0] = fit(y);
+      row["peak_rss_bytes_per_param"] = k;
+      row["peak_rss_intercept_mb"] = c0 / 1e6;
+      row["base_bytes_per_param"] = fit(b).first;
+    }
+    slope.add(row);
+  }
+
+  table.notes = {
+      "Random weights (normal, std 0.02) in Llama shapes with a 32000-token vocabulary: 15M is "
+      "llama2.c's stories15M, 1B is TinyLlama-1.1B's shape (GQA 32/4 heads, untied head), 60M "
+      "and 250M sit between. Adapter `" +
+          adapter->name() +
+          "` on every projection; QLoRA quantizes every frozen linear including the head. " +
+          "Each configuration is a fresh process: *rss_built_mb* is its resident memory after "
+          "building the model, *peak_rss_mb* its peak over the whole run (model build included; "
+          "a quantized model is built one full-precision matrix at a time). *step_ms*: median of " +
+          std::to_string(o.scale_steps) + " optimizer steps of " + std::to_string(o.scale_batch) +
+          " x " + std::to_string(o.scale_seq_len) + " tokens after " +
+          std::to_string(std::max(1, o.warmup)) +
+          " warm-up step(s); *step_ratio_vs_lora* is the QLoRA / LoRA step time at the same "
+          "size and compute dtype in the same run.",
+  };
+  slope.notes = {
+      "*peak_rss_bytes_per_param*: the slope of peak RSS against parameter count across sizes "
+      "(2 bytes per parameter is a bf16 model, 4 fp32); *base_bytes_per_param* the same for the "
+      "base weights the model holds.",
+  };
+
+  BenchResult result;
+  result.command = "scale";
+  {
+    std::ostringstream mem, step;
+    mem << gp_preamble("scale_memory.png", 1000, 620);
+    step << gp_preamble("scale_step.png", 1200, 540);
+    std::vector<std::string> names;
+    for (size_t i = 0; i < series.size(); ++i) {
+      const auto& [d, label] = series[i];
+      auto keep = [&](size_t r) {
+        return table.at(r, "status") == "ok" && table.at(r, "dtype") == d &&
+               table.at(r, "config") == label;
+      };
+      const std::string block = gp_datablock(
+          "s" + std::to_string(i), table,
+          {"params_m", "peak_rss_mb", "base_weight_mb", "step_ms", "step_ratio_vs_lora"}, keep);
+      mem << block;
+      step << block;
+      names.push_back(o.scale_dtypes.size() > 1 ? label + " " + d : label);
+    }
+    mem << "set title 'Peak RSS (solid) and base weights (dashed) vs model size, " << o.scale_batch
+        << " x " << o.scale_seq_len << " tokens per step'\n"
+        << "set xlabel 'parameters (millions, log)'\nset ylabel 'MB (log)'\nset logscale xy\n"
+        << "set key top left\nplot ";
+    for (size_t i = 0; i < names.size(); ++i)
+      mem << (i ? ", \\\n     " : "") << "$s" << i << " using 1:2 with linespoints lt " << i + 1
+          << " pt 7 lw 2 title " << gp_quote(names[i] + ": peak RSS") << ", $s" << i
+          << " using 1:3 with lines lt " << i + 1 << " dt 2 lw 1.5 title "
+          << gp_quote(names[i] + ": base weights");
+    if (names.empty()) mem << "NaN notitle";
+    mem << "\n";
+    step << "set multiplot layout 1,2 title 'Step time vs model size'\n"
+         << "set xlabel 'parameters (millions, log)'\nset logscale x\nset key top left\n"
+         << "set title 'optimizer step (ms, log)'\nset logscale y\nplot ";
+    for (size_t i = 0; i < names.size(); ++i)
+      step << (i ? ", \\\n     " : "") << "$s" << i << " using 1:4 with linespoints lt " << i + 1
+           << " pt 7 lw 2 title " << gp_quote(names[i]);
+    if (names.empty()) step << "NaN notitle";
+    step << "\nset title 'QLoRA step / LoRA step'\nunset logscale y\nset yrange [0:*]\nplot ";
+    bool any = false;
+    for (size_t i = 0; i < names.size(); ++i) {
+      if (runs[i % runs.size()].type == TrainType::kLora) continue;
+      step << (any ? ", \\\n     " : "") << "$s" << i << " using 1:5 with linespoints lt " << i + 1
+           << " pt 7 lw 2 title " << gp_quote(names[i]);
+      any = true;
+    }
+    step << (any ? ", \\\n     " : "") << "1 with lines dt 2 lc rgb 'black' notitle, 1.15 with "
+         << "lines dt 3 lc rgb 'red' title '+15%'\nunset multiplot\n";
+    result.plots.push_back({"scale_memory", "peak RSS vs model size", mem.str()});
+    result.plots.push_back({"scale_step", "step time vs model size", step.str()});
+  }
+  result.tables.push_back(std::move(table));
+  result.tables.push_back(std::move(slope));
+  result.seconds = seconds_since(t_start);
+  return result;
+}
+
+}  // namespace qtune
