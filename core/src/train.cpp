@@ -365,8 +365,6 @@ Json Trainer::run() {
     metrics.flush();
     if (on_metrics) on_metrics(j);
   };
-  if (!resume_dir.empty())
-    emit({{"type", "resume"}, {"step", start_step}, {"checkpoint", resume_dir}});
 
   auto run_eval = [&](int64_t step) {
     if (!data.val) return;
@@ -384,6 +382,8 @@ Json Trainer::run() {
     return prior_train_s + std::chrono::duration<double>(clock::now() - t_train).count();
   };
   std::string last_checkpoint;
+  int64_t checkpoints_saved = 0, checkpoint_bytes = 0;
+  double checkpoint_seconds = 0;
   auto checkpoint = [&](int64_t step) {
     const auto t0 = clock::now();
     CheckpointState st;
@@ -401,8 +401,9 @@ Json Trainer::run() {
     last_checkpoint = save_checkpoint(ckpt_root, *model, opt, st, ckpt_keep, r_.model_path);
     const double s = std::chrono::duration<double>(clock::now() - t0).count();
     const int64_t bytes = dir_bytes(last_checkpoint);
-    emit({{"type", "checkpoint"}, {"step", step}, {"path", last_checkpoint}, {"bytes", bytes},
-          {"save_s", s}});
+    ++checkpoints_saved;
+    checkpoint_seconds += s;
+    checkpoint_bytes = bytes;
     spdlog::info("step {}: checkpoint {} ({:.2f} MB, {:.3f}s)", step, last_checkpoint, bytes / 1e6, s);
   };
 
@@ -496,6 +497,9 @@ Json Trainer::run() {
       {"best_val_loss", nan_to_null(best_val)},
       {"saved", saved},
       {"checkpoint", last_checkpoint.empty() ? Json(nullptr) : Json(last_checkpoint)},
+      {"checkpoints_saved", checkpoints_saved},
+      {"checkpoint_bytes", checkpoint_bytes},
+      {"checkpoint_save_seconds", checkpoint_seconds},
       {"resumed_from", resume_dir.empty() ? Json(nullptr) : Json(resume_dir)},
       {"stopped_early", steps_done < max_steps},
   };
