@@ -368,7 +368,10 @@ template <typename Map>
 typename Map::key_type optimizer_key(const Map&, const torch::Tensor& p) {
   using Key = typename Map::key_type;
   if constexpr (std::is_same_v<Key, std::string>) {
-    return c10::guts::to_string(p.unsafeGetTensorImpl());
+    // What LibTorch 1.x builds with c10::guts::to_string: the pointer streamed in hex.
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
   } else {
     return static_cast<Key>(p.unsafeGetTensorImpl());
   }
