@@ -2,11 +2,10 @@
 // other tools load: a clean PEFT adapter directory, an HF model directory with the adapters
 // merged onto the dequantized base (fp32 or bf16), or that merged model requantized with any
 // backend (a qtune-quantize style directory).
+#include <boost/program_options.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-
-#include <boost/program_options.hpp>
 
 #include "qtune/checkpoint.h"
 #include "qtune/error.h"
@@ -101,9 +100,9 @@ int run(int argc, char** argv) {
   const std::string what = full ? "full fine-tune" : "base + adapter";
 
   if (!merge) {
-    qtune::save_peft_adapter(out, *tm.model, tm.base_path,
-                             id.is_object() ? qtune::Json{{"identity", id}, {"tokenizer", tok}}
-                                            : qtune::Json());
+    qtune::save_peft_adapter(
+        out, *tm.model, tm.base_path,
+        id.is_object() ? qtune::Json{{"identity", id}, {"tokenizer", tok}} : qtune::Json());
     std::printf("wrote %s: PEFT adapter (%s) for %s, %.3f MB\n", out.c_str(),
                 tm.model->spec().adapter->name().c_str(), tm.base_path.c_str(),
                 dir_bytes(out) / 1e6);
@@ -119,8 +118,8 @@ int run(int argc, char** argv) {
   auto weights = qtune::model_weights(*tm.model, /*merge_adapters=*/true);
   if (requantize) {
     auto backend = registry.quant(vm["requantize"].as<std::string>());
-    const auto options = qtune::resolve_options(backend->option_schema(),
-                                                parse_json_flag(vm, "quant_options"), "--quant_options");
+    const auto options = qtune::resolve_options(
+        backend->option_schema(), parse_json_flag(vm, "quant_options"), "--quant_options");
     const int64_t bytes = qtune::save_quantized_model(out, tm.config, *weights, *backend, options,
                                                       vm["skip_output"].as<bool>(), dtype, tok);
     std::printf("wrote %s: merged %s requantized with %s %s (projections %.3f MB, dense %s)\n",

@@ -1,12 +1,11 @@
 // qtune-generate: continue a prompt with a model, optionally with a trained adapter or checkpoint
 // on it, to look at what a fine-tune learned. Greedy (temperature 0), temperature and top-p
 // sampling with a KV cache; tokens stream to stdout as they are produced, like llama2.c's run.
+#include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-
-#include <boost/program_options.hpp>
 
 #include "qtune/checkpoint.h"
 #include "qtune/error.h"
@@ -51,7 +50,8 @@ int run(int argc, char** argv) {
     return 0;
   }
   QTUNE_CHECK(vm.count("model") || vm.count("adapter"), "give --model (and optionally --adapter)");
-  if (vm["threads"].as<int64_t>() > 0) at::set_num_threads(static_cast<int>(vm["threads"].as<int64_t>()));
+  if (vm["threads"].as<int64_t>() > 0)
+    at::set_num_threads(static_cast<int>(vm["threads"].as<int64_t>()));
 
   auto& registry = qtune::Registry::global();
   const std::string plugin_dir = vm["plugin_dir"].as<std::string>();

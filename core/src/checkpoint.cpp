@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <spdlog/spdlog.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,8 +21,6 @@
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
-
-#include <spdlog/spdlog.h>
 
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
@@ -99,7 +98,8 @@ void hash_tensor(Fnv1a& h, const WeightSource& w, const std::string& name) {
   }
   if (t.dim() >= 2 && t.size(0) > kSampleRows) {
     std::vector<int64_t> rows;
-    for (int64_t i = 0; i < kSampleRows; ++i) rows.push_back(i * (t.size(0) - 1) / (kSampleRows - 1));
+    for (int64_t i = 0; i < kSampleRows; ++i)
+      rows.push_back(i * (t.size(0) - 1) / (kSampleRows - 1));
     t = t.index_select(0, torch::tensor(rows, torch::kLong));
   }
   t = t.to(torch::kFloat32).to(torch::kBFloat16).contiguous();
@@ -110,11 +110,10 @@ void hash_tensor(Fnv1a& h, const WeightSource& w, const std::string& name) {
 
 // The config.json fields that decide the function a set of weights computes.
 const std::vector<std::string>& architecture_fields() {
-  static const std::vector<std::string> f{"hidden_size",         "intermediate_size",
-                                          "num_hidden_layers",   "num_attention_heads",
-                                          "num_key_value_heads", "vocab_size",
-                                          "rms_norm_eps",        "rope_theta",
-                                          "tie_word_embeddings"};
+  static const std::vector<std::string> f{
+      "hidden_size",         "intermediate_size",   "num_hidden_layers",
+      "num_attention_heads", "num_key_value_heads", "vocab_size",
+      "rms_norm_eps",        "rope_theta",          "tie_word_embeddings"};
   return f;
 }
 
@@ -174,7 +173,8 @@ Json run_identity(const TuningSpec& spec, const Json& base) {
   const bool qlora = spec.train_type == TrainType::kQlora;
   const bool adapters = spec.train_type != TrainType::kFull;
   Json targets = nullptr;
-  if (adapters) targets = std::vector<std::string>(spec.target_modules.begin(), spec.target_modules.end());
+  if (adapters)
+    targets = std::vector<std::string>(spec.target_modules.begin(), spec.target_modules.end());
   return Json{
       {"train_type", to_string(spec.train_type)},
       {"dtype", dtype_name(spec.dtype)},
@@ -196,8 +196,8 @@ void check_base_identity(const Json& recorded, const Json& current, const std::s
   const Json& cc = current.at("config");
   for (const auto& [k, v] : rc.items()) {
     const Json other = cc.value(k, Json(nullptr));
-    QTUNE_CHECK(v == other, what, ": it was trained on base model ", rp, " with ", k, " ",
-                v.dump(), ", but ", cp, " has ", k, " ", other.dump(),
+    QTUNE_CHECK(v == other, what, ": it was trained on base model ", rp, " with ", k, " ", v.dump(),
+                ", but ", cp, " has ", k, " ", other.dump(),
                 " (pass the base model it was trained on with --model)");
   }
   QTUNE_CHECK(recorded.value("dense_hash", "") == current.value("dense_hash", ""), what,
@@ -207,8 +207,8 @@ void check_base_identity(const Json& recorded, const Json& current, const std::s
               current.value("dense_hash", "?"), "); pass the base model it was trained on");
   const Json rl = recorded.value("linear_hash", Json(nullptr));
   const Json cl = current.value("linear_hash", Json(nullptr));
-  QTUNE_CHECK(rl.is_null() || cl.is_null() || rl == cl, what, ": it was trained on base model ",
-              rp, " (projection fingerprint ", rl.dump(), "), but ", cp,
+  QTUNE_CHECK(rl.is_null() || cl.is_null() || rl == cl, what, ": it was trained on base model ", rp,
+              " (projection fingerprint ", rl.dump(), "), but ", cp,
               " has different projection weights (fingerprint ", cl.dump(),
               "); pass the base model it was trained on");
 }
@@ -263,8 +263,9 @@ CheckpointState CheckpointState::from_json(const Json& j, const std::string& ori
   const int version = j["version"].get<int>();
   QTUNE_CHECK(version == kCheckpointVersion, origin, ": checkpoint format version ", version,
               ", but this qtune reads version ", kCheckpointVersion,
-              version > kCheckpointVersion ? " (written by a newer qtune: upgrade qtune)"
-                                           : " (written by an older qtune: resume with that version)");
+              version > kCheckpointVersion
+                  ? " (written by a newer qtune: upgrade qtune)"
+                  : " (written by an older qtune: resume with that version)");
   auto need = [&](const char* key, bool (Json::*is)() const noexcept, const char* type) {
     QTUNE_CHECK(j.contains(key) && (j[key].*is)(), origin, ": \"", key, "\" must be ", type);
   };
@@ -345,9 +346,7 @@ void debug_point(const std::string& point, int64_t step, const std::string& mark
   if (armed("QTUNE_DEBUG_FAIL"))
     throw UserError("injected failure at " + here + " (QTUNE_DEBUG_FAIL)");
   if (!armed("QTUNE_DEBUG_PAUSE")) return;
-  {
-    std::ofstream((fs::path(marker_dir) / ".qtune-debug-paused").string()) << here << "\n";
-  }
+  { std::ofstream((fs::path(marker_dir) / ".qtune-debug-paused").string()) << here << "\n"; }
   spdlog::warn("QTUNE_DEBUG_PAUSE: paused at {}", here);
   for (int i = 0; i < 30000; ++i) {  // 5 minutes at most: a test that forgot us must not hang
     if (interrupted != nullptr && interrupted()) break;
@@ -413,8 +412,8 @@ std::string make_temp_dir(const std::string& root, const std::string& stem) {
 void publish_dir(const std::string& tmp, const std::string& dest, const std::string& root) {
   std::error_code ec;
   if (!fs::exists(dest, ec)) {
-    QTUNE_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0, "cannot rename ", tmp, " to ", dest,
-                ": ", errno_text());
+    QTUNE_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0, "cannot rename ", tmp, " to ", dest, ": ",
+                errno_text());
     return;
   }
 #ifdef SYS_renameat2
@@ -426,10 +425,10 @@ void publish_dir(const std::string& tmp, const std::string& dest, const std::str
 #endif
   const std::string old = make_temp_dir(root, "." + fs::path(dest).filename().string() + ".old-");
   fs::remove(old, ec);
-  QTUNE_CHECK(::rename(dest.c_str(), old.c_str()) == 0, "cannot move ", dest, " aside: ",
+  QTUNE_CHECK(::rename(dest.c_str(), old.c_str()) == 0, "cannot move ", dest,
+              " aside: ", errno_text());
+  QTUNE_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0, "cannot rename ", tmp, " to ", dest, ": ",
               errno_text());
-  QTUNE_CHECK(::rename(tmp.c_str(), dest.c_str()) == 0, "cannot rename ", tmp, " to ", dest,
-              ": ", errno_text());
   fs::remove_all(old, ec);
 }
 
@@ -481,9 +480,9 @@ std::string save_checkpoint(const std::string& root, const LlamaForCausalLMImpl&
     std::unordered_map<const void*, std::string> in_adapter;
     const auto peft = peft_adapter_tensors(model);
     if (!peft.empty()) {
-      save_peft_adapter(tmp, model, base_model,
-                        Json{{"identity", st.identity}, {"tokenizer", st.tokenizer},
-                             {"step", st.step}});
+      save_peft_adapter(
+          tmp, model, base_model,
+          Json{{"identity", st.identity}, {"tokenizer", st.tokenizer}, {"step", st.step}});
       for (const auto& [key, t] : peft) in_adapter[t.unsafeGetTensorImpl()] = key;
     }
     std::map<std::string, torch::Tensor> rest;
@@ -543,7 +542,8 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& root)
     fs::path p(spec);
     if (is_checkpoint_dir(p)) return p.string();
     // An output directory or its checkpoints/ folder: take its latest.
-    if (fs::exists(p / "checkpoints")) return resolve_checkpoint("latest", (p / "checkpoints").string());
+    if (fs::exists(p / "checkpoints"))
+      return resolve_checkpoint("latest", (p / "checkpoints").string());
     if (fs::exists(p / kLatestFile)) return resolve_checkpoint("latest", p.string());
     throw UserError("resume: " + spec + " is not a checkpoint directory (no " + kStateFile +
                     " in it); give a checkpoints/step-<N> directory or 'latest'");
@@ -555,9 +555,10 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& root)
     while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
     if (step_of(name) >= 0 && is_checkpoint_dir(fs::path(root) / name))
       return (fs::path(root) / name).string();
-    spdlog::warn("checkpoint: {} names '{}', which is not a complete checkpoint; using the newest "
-                 "one instead",
-                 pointer.string(), name);
+    spdlog::warn(
+        "checkpoint: {} names '{}', which is not a complete checkpoint; using the newest "
+        "one instead",
+        pointer.string(), name);
   }
   int64_t best = -1;
   for (const auto& e : fs::directory_iterator(root, ec)) {
@@ -589,8 +590,8 @@ class FileCache {
   const SafetensorsFile& get(const std::string& file) {
     auto it = files_.find(file);
     if (it != files_.end()) return *it->second;
-    QTUNE_CHECK(file.find('/') == std::string::npos && file.find("..") == std::string::npos,
-                dir_, "/", kStateFile, ": storage names file '", file,
+    QTUNE_CHECK(file.find('/') == std::string::npos && file.find("..") == std::string::npos, dir_,
+                "/", kStateFile, ": storage names file '", file,
                 "', expected a file name inside the checkpoint");
     const std::string path = (fs::path(dir_) / file).string();
     QTUNE_CHECK(fs::exists(path), "checkpoint ", dir_, " is incomplete: ", path, " is missing");
@@ -678,8 +679,10 @@ Json peft_lora_options(const Json& config, const AdapterFactory& factory) {
   Json out = Json::object();
   std::set<std::string> names;
   for (const auto& o : factory.option_schema()) names.insert(o.name);
-  const std::pair<const char*, const char*> map[] = {
-      {"r", "rank"}, {"lora_alpha", "alpha"}, {"lora_dropout", "dropout"}, {"use_rslora", "use_rslora"}};
+  const std::pair<const char*, const char*> map[] = {{"r", "rank"},
+                                                     {"lora_alpha", "alpha"},
+                                                     {"lora_dropout", "dropout"},
+                                                     {"use_rslora", "use_rslora"}};
   for (const auto& [peft_key, ours] : map)
     if (config.contains(peft_key) && !config[peft_key].is_null() && names.count(ours))
       out[ours] = config[peft_key];
@@ -718,8 +721,9 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
   if (out.base_path.empty() && peft_config.is_object())
     out.base_path = peft_config.value("base_model_name_or_path", "");
   QTUNE_CHECK(!out.base_path.empty(), "no base model: give --model");
-  QTUNE_CHECK(fs::exists(out.base_path), "base model not found: ", out.base_path,
-              has_adapter && o.model_path.empty() ? " (recorded by the adapter; give --model)" : "");
+  QTUNE_CHECK(
+      fs::exists(out.base_path), "base model not found: ", out.base_path,
+      has_adapter && o.model_path.empty() ? " (recorded by the adapter; give --model)" : "");
   ModelFiles files = open_model(out.base_path);
   out.config = files.config;
 
@@ -741,8 +745,8 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
       spec.quant_skip_output = id.value("quant_skip_output", false);
       if (!pq.is_null()) {
         // A qtune-quantize directory of the right base: it must also be quantized the same way.
-        const Json pq_options = resolve_options(spec.quant->option_schema(), pq["options"],
-                                                out.base_path);
+        const Json pq_options =
+            resolve_options(spec.quant->option_schema(), pq["options"], out.base_path);
         QTUNE_CHECK(pq["backend"] == spec.quant->name() && pq_options == spec.quant_options, what,
                     ": it was trained on a base quantized with ", spec.quant->name(), " ",
                     spec.quant_options.dump(), ", but ", out.base_path, " is quantized with ",
@@ -775,13 +779,11 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
       std::string type = peft_config["peft_type"].get<std::string>();
       std::transform(type.begin(), type.end(), type.begin(), ::tolower);
       spec.adapter = registry.adapter(type);
-      spec.adapter_options = resolve_options(spec.adapter->option_schema(),
-                                             peft_lora_options(peft_config, *spec.adapter),
-                                             cfg_file);
-      QTUNE_CHECK(peft_config.contains("target_modules") &&
-                      peft_config["target_modules"].is_array(),
-                  cfg_file,
-                  ": target_modules must be a list of module names (patterns are not supported)");
+      spec.adapter_options = resolve_options(
+          spec.adapter->option_schema(), peft_lora_options(peft_config, *spec.adapter), cfg_file);
+      QTUNE_CHECK(
+          peft_config.contains("target_modules") && peft_config["target_modules"].is_array(),
+          cfg_file, ": target_modules must be a list of module names (patterns are not supported)");
       spec.target_modules =
           parse_target_modules(peft_config["target_modules"].get<std::vector<std::string>>(),
                                cfg_file + " target_modules");
@@ -795,8 +797,8 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
         }
       QTUNE_CHECK(spec.adapter, "a quantized base needs an adapter plugin loaded (none found)");
     }
-    spec.train_type = spec.quant ? TrainType::kQlora
-                                 : (has_adapter ? TrainType::kLora : TrainType::kFull);
+    spec.train_type =
+        spec.quant ? TrainType::kQlora : (has_adapter ? TrainType::kLora : TrainType::kFull);
   }
 
   out.model = LlamaForCausalLM(files.config, *files.weights, spec);

@@ -54,7 +54,8 @@ std::vector<std::pair<std::string, torch::Tensor>> peft_adapter_tensors(
 void save_peft_adapter(const std::string& dir, const LlamaForCausalLMImpl& model,
                        const std::string& base_model, const Json& qtune_info) {
   std::map<std::string, torch::Tensor> tensors;
-  for (const auto& [key, t] : peft_adapter_tensors(model)) tensors[key] = t.detach().to(torch::kCPU);
+  for (const auto& [key, t] : peft_adapter_tensors(model))
+    tensors[key] = t.detach().to(torch::kCPU);
   QTUNE_CHECK(!tensors.empty(), "the model has no adapter to save (train_type full?)");
   Json config;
   std::set<std::string> targets;

@@ -1,6 +1,7 @@
 // The training recipe (see train.h).
 #include "qtune/train.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -10,8 +11,6 @@
 #include <filesystem>
 #include <fstream>
 #include <thread>
-
-#include <spdlog/spdlog.h>
 
 #include "qtune/atomic_file.h"
 #include "qtune/checkpoint.h"
@@ -75,9 +74,9 @@ ResolvedRecipe resolve_recipe(const Json& recipe, const Registry& registry) {
     r.spec.adapter_options = resolve_options(r.spec.adapter->option_schema(),
                                              recipe["adapter"]["options"], "adapter.options");
     r.recipe["adapter"]["options"] = r.spec.adapter_options;
-    r.spec.target_modules = parse_target_modules(
-        recipe["adapter"]["target_modules"].get<std::vector<std::string>>(),
-        "adapter.target_modules");
+    r.spec.target_modules =
+        parse_target_modules(recipe["adapter"]["target_modules"].get<std::vector<std::string>>(),
+                             "adapter.target_modules");
   }
   return r;
 }
@@ -232,8 +231,9 @@ Json Trainer::run() {
   g_stop.store(false);
 
   const int64_t threads = rc["threads"].get<int64_t>();
-  at::set_num_threads(threads > 0 ? static_cast<int>(threads)
-                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  at::set_num_threads(threads > 0
+                          ? static_cast<int>(threads)
+                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   const uint64_t seed = rc["seed"].get<uint64_t>();
   torch::manual_seed(seed);
 
@@ -277,7 +277,8 @@ Json Trainer::run() {
       QTUNE_CHECK(pq["backend"] == r_.spec.quant->name(), "quant.name: ", r_.model_path,
                   " is quantized with ", pq["backend"].dump(), ", but quant.name is \"",
                   r_.spec.quant->name(), "\"");
-      const Json opts = resolve_options(r_.spec.quant->option_schema(), pq["options"], r_.model_path);
+      const Json opts =
+          resolve_options(r_.spec.quant->option_schema(), pq["options"], r_.model_path);
       if (opts != r_.spec.quant_options) {
         spdlog::info("quant: {} was quantized with options {}; those apply (not {})", r_.model_path,
                      opts.dump(), r_.spec.quant_options.dump());
@@ -290,7 +291,8 @@ Json Trainer::run() {
   // What checkpoints and adapters are only valid with; a resumed run must match it.
   const Json identity =
       run_identity(r_.spec, base_identity(r_.model_path, files.config, *files.weights));
-  if (!resume_dir.empty()) check_run_identity(resumed.identity, identity, "cannot resume from " + resume_dir);
+  if (!resume_dir.empty())
+    check_run_identity(resumed.identity, identity, "cannot resume from " + resume_dir);
 
   DataConfig dc;
   dc.path = r_.data_path;
@@ -310,14 +312,16 @@ Json Trainer::run() {
   const double load_s = std::chrono::duration<double>(clock::now() - t_load).count();
 
   auto named = model->trainable_parameters();
-  QTUNE_CHECK(!named.empty(), "nothing to train: no trainable parameter (check adapter.target_modules)");
+  QTUNE_CHECK(!named.empty(),
+              "nothing to train: no trainable parameter (check adapter.target_modules)");
   std::vector<torch::Tensor> params;
   for (auto& [_, p] : named) params.push_back(p);
   const int64_t trainable = model->num_trainable_parameters();
-  spdlog::info("model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
-               "built in {:.2f}s",
-               r_.model_path, to_string(r_.spec.train_type), trainable,
-               model->num_total_parameters(), model->linear_weight_bytes() / 1e6, load_s);
+  spdlog::info(
+      "model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
+      "built in {:.2f}s",
+      r_.model_path, to_string(r_.spec.train_type), trainable, model->num_total_parameters(),
+      model->linear_weight_bytes() / 1e6, load_s);
 
   const double lr = t["lr"].get<double>();
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(lr)
@@ -372,7 +376,10 @@ Json Trainer::run() {
     if (std::isnan(first_val)) first_val = e.loss;
     last_val = e.loss;
     if (std::isnan(best_val) || e.loss < best_val) best_val = e.loss;
-    emit({{"type", "eval"}, {"step", step}, {"val_loss", e.loss}, {"val_ppl", std::exp(e.loss)},
+    emit({{"type", "eval"},
+          {"step", step},
+          {"val_loss", e.loss},
+          {"val_ppl", std::exp(e.loss)},
           {"val_tokens", e.tokens}});
     spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
   };
@@ -404,7 +411,8 @@ Json Trainer::run() {
     ++checkpoints_saved;
     checkpoint_seconds += s;
     checkpoint_bytes = bytes;
-    spdlog::info("step {}: checkpoint {} ({:.2f} MB, {:.3f}s)", step, last_checkpoint, bytes / 1e6, s);
+    spdlog::info("step {}: checkpoint {} ({:.2f} MB, {:.3f}s)", step, last_checkpoint, bytes / 1e6,
+                 s);
   };
 
   if (resume_dir.empty()) run_eval(0);
@@ -437,9 +445,14 @@ Json Trainer::run() {
     const double step_s = std::chrono::duration<double>(clock::now() - t_step).count();
     const double elapsed = std::chrono::duration<double>(clock::now() - t_train).count();
     const double tok_s = session_tokens / std::max(1e-9, elapsed);
-    emit({{"type", "train"}, {"step", step}, {"loss", last_loss}, {"lr", step_lr},
-          {"grad_norm", grad_norm}, {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
-          {"step_s", step_s}, {"epoch", loader.epoch()}});
+    emit({{"type", "train"},
+          {"step", step},
+          {"loss", last_loss},
+          {"lr", step_lr},
+          {"grad_norm", grad_norm},
+          {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
+          {"step_s", step_s},
+          {"epoch", loader.epoch()}});
     progress.update(step, last_loss, tok_s,
                     elapsed / static_cast<double>(step - start_step) * (max_steps - step));
     if (!progress.tty() && (step % log_every == 0 || step == start_step + 1))

@@ -2,9 +2,8 @@
 // the step-N / latest / keep layout; interrupted saves leave the previous checkpoint intact;
 // identity checks refuse another base, backend or adapter with both values in the message; PEFT
 // loading refuses the wrong base.
-#include <gtest/gtest.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -112,7 +111,10 @@ TEST(Checkpoint, RngStateRoundTrips) {
   torch::rand({100});  // move on
   restore_rng_state(saved);
   EXPECT_TRUE(torch::equal(a, torch::randn({16})));
-  EXPECT_NE(message_of([] { restore_rng_state(Json{{"cpu", "zz"}}); }).find("hex"), std::string::npos);
+  EXPECT_NE(message_of([] {
+              restore_rng_state(Json{{"cpu", "zz"}});
+            }).find("hex"),
+            std::string::npos);
 }
 
 // Weights, moments and step counts come back exactly, so the next optimizer step after a load
@@ -188,7 +190,8 @@ TEST(Checkpoint, InterruptedSaveLeavesPreviousCheckpointLoadable) {
   save_checkpoint(root, *m, opt, state_at(4), 2, "tiny");
   train_step(*m, opt, 2);
   setenv("QTUNE_DEBUG_FAIL", "save@5", 1);
-  const std::string msg = message_of([&] { save_checkpoint(root, *m, opt, state_at(5), 2, "tiny"); });
+  const std::string msg =
+      message_of([&] { save_checkpoint(root, *m, opt, state_at(5), 2, "tiny"); });
   unsetenv("QTUNE_DEBUG_FAIL");
   EXPECT_NE(msg.find("injected failure at save@5"), std::string::npos) << msg;
   EXPECT_FALSE(fs::exists(root + "/step-5"));
@@ -217,7 +220,8 @@ TEST(Checkpoint, StateFileFormatAndVersionChecked) {
   j["version"] = kCheckpointVersion + 1;
   std::ofstream(dir + "/trainer_state.json") << j.dump();
   std::string msg = message_of([&] { read_checkpoint_state(dir); });
-  EXPECT_NE(msg.find("version " + std::to_string(kCheckpointVersion + 1)), std::string::npos) << msg;
+  EXPECT_NE(msg.find("version " + std::to_string(kCheckpointVersion + 1)), std::string::npos)
+      << msg;
   EXPECT_NE(msg.find("upgrade qtune"), std::string::npos) << msg;
   j["format"] = "something-else";
   std::ofstream(dir + "/trainer_state.json") << j.dump();
@@ -272,8 +276,9 @@ TEST(Checkpoint, BaseIdentityFollowsContent) {
   check_base_identity(id, id_copy, "test");  // no throw
 
   auto other = random_weights(c, 4);
-  std::string msg = message_of(
-      [&] { check_base_identity(id, base_identity("random-4", c, *other), "cannot resume from X"); });
+  std::string msg = message_of([&] {
+    check_base_identity(id, base_identity("random-4", c, *other), "cannot resume from X");
+  });
   EXPECT_NE(msg.find("cannot resume from X"), std::string::npos) << msg;
   EXPECT_NE(msg.find("random-3"), std::string::npos) << msg;
   EXPECT_NE(msg.find("random-4"), std::string::npos) << msg;
@@ -295,7 +300,8 @@ TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {
   auto int8 = spec_of(TrainType::kQlora);
   int8.quant = plugins().quant("int8");
   int8.quant_options = resolve_options(int8.quant->option_schema(), Json::object(), "quant");
-  std::string msg = message_of([&] { check_run_identity(nf4, run_identity(int8, base), "cannot resume from D"); });
+  std::string msg = message_of(
+      [&] { check_run_identity(nf4, run_identity(int8, base), "cannot resume from D"); });
   EXPECT_NE(msg.find("cannot resume from D"), std::string::npos) << msg;
   EXPECT_NE(msg.find("\"nf4\""), std::string::npos) << msg;
   EXPECT_NE(msg.find("\"int8\""), std::string::npos) << msg;
@@ -311,7 +317,8 @@ TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {
                        run_identity(spec_of(TrainType::kLora, 8), base), "X");
   });
   EXPECT_NE(msg.find("adapter_options.rank 4"), std::string::npos) << msg;
-  msg = message_of([&] { check_run_identity(nf4, run_identity(spec_of(TrainType::kLora), base), "X"); });
+  msg = message_of(
+      [&] { check_run_identity(nf4, run_identity(spec_of(TrainType::kLora), base), "X"); });
   EXPECT_NE(msg.find("train_type \"qlora\""), std::string::npos) << msg;
 }
 
@@ -328,8 +335,8 @@ TEST(Checkpoint, PeftAdapterOnWrongBaseRefused) {
 
   auto other = random_weights(c, 4);
   LlamaForCausalLM m2(c, *other, spec_of(TrainType::kLora));
-  std::string msg = message_of(
-      [&] { load_peft_adapter(dir, *m2, base_identity("random-4", c, *other)); });
+  std::string msg =
+      message_of([&] { load_peft_adapter(dir, *m2, base_identity("random-4", c, *other)); });
   EXPECT_NE(msg.find("adapter " + dir), std::string::npos) << msg;
   EXPECT_NE(msg.find("random-3"), std::string::npos) << msg;
   load_peft_adapter(dir, *m2);  // without a base to compare, shapes decide: they fit

@@ -8,7 +8,6 @@
 
 #include <filesystem>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "qtune/checkpoint.h"
@@ -30,13 +29,30 @@ namespace {
 std::string train(const std::string& tag, const std::vector<std::string>& extra = {}) {
   const auto out = qtune::test::temp_dir(tag);
   std::vector<std::string> args{bin_path("trainer"),
-                                "--config", qtune::test::source_dir() + "/configs/default.yaml",
-                                "--model", data_path("stories260K.bin"),
-                                "--tokenizer", data_path("tok512.bin"),
-                                "--data", data_path("tinyshakespeare.txt"),
-                                "--max_steps", "4", "--batch_size", "4", "--seq_len", "64",
-                                "--threads", "1", "--eval_every", "0", "--lr", "0.01",
-                                "--output_dir", out, "eval.max_batches=1", "train.warmup_steps=0"};
+                                "--config",
+                                qtune::test::source_dir() + "/configs/default.yaml",
+                                "--model",
+                                data_path("stories260K.bin"),
+                                "--tokenizer",
+                                data_path("tok512.bin"),
+                                "--data",
+                                data_path("tinyshakespeare.txt"),
+                                "--max_steps",
+                                "4",
+                                "--batch_size",
+                                "4",
+                                "--seq_len",
+                                "64",
+                                "--threads",
+                                "1",
+                                "--eval_every",
+                                "0",
+                                "--lr",
+                                "0.01",
+                                "--output_dir",
+                                out,
+                                "eval.max_batches=1",
+                                "train.warmup_steps=0"};
   args.insert(args.end(), extra.begin(), extra.end());
   auto r = qtune::test::run_program(args);
   EXPECT_EQ(r.exit_code, 0) << r.output;
@@ -122,8 +138,8 @@ TEST(Export, PeftFilesHaveKeysShapesAndConfig) {
   EXPECT_EQ(cfg["bias"], "none");
   EXPECT_TRUE(cfg["base_model_name_or_path"].get<std::string>().find("stories260K.bin") !=
               std::string::npos);
-  EXPECT_EQ(cfg["target_modules"], json({"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
-                                         "up_proj", "v_proj"}));
+  EXPECT_EQ(cfg["target_modules"],
+            json({"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}));
 
   // stories260K: dim 64, hidden 172, 8 heads, 4 kv heads (kv dim 32), 5 layers
   const std::map<std::string, std::pair<int64_t, int64_t>> in_out{
@@ -176,21 +192,25 @@ TEST(Export, MergedLogitsEqualBasePlusAdapter) {
   EXPECT_LT(d32, 1e-4) << "fp32 merged vs base+adapter";
 
   const auto bf16 = qtune::test::temp_dir("merged16");
-  r = run({"qtune-export", "--adapter", out + "/adapter", "--merge", "--dtype", "bf16", "--out", bf16});
+  r = run(
+      {"qtune-export", "--adapter", out + "/adapter", "--merge", "--dtype", "bf16", "--out", bf16});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto st = qtune::SafetensorsFile::open(bf16 + "/model.safetensors");
   EXPECT_EQ(st->info("model.layers.0.self_attn.q_proj.weight").dtype, "BF16");
   const double d16 = max_diff(model_logits(bf16), adapted);
   EXPECT_LT(d16, 0.25) << "bf16 merged vs base+adapter";
-  std::printf("[ measured ] merged vs base+adapter logits: fp32 %.3g, bf16 %.3g (adapter moved "
-              "them by %.3g)\n", d32, d16, max_diff(adapted, base));
+  std::printf(
+      "[ measured ] merged vs base+adapter logits: fp32 %.3g, bf16 %.3g (adapter moved "
+      "them by %.3g)\n",
+      d32, d16, max_diff(adapted, base));
 }
 
 // QLoRA merges onto the dequantized base, so the merged fp32 model computes what the quantized
 // model + adapter computed (to fp32 rounding). Requantizing the merged model gives a directory
 // that loads quantized; its logits stay within NF4's error of the merged ones.
 TEST(Export, QloraMergesOntoTheDequantizedBase) {
-  const auto out = train("qlora", {"--train_type", "qlora", "--quant", "nf4", "quant.skip_output=true"});
+  const auto out =
+      train("qlora", {"--train_type", "qlora", "--quant", "nf4", "quant.skip_output=true"});
   const auto adapted = adapted_logits(out + "/adapter");
   const auto merged = qtune::test::temp_dir("qmerged");
   auto r = run({"qtune-export", "--adapter", out + "/adapter", "--merge", "--out", merged});
@@ -203,14 +223,17 @@ TEST(Export, QloraMergesOntoTheDequantizedBase) {
   EXPECT_GT(from_original, 10 * d);
 
   const auto requant = qtune::test::temp_dir("requant");
-  r = run({"qtune-export", "--adapter", out + "/adapter", "--requantize", "int8", "--out", requant});
+  r = run(
+      {"qtune-export", "--adapter", out + "/adapter", "--requantize", "int8", "--out", requant});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("requantized with int8"), std::string::npos) << r.output;
   EXPECT_TRUE(read_json(requant + "/config.json").contains("quantization_config"));
   const double dq = max_diff(model_logits(requant), merged_logits);
   EXPECT_LT(dq, 0.05 * merged_logits.abs().max().item<double>()) << "int8 requantized vs merged";
-  std::printf("[ measured ] qlora merged vs nf4+adapter logits %.3g; int8-requantized vs merged "
-              "%.3g\n", d, dq);
+  std::printf(
+      "[ measured ] qlora merged vs nf4+adapter logits %.3g; int8-requantized vs merged "
+      "%.3g\n",
+      d, dq);
 }
 
 // A full fine-tune's checkpoint exports as the whole model, identical to the trainer's own
@@ -234,8 +257,9 @@ TEST(Export, AdapterOnTheWrongBaseIsRefused) {
                        torch::kFloat32);
   auto r = run({"qtune-export", "--adapter", out + "/adapter", "--model", same_shape, "--merge",
                 "--out", qtune::test::temp_dir("x")});
-  expect_one_line_error(r, "qtune-export", {"adapter " + out + "/adapter", "stories260K.bin",
-                                            same_shape, "different embedding/norm weights"});
+  expect_one_line_error(r, "qtune-export",
+                        {"adapter " + out + "/adapter", "stories260K.bin", same_shape,
+                         "different embedding/norm weights"});
   auto wide_config = files.config;
   wide_config.hidden_size = 128;
   const auto wide = qtune::test::temp_dir("wide");
@@ -277,7 +301,8 @@ TEST(Export, ForeignPeftAdapterLoadsFromItsConfig) {
 }
 
 TEST(Generate, GreedyMatchesLlama2cAndAdaptersChangeIt) {
-  const std::string ref = trimmed(qtune::test::read_file(data_path("stories260K_greedy_reference.txt")));
+  const std::string ref =
+      trimmed(qtune::test::read_file(data_path("stories260K_greedy_reference.txt")));
   auto r = run({"qtune-generate", "--model", data_path("stories260K.bin"), "--tokenizer",
                 data_path("tok512.bin"), "--threads", "1"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -297,9 +322,17 @@ TEST(Generate, GreedyMatchesLlama2cAndAdaptersChangeIt) {
   EXPECT_NE(r.output.substr(0, 80), ref.substr(0, 80)) << "the adapter should change the text";
   EXPECT_NE(r.output.find("adapter " + out + "/adapter"), std::string::npos) << r.output;
 
-  std::vector<std::string> sample{"qtune-generate", "--adapter", out + "/checkpoints/step-4",
-                                  "--prompt", "Once", "--max_new_tokens", "40",
-                                  "--temperature", "0.9", "--top_p", "0.9"};
+  std::vector<std::string> sample{"qtune-generate",
+                                  "--adapter",
+                                  out + "/checkpoints/step-4",
+                                  "--prompt",
+                                  "Once",
+                                  "--max_new_tokens",
+                                  "40",
+                                  "--temperature",
+                                  "0.9",
+                                  "--top_p",
+                                  "0.9"};
   auto with_seed = [&](const char* seed) {
     auto v = sample;
     v.push_back("--seed");

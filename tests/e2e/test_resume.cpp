@@ -12,9 +12,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <thread>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "qtune/model.h"
 #include "qtune/model_files.h"
@@ -33,15 +32,30 @@ namespace {
 std::vector<std::string> tiny_run(const std::string& out, int64_t max_steps,
                                   const std::vector<std::string>& extra = {}) {
   std::vector<std::string> args{bin_path("trainer"),
-                                "--config", qtune::test::source_dir() + "/configs/default.yaml",
-                                "--model", data_path("stories260K.bin"),
-                                "--tokenizer", data_path("tok512.bin"),
-                                "--data", data_path("tinyshakespeare.txt"),
-                                "--max_steps", std::to_string(max_steps),
-                                "--batch_size", "4", "--seq_len", "64", "--threads", "1",
-                                "--eval_every", "0", "--output_dir", out,
-                                "eval.max_batches=2", "train.warmup_steps=2",
-                                "checkpoint.every=1", "checkpoint.keep=3",
+                                "--config",
+                                qtune::test::source_dir() + "/configs/default.yaml",
+                                "--model",
+                                data_path("stories260K.bin"),
+                                "--tokenizer",
+                                data_path("tok512.bin"),
+                                "--data",
+                                data_path("tinyshakespeare.txt"),
+                                "--max_steps",
+                                std::to_string(max_steps),
+                                "--batch_size",
+                                "4",
+                                "--seq_len",
+                                "64",
+                                "--threads",
+                                "1",
+                                "--eval_every",
+                                "0",
+                                "--output_dir",
+                                out,
+                                "eval.max_batches=2",
+                                "train.warmup_steps=2",
+                                "checkpoint.every=1",
+                                "checkpoint.keep=3",
                                 "adapter.options.dropout=0.1"};
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
@@ -93,7 +107,8 @@ int run_and_signal(const std::vector<std::string>& args, const std::string& poin
   const std::string log = qtune::test::temp_dir("log") + "/out.txt";
   const pid_t pid = spawn(args, {"QTUNE_DEBUG_PAUSE=" + point}, log);
   const bool paused = wait_for_file(marker, pid);
-  EXPECT_TRUE(paused) << "the child never paused at " << point << ":\n" << qtune::test::read_file(log);
+  EXPECT_TRUE(paused) << "the child never paused at " << point << ":\n"
+                      << qtune::test::read_file(log);
   if (paused) kill(pid, sig);
   const int code = paused ? wait_child(pid) : -1;
   if (output) *output = qtune::test::read_file(log);
@@ -140,7 +155,8 @@ std::vector<std::string> leftovers(const std::string& root) {
   return out;
 }
 
-void expect_one_line_error(const qtune::test::RunResult& r, const std::vector<std::string>& needles) {
+void expect_one_line_error(const qtune::test::RunResult& r,
+                           const std::vector<std::string>& needles) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
   std::string out = r.output;
   // the log lines before the error are fine; the error itself is one line
@@ -181,9 +197,9 @@ TEST(Resume, KilledRunsResumeWithIdenticalLosses) {
   // SIGKILL in the middle of writing checkpoint 3 (weights and moments written, state not yet):
   // the temporary directory is all that is left of it; checkpoint 2 and `latest` are intact.
   const auto c = qtune::test::temp_dir("killed-in-save");
-  EXPECT_EQ(run_and_signal(tiny_run(c, steps), "save@3", c + "/checkpoints/.qtune-debug-paused",
-                           SIGKILL),
-            128 + SIGKILL);
+  EXPECT_EQ(
+      run_and_signal(tiny_run(c, steps), "save@3", c + "/checkpoints/.qtune-debug-paused", SIGKILL),
+      128 + SIGKILL);
   EXPECT_EQ(qtune::test::read_file(c + "/checkpoints/latest"), "step-2\n");
   EXPECT_FALSE(fs::exists(c + "/checkpoints/step-3"));
   const auto partial = leftovers(c + "/checkpoints");
@@ -239,15 +255,18 @@ TEST(Resume, QloraCheckpointHoldsAdaptersOnlyAndChecksTheBase) {
   json state = read_json(ckpt + "/trainer_state.json");
   EXPECT_EQ(state["identity"]["quant"], "nf4");
   EXPECT_EQ(state["identity"]["train_type"], "qlora");
-  EXPECT_EQ(state["identity"]["base"]["path"], fs::absolute(data_path("stories260K.bin")).lexically_normal().string());
+  EXPECT_EQ(state["identity"]["base"]["path"],
+            fs::absolute(data_path("stories260K.bin")).lexically_normal().string());
   EXPECT_EQ(state["identity"]["quant_options"]["block_size"], 64);
 
   auto resume = [&](const std::vector<std::string>& extra) {
-    return qtune::test::run_program(plus(tiny_run(out, 3, qlora), plus({"--resume", "latest"}, extra)));
+    return qtune::test::run_program(
+        plus(tiny_run(out, 3, qlora), plus({"--resume", "latest"}, extra)));
   };
   const std::string what = "cannot resume from " + ckpt;
   expect_one_line_error(resume({"quant.name=int8"}), {what, "\"nf4\"", "\"int8\""});
-  expect_one_line_error(resume({"quant.options.block_size=32"}), {what, "quant_options.block_size 64", "32"});
+  expect_one_line_error(resume({"quant.options.block_size=32"}),
+                        {what, "quant_options.block_size 64", "32"});
   expect_one_line_error(resume({"adapter.options.rank=4"}), {what, "adapter_options.rank 8", "4"});
   expect_one_line_error(resume({"train_type=lora"}), {what, "\"qlora\"", "\"lora\""});
 
@@ -258,7 +277,8 @@ TEST(Resume, QloraCheckpointHoldsAdaptersOnlyAndChecksTheBase) {
     auto w = qtune::random_weights(files260k.config, 5);
     qtune::save_hf_model(other, files260k.config, *w, torch::kFloat32);
   }
-  expect_one_line_error(resume({"model.path=" + other}), {what, "stories260K.bin", other, "base model"});
+  expect_one_line_error(resume({"model.path=" + other}),
+                        {what, "stories260K.bin", other, "base model"});
 
   // The same weights as an HF directory, and as an nf4 qtune-quantize directory: accepted.
   const auto hf = qtune::test::temp_dir("hf-copy");
@@ -271,6 +291,7 @@ TEST(Resume, QloraCheckpointHoldsAdaptersOnlyAndChecksTheBase) {
   r = qtune::test::run_program({bin_path("qtune-quantize"), "--model", data_path("stories260K.bin"),
                                 "--quant", "nf4", "--out", quantized});
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  r = qtune::test::run_program(plus(tiny_run(out, 4, qlora), {"--resume", ckpt, "model.path=" + quantized}));
+  r = qtune::test::run_program(
+      plus(tiny_run(out, 4, qlora), {"--resume", ckpt, "model.path=" + quantized}));
   EXPECT_EQ(r.exit_code, 0) << r.output;
 }

@@ -80,9 +80,9 @@ QTUNE_API void check_base_identity(const Json& recorded, const Json& current,
 
 /// Everything a checkpoint holds besides tensors (trainer_state.json).
 struct QTUNE_API CheckpointState {
-  int64_t step = 0;              ///< optimizer steps completed
-  Json loader = Json::object();  ///< DataLoader::state().to_json(): the next batch
-  Json rng = Json::object();     ///< capture_rng_state()
+  int64_t step = 0;                ///< optimizer steps completed
+  Json loader = Json::object();    ///< DataLoader::state().to_json(): the next batch
+  Json rng = Json::object();       ///< capture_rng_state()
   Json progress = Json::object();  ///< tokens, train_seconds, first/best/last val loss
   Json recipe = Json::object();    ///< the complete recipe of the run
   Json identity = Json::object();  ///< run_identity()
@@ -125,8 +125,7 @@ QTUNE_API CheckpointState read_checkpoint_state(const std::string& dir);
 /// checkpoint with its shape, and every stored parameter must exist in the model; throws
 /// UserError naming the file, the parameter and both shapes otherwise.
 QTUNE_API void load_checkpoint_tensors(const std::string& dir, const CheckpointState& state,
-                                       LlamaForCausalLMImpl& model,
-                                       torch::optim::AdamW& optimizer);
+                                       LlamaForCausalLMImpl& model, torch::optim::AdamW& optimizer);
 
 /// Only the trainable parameters (for inference and export of a checkpoint).
 QTUNE_API void load_checkpoint_weights(const std::string& dir, const CheckpointState& state,

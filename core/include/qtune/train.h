@@ -22,12 +22,12 @@ QTUNE_API double lr_at(int64_t step, int64_t total, int64_t warmup, double lr, d
 
 /// Everything resolved from a recipe before any large allocation: paths, plugins, options.
 struct QTUNE_API ResolvedRecipe {
-  Json recipe;            // the complete, checked recipe (written to output_dir/recipe.json)
+  Json recipe;  // the complete, checked recipe (written to output_dir/recipe.json)
   std::string model_path;
   std::string tokenizer_path;
   std::string data_path;
-  std::string val_path;   // empty = split off val_fraction
-  TuningSpec spec;        // plugins looked up and their options resolved
+  std::string val_path;  // empty = split off val_fraction
+  TuningSpec spec;       // plugins looked up and their options resolved
 };
 
 /// Checks a complete recipe (see recipe.h) and resolves paths and plugins from `registry`.
