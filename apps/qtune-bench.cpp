@@ -13,6 +13,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "app_main.h"
 #include "qtune/bench.h"
 #include "qtune/error.h"
 #include "qtune/registry.h"
@@ -278,17 +279,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const qtune::UserError& e) {
-    std::fprintf(stderr, "qtune-bench: error: %s\n", e.what());
-    return 2;
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "qtune-bench: internal error: %s\n", e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "qtune-bench: internal error: %s\n", e.what());
-    return 1;
-  }
-}
+QTUNE_APP_MAIN("qtune-bench", run)

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "app_main.h"
 #include "qtune/error.h"
 #include "qtune/model_files.h"
 #include "qtune/weight_source.h"
@@ -69,14 +70,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const qtune::UserError& e) {
-    std::fprintf(stderr, "qtune-convert: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "qtune-convert: internal error: %s\n", e.what());
-    return 1;
-  }
-}
+QTUNE_APP_MAIN("qtune-convert", run)

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <iostream>
 
+#include "app_main.h"
 #include "qtune/checkpoint.h"
 #include "qtune/error.h"
 #include "qtune/generate.h"
@@ -118,17 +119,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const qtune::UserError& e) {
-    std::fprintf(stderr, "qtune-generate: error: %s\n", e.what());
-    return 2;
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "qtune-generate: internal error: %s\n", e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "qtune-generate: internal error: %s\n", e.what());
-    return 1;
-  }
-}
+QTUNE_APP_MAIN("qtune-generate", run)

@@ -6,6 +6,7 @@
 
 #include <boost/program_options.hpp>
 
+#include "app_main.h"
 #include "qtune/error.h"
 #include "qtune/model.h"
 #include "qtune/quantized_model.h"
@@ -67,14 +68,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const qtune::UserError& e) {
-    std::fprintf(stderr, "qtune-quantize: error: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "qtune-quantize: internal error: %s\n", e.what());
-    return 1;
-  }
-}
+QTUNE_APP_MAIN("qtune-quantize", run)

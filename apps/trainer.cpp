@@ -9,6 +9,7 @@
 #include <boost/program_options.hpp>
 #include <spdlog/spdlog.h>
 
+#include "app_main.h"
 #include "qtune/error.h"
 #include "qtune/recipe.h"
 #include "qtune/registry.h"
@@ -180,17 +181,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const qtune::UserError& e) {
-    std::fprintf(stderr, "trainer: error: %s\n", e.what());
-    return 2;
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "trainer: internal error: %s\n", e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "trainer: internal error: %s\n", e.what());
-    return 1;
-  }
-}
+QTUNE_APP_MAIN("trainer", run)
