@@ -12,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include "qtune/registry.h"
+
 namespace fs = std::filesystem;
 
 namespace qtune::test {
@@ -32,6 +34,15 @@ std::string data_path(const std::string& file) {
     throw std::runtime_error(msg);
   }
   return path;
+}
+
+Registry& plugins() {
+  static Registry* registry = [] {
+    auto* r = new Registry();  // never destroyed: plugin code must outlive every use
+    r->scan({plugin_dir()});
+    return r;
+  }();
+  return *registry;
 }
 
 std::string build_dir() { return env_or("QTUNE_BUILD_DIR", QTUNE_TEST_BUILD_DIR); }

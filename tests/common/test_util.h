@@ -5,7 +5,14 @@
 #include <string>
 #include <vector>
 
+namespace qtune {
+class Registry;
+}
+
 namespace qtune::test {
+
+/// A registry holding the plugins of this build (build/lib/qtune/plugins), scanned once.
+Registry& plugins();
 
 /// ../shared/data (or $QTUNE_DATA). Fails the calling test loudly (ADD_FAILURE + throw) when the
 /// folder or `file` in it is missing: data tests never skip silently.

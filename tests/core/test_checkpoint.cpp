@@ -35,14 +35,7 @@ ModelConfig tiny_config(int64_t hidden = 16) {
   return c;
 }
 
-Registry& plugins() {
-  static Registry* r = [] {
-    auto* reg = new Registry();
-    reg->scan({test::plugin_dir()});
-    return reg;
-  }();
-  return *r;
-}
+using qtune::test::plugins;
 
 TuningSpec spec_of(TrainType type, int64_t rank = 4) {
   TuningSpec s;

@@ -26,14 +26,7 @@ ModelConfig tiny_config(bool tied) {
   return c;
 }
 
-Registry& plugins() {
-  static Registry* r = [] {
-    auto* reg = new Registry();
-    reg->scan({test::plugin_dir()});
-    return reg;
-  }();
-  return *r;
-}
+using qtune::test::plugins;
 
 TuningSpec lora_spec(torch::ScalarType dtype = torch::kFloat32) {
   TuningSpec s;

@@ -13,14 +13,7 @@ using namespace qtune;
 
 namespace {
 
-Registry& plugins() {
-  static Registry* r = [] {
-    auto* reg = new Registry();
-    reg->scan({test::plugin_dir()});
-    return reg;
-  }();
-  return *r;
-}
+using qtune::test::plugins;
 
 // ~110M parameters: a 12-layer, 768-wide Llama (GPT-2-small sized) with a 32000 vocabulary.
 ModelConfig config_110m() {

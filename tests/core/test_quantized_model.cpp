@@ -12,14 +12,7 @@ using namespace qtune;
 
 namespace {
 
-Registry& plugins() {
-  static Registry* r = [] {
-    auto* reg = new Registry();
-    reg->scan({test::plugin_dir()});
-    return reg;
-  }();
-  return *r;
-}
+using qtune::test::plugins;
 
 TuningSpec qlora(const std::string& backend) {
   TuningSpec s;

@@ -308,7 +308,9 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
                      "steps",
                      "build_s",
                      "rss_start_mb",
+                     "build_peak_mb",
                      "rss_built_mb",
+                     "train_peak_mb",
                      "peak_rss_mb",
                      "base_weight_mb",
                      "linear_weight_mb",
@@ -326,12 +328,14 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
     EXPECT_EQ(c.at(i, "status"), "ok") << c.at(i, "config");
     EXPECT_EQ(c.at(i, "dtype"), "bf16");
     EXPECT_GE(std::stod(c.at(i, "peak_rss_mb")), std::stod(c.at(i, "rss_built_mb")));
+    EXPECT_GE(std::stod(c.at(i, "build_peak_mb")), std::stod(c.at(i, "rss_built_mb")));
+    EXPECT_GT(std::stod(c.at(i, "train_peak_mb")), 0.0);
     if (i > 0) backends.insert(c.at(i, "backend"));
   }
   for (const auto& n : names) EXPECT_TRUE(backends.count(n)) << n;
   Csv slope = read_csv(out + "/scale_slope.csv");
-  expect_columns(slope, {"dtype", "config", "sizes", "peak_rss_bytes_per_param",
-                         "peak_rss_intercept_mb", "base_bytes_per_param"});
+  expect_columns(slope, {"dtype", "config", "sizes", "train_peak_bytes_per_param",
+                         "train_peak_intercept_mb", "build_peak_bytes_per_param", "base_bytes_per_param"});
 }
 
 TEST(Bench, RegeneratesTheMarkedSectionOfADoc) {

@@ -70,14 +70,7 @@ json read_json(const std::string& path) {
   return json::parse(in);
 }
 
-qtune::Registry& plugins() {
-  static qtune::Registry* r = [] {
-    auto* reg = new qtune::Registry();
-    reg->scan({qtune::test::plugin_dir()});
-    return reg;
-  }();
-  return *r;
-}
+using qtune::test::plugins;
 
 // Logits of a fixed batch of text-like token ids.
 torch::Tensor logits_of(qtune::LlamaForCausalLMImpl& m) {
