@@ -98,18 +98,18 @@ int run(int argc, char** argv) {
     ("ppl_seq_len", po::value<int64_t>(), "ppl: tokens per block (default: the model's context)")
     ("ppl_max_blocks", po::value<int64_t>(), "ppl: at most this many blocks (64, quick 16; 0 = the whole text)")
     ("finetune_data", po::value<std::string>(), "finetune: training text (default tinyshakespeare.txt)")
-    ("finetune_steps", po::value<int64_t>(), "finetune: optimizer steps (150, quick 40)")
+    ("finetune_steps", po::value<int64_t>(), "finetune: optimizer steps (100, quick 40)")
     ("finetune_batch", po::value<int64_t>(), "finetune: sequences per step (8)")
     ("finetune_seq_len", po::value<int64_t>(), "finetune: tokens per sequence (128)")
     ("finetune_lr", po::value<double>(), "finetune: LoRA/QLoRA learning rate (3e-3)")
     ("finetune_full_lr", po::value<double>(), "finetune: full fine-tune learning rate (1e-3)")
     ("finetune_dtype", po::value<std::string>(), "finetune: compute dtype fp32 | bf16 (fp32)")
-    ("finetune_eval_every", po::value<int64_t>(), "finetune: evaluate every N steps (25)")
+    ("finetune_eval_every", po::value<int64_t>(), "finetune: evaluate every N steps (20)")
     ("adapter", po::value<std::string>(), "adapter plugin (default: the first found)")
     ("adapter_options", po::value<std::string>(), "adapter options as JSON, e.g. '{\"rank\":16}'")
     ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B (all but tiny; quick 15M,60M)")
     ("scale_dtypes", po::value<std::string>(), "scale: comma list of compute dtypes (bf16)")
-    ("scale_steps", po::value<int64_t>(), "scale: timed steps per configuration (3, quick 2)")
+    ("scale_steps", po::value<int64_t>(), "scale: timed steps per configuration (4, quick 2)")
     ("scale_batch", po::value<int64_t>(), "scale: sequences per step (1)")
     ("scale_seq_len", po::value<int64_t>(), "scale: tokens per sequence (128)")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first")
@@ -208,14 +208,14 @@ int run(int argc, char** argv) {
       vm.count("ppl_max_blocks") ? vm["ppl_max_blocks"].as<int64_t>() : (quick ? 16 : 64);
   if (vm.count("finetune_data")) o.finetune_data = vm["finetune_data"].as<std::string>();
   o.finetune_steps =
-      vm.count("finetune_steps") ? vm["finetune_steps"].as<int64_t>() : (quick ? 40 : 150);
+      vm.count("finetune_steps") ? vm["finetune_steps"].as<int64_t>() : (quick ? 40 : 100);
   if (vm.count("finetune_batch")) o.finetune_batch = vm["finetune_batch"].as<int64_t>();
   if (vm.count("finetune_seq_len")) o.finetune_seq_len = vm["finetune_seq_len"].as<int64_t>();
   if (vm.count("finetune_lr")) o.finetune_lr = vm["finetune_lr"].as<double>();
   if (vm.count("finetune_full_lr")) o.finetune_full_lr = vm["finetune_full_lr"].as<double>();
   if (vm.count("finetune_dtype")) o.finetune_dtype = vm["finetune_dtype"].as<std::string>();
   o.finetune_eval_every =
-      vm.count("finetune_eval_every") ? vm["finetune_eval_every"].as<int64_t>() : (quick ? 10 : 25);
+      vm.count("finetune_eval_every") ? vm["finetune_eval_every"].as<int64_t>() : (quick ? 10 : 20);
   if (vm.count("adapter")) o.adapter = vm["adapter"].as<std::string>();
   if (vm.count("adapter_options")) {
     const std::string text = vm["adapter_options"].as<std::string>();
@@ -234,7 +234,7 @@ int run(int argc, char** argv) {
   else if (quick)
     o.scale_sizes = {"15M", "60M"};
   if (vm.count("scale_dtypes")) o.scale_dtypes = split_list(vm["scale_dtypes"].as<std::string>());
-  o.scale_steps = vm.count("scale_steps") ? vm["scale_steps"].as<int64_t>() : (quick ? 2 : 3);
+  o.scale_steps = vm.count("scale_steps") ? vm["scale_steps"].as<int64_t>() : (quick ? 2 : 4);
   if (vm.count("scale_batch")) o.scale_batch = vm["scale_batch"].as<int64_t>();
   if (vm.count("scale_seq_len")) o.scale_seq_len = vm["scale_seq_len"].as<int64_t>();
 

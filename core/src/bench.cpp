@@ -610,7 +610,7 @@ void validate_bench_options(const BenchOptions& o, const Registry& registry,
 // Child processes
 
 bool is_bench_child_command(const std::string& command) {
-  return command == "__finetune" || command == "__scale";
+  return command == "__finetune" || command == "__scale" || command == "__synthesize";
 }
 
 int bench_child_main(const std::vector<std::string>& args, const Registry& registry) {
@@ -618,6 +618,10 @@ int bench_child_main(const std::vector<std::string>& args, const Registry& regis
   if (args[0] == "__finetune") {
     QTUNE_CHECK(args.size() == 2, "usage: __finetune RECIPE.json");
     return bench_detail::finetune_child(args[1], registry);
+  }
+  if (args[0] == "__synthesize") {
+    QTUNE_CHECK(args.size() == 2, "usage: __synthesize SPEC.json");
+    return bench_detail::synthesize_child(args[1]);
   }
   QTUNE_CHECK(args.size() == 3, "usage: __scale SPEC.json RESULT.json");
   return bench_detail::scale_child(args[1], args[2], registry);
@@ -707,6 +711,12 @@ Json bench_machine_info(const BenchOptions& options) {
     cmd.push_back(shell_quote(a));
   }
   m["command"] = join(cmd, " ");
+  // Settings outside the command line that change the timings.
+  std::vector<std::string> env;
+  for (const char* k : {"OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                        "OPENBLAS_NUM_THREADS", "QTUNE_SYSTEM_MALLOC"})
+    if (const char* v = std::getenv(k)) env.push_back(std::string(k) + "=" + v);
+  m["env"] = join(env, " ");
   return m;
 }
 
@@ -734,7 +744,9 @@ std::string write_bench_result(const BenchResult& result, const BenchOptions& op
   md << "Run " << m["date"].get<std::string>() << " on " << m["cpu"].get<std::string>() << " ("
      << m["cores"] << " cores, " << m["threads"] << " threads, load "
      << m["load_avg"][0].get<double>() << "), device " << m["device"].get<std::string>()
-     << ", took " << took << ":\n`" << m["command"].get<std::string>() << "`\n\n";
+     << ", took " << took << ":\n`"
+     << (m["env"].get<std::string>().empty() ? "" : m["env"].get<std::string>() + " ")
+     << m["command"].get<std::string>() << "`\n\n";
 
   for (const auto& t : result.tables) {
     atomic_write_string((out / (t.name() + ".csv")).string(), t.csv());
@@ -782,7 +794,9 @@ void write_bench_report(const BenchOptions& options, const std::string& doc_path
        << " GiB memory, " << m.value("os", std::string("?")) << "\n"
        << "- LibTorch " << m["torch"].get<std::string>() << ", " << m["threads"]
        << " intra-op threads, device " << m["device"].get<std::string>() << "\n"
-       << "- Command: `" << m["command"].get<std::string>() << "`\n\n"
+       << "- Command: `"
+       << (m["env"].get<std::string>().empty() ? "" : m["env"].get<std::string>() + " ")
+       << m["command"].get<std::string>() << "`\n\n"
        << "Each section below states its own run (date, command, load); sections not re-run "
           "keep their previous results.\n\n";
   // Every section in the folder: this run's, and earlier ones this run did not redo.

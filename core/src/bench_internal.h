@@ -90,5 +90,6 @@ MatrixSpec parse_matrix_spec(const std::string& spec);
 int finetune_child(const std::string& recipe_path, const Registry& registry);
 int scale_child(const std::string& spec_path, const std::string& result_path,
                 const Registry& registry);
+int synthesize_child(const std::string& spec_path);
 
 }  // namespace qtune::bench_detail

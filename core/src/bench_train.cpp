@@ -1,10 +1,12 @@
 // qtune-bench ppl, finetune and scale: whole models. ppl evaluates a quantized base in-process;
 // finetune and scale run each configuration in a fresh child process (this executable with a
 // hidden sub-command), so each one's peak RSS is its own, and collect what the child wrote.
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -16,6 +18,7 @@
 #include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/model.h"
+#include "qtune/model_files.h"
 #include "qtune/recipe.h"
 #include "qtune/tokenizer.h"
 #include "qtune/train.h"
@@ -65,6 +68,22 @@ class NoAdapterFactory : public AdapterFactory {
     throw std::logic_error("bench: no adapter is created for a perplexity model");
   }
 };
+
+// The peak resident set size (VmHWM of /proc/self/status), in bytes; 0 when unreadable.
+int64_t hwm_bytes() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
+  return 0;
+}
+
+// Restarts VmHWM at the current RSS (Linux >= 4.0: "5" to clear_refs); false when refused.
+bool reset_hwm() {
+  std::ofstream out("/proc/self/clear_refs");
+  out << "5";
+  out.flush();
+  return out.good();
+}
 
 int64_t linear_params(const LlamaForCausalLMImpl& m) {
   int64_t n = 0;
@@ -512,12 +531,22 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
 
   const uint64_t seed = s.at("seed").get<uint64_t>();
   torch::manual_seed(seed);
-  auto weights = random_weights(config, seed);
+  // The real loading path: a memory-mapped safetensors checkpoint, converted or quantized matrix
+  // by matrix as the model is built, the mapping dropped afterwards (as the trainer does).
   auto t0 = clock_type::now();
-  LlamaForCausalLM model(config, *weights, spec);
+  ModelFiles files = open_model(s.at("model_dir").get<std::string>());
+  LlamaForCausalLM model(config, *files.weights, spec);
+  files.weights.reset();
   model->to(device);
   const double build_s = seconds_since(t0);
+  // Building leaves freed transients (full-precision copies of each matrix, quantizer scratch)
+  // in the heap, which core's allocator policy keeps (core/src/process.cpp). Returning them
+  // measures what the built model really holds; the build's own peak is reported beside it, and
+  // the peak counter restarts so that train_peak is the training phase alone.
+  const int64_t build_peak = hwm_bytes();
+  malloc_trim(0);
   const int64_t rss_built = current_rss_bytes();
+  const bool hwm_reset = reset_hwm();
 
   std::vector<torch::Tensor> params;
   for (auto& [_, p] : model->trainable_parameters()) params.push_back(p);
@@ -545,6 +574,8 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       {"build_s", build_s},
       {"rss_start_bytes", rss_start},
       {"rss_built_bytes", rss_built},
+      {"build_peak_bytes", build_peak},
+      {"train_peak_bytes", hwm_reset ? Json(hwm_bytes()) : Json(nullptr)},
       {"peak_rss_bytes", peak_rss_bytes()},
       {"step_s", median(times)},
       {"step_times", times},
@@ -556,6 +587,16 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       {"threads", threads},
   };
   atomic_write_string(result_path, result.dump(2) + "\n");
+  return 0;
+}
+
+int synthesize_child(const std::string& spec_path) {
+  const Json s = read_json_file(spec_path);
+  apply_threads(s.at("threads").get<int>());
+  const ModelConfig config = ModelConfig::from_hf_json(s.at("config"), spec_path);
+  auto weights = random_weights(config, s.at("seed").get<uint64_t>());
+  save_hf_model(s.at("model_dir").get<std::string>(), config, *weights,
+                parse_dtype(s.at("dtype").get<std::string>(), "dtype"));
   return 0;
 }
 
@@ -606,8 +647,10 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"steps", 4, false},
                     {"build_s", 3, true},
                     {"rss_start_mb", 4, false},
+                    {"build_peak_mb", 4, true},
                     {"rss_built_mb", 4, true},
-                    {"peak_rss_mb", 4, true},
+                    {"train_peak_mb", 4, true},
+                    {"peak_rss_mb", 4, false},
                     {"base_weight_mb", 4, true},
                     {"linear_weight_mb", 4, false},
                     {"step_ms", 4, true},
@@ -623,6 +666,23 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       const auto& cfg = configs[ci];
       double lora_step = NAN;
+      // One bf16 checkpoint per size, written by a child (its memory is not the parent's).
+      const std::string model_dir = work.path() + "/model_" + slug(o.scale_sizes[ci]);
+      if (!fs::exists(model_dir + "/config.json")) {
+        const Json spec = {{"config", cfg.to_hf_json()},
+                           {"seed", static_cast<int64_t>(o.seed)},
+                           {"dtype", "bf16"},
+                           {"threads", threads},
+                           {"model_dir", model_dir}};
+        fs::create_directories(model_dir);
+        atomic_write_string(model_dir + "/spec.json", spec.dump(2) + "\n");
+        spdlog::info("bench scale: writing a random {} checkpoint ({:.0f}M parameters)",
+                     o.scale_sizes[ci], cfg.num_parameters() / 1e6);
+        const std::string log = model_dir + "/log.txt";
+        const int rc = run_child(o.self_exe, {"__synthesize", model_dir + "/spec.json"}, log);
+        QTUNE_CHECK(rc == 0, "bench scale: writing the synthetic ", o.scale_sizes[ci],
+                    " checkpoint failed: ", child_status(rc, log));
+      }
       for (const auto& c : runs) {
         Json row = {{"size", o.scale_sizes[ci]},
                     {"params_m", cfg.num_parameters() / 1e6},
@@ -642,6 +702,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                                 slug(o.scale_sizes[ci] + "_" + dtype + "_" + c.label);
         fs::create_directories(dir);
         const Json spec = {{"config", cfg.to_hf_json()},
+                           {"model_dir", model_dir},
                            {"train_type", to_string(c.type)},
                            {"dtype", dtype},
                            {"quant", c.set ? c.set->backend : ""},
@@ -673,6 +734,9 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
         row["build_s"] = r["build_s"];
         row["rss_start_mb"] = r["rss_start_bytes"].get<double>() / 1e6;
         row["rss_built_mb"] = r["rss_built_bytes"].get<double>() / 1e6;
+        row["build_peak_mb"] = r["build_peak_bytes"].get<double>() / 1e6;
+        if (!r["train_peak_bytes"].is_null())
+          row["train_peak_mb"] = r["train_peak_bytes"].get<double>() / 1e6;
         row["peak_rss_mb"] = r["peak_rss_bytes"].get<double>() / 1e6;
         row["base_weight_mb"] = r["base_weight_bytes"].get<double>() / 1e6;
         row["linear_weight_mb"] = r["linear_weight_bytes"].get<double>() / 1e6;
@@ -681,9 +745,11 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
         row["step_ratio_vs_lora"] = step / lora_step;
         row["trainable_params"] = r["trainable_parameters"];
         row["status"] = "ok";
-        spdlog::info("bench scale: {} {} {}: peak RSS {:.0f} MB, step {:.0f} ms (x{:.2f} LoRA)",
-                     o.scale_sizes[ci], dtype, c.label, row["peak_rss_mb"].get<double>(),
-                     1e3 * step, step / lora_step);
+        spdlog::info(
+            "bench scale: {} {} {}: built {:.0f} MB, training peak {} MB, step {:.0f} ms "
+            "(x{:.2f} LoRA)",
+            o.scale_sizes[ci], dtype, c.label, row["rss_built_mb"].get<double>(),
+            row["train_peak_mb"].dump(), 1e3 * step, step / lora_step);
         table.add(row);
       }
     }
@@ -695,21 +761,23 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                    {{"dtype", 4, true},
                     {"config", 4, true},
                     {"sizes", 4, true},
-                    {"peak_rss_bytes_per_param", 3, true},
-                    {"peak_rss_intercept_mb", 4, true},
+                    {"train_peak_bytes_per_param", 3, true},
+                    {"train_peak_intercept_mb", 4, true},
+                    {"build_peak_bytes_per_param", 3, true},
                     {"base_bytes_per_param", 3, true}});
   std::vector<std::pair<std::string, std::string>> series;
   for (const auto& d : o.scale_dtypes)
     for (const auto& c : runs) series.emplace_back(d, c.label);
   for (const auto& [d, label] : series) {
-    std::vector<double> x, y, b;
+    std::vector<double> x, y, b, bp;
     for (size_t r = 0; r < table.rows().size(); ++r) {
       if (table.at(r, "status") != "ok" || table.at(r, "dtype") != d ||
-          table.at(r, "config") != label)
+          table.at(r, "config") != label || table.at(r, "train_peak_mb").is_null())
         continue;
       x.push_back(table.at(r, "params_m").get<double>() * 1e6);
-      y.push_back(table.at(r, "peak_rss_mb").get<double>() * 1e6);
+      y.push_back(table.at(r, "train_peak_mb").get<double>() * 1e6);
       b.push_back(table.at(r, "base_weight_mb").get<double>() * 1e6);
+      bp.push_back(table.at(r, "build_peak_mb").get<double>() * 1e6);
     }
     Json row = {{"dtype", d}, {"config", label}, {"sizes", static_cast<int64_t>(x.size())}};
     if (x.size() >= 2) {
@@ -725,22 +793,30 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
         return std::make_pair(k, my - k * mx);
       };
       const auto [k, c0] = fit(y);
-      row["peak_rss_bytes_per_param"] = k;
-      row["peak_rss_intercept_mb"] = c0 / 1e6;
+      row["train_peak_bytes_per_param"] = k;
+      row["train_peak_intercept_mb"] = c0 / 1e6;
+      row["build_peak_bytes_per_param"] = fit(bp).first;
       row["base_bytes_per_param"] = fit(b).first;
     }
     slope.add(row);
   }
 
   table.notes = {
-      "Random weights (normal, std 0.02) in Llama shapes with a 32000-token vocabulary: 15M is "
+      "Random weights (normal, std 0.02) written once per size as a bf16 safetensors checkpoint "
+      "and loaded the way the trainer loads a model (memory-mapped, converted or quantized matrix "
+      "by matrix), in Llama shapes with a 32000-token vocabulary: 15M is "
       "llama2.c's stories15M, 1B is TinyLlama-1.1B's shape (GQA 32/4 heads, untied head), 60M "
       "and 250M sit between. Adapter `" +
           adapter->name() +
           "` on every projection; QLoRA quantizes every frozen linear including the head. " +
-          "Each configuration is a fresh process: *rss_built_mb* is its resident memory after "
-          "building the model, *peak_rss_mb* its peak over the whole run (model build included; "
-          "a quantized model is built one full-precision matrix at a time). *step_ms*: median of " +
+          "Each configuration is a fresh process (*rss_start_mb*, in the CSV, is LibTorch and the "
+          "plugins before anything is built). *build_peak_mb*: peak RSS while building the model "
+          "(random weights are generated in fp32 one matrix at a time, then kept in the compute "
+          "dtype or quantized). *rss_built_mb*: RSS once built, after returning the build's freed "
+          "heap to the system (malloc_trim): what the model holds. *train_peak_mb*: peak RSS of "
+          "the training steps alone (peak counter restarted after building): model, adapters, "
+          "AdamW state, activations. *peak_rss_mb* (CSV) is the whole process's peak. "
+          "*step_ms*: median of " +
           std::to_string(o.scale_steps) + " optimizer steps of " + std::to_string(o.scale_batch) +
           " x " + std::to_string(o.scale_seq_len) + " tokens after " +
           std::to_string(std::max(1, o.warmup)) +
@@ -748,9 +824,10 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           "size and compute dtype in the same run.",
   };
   slope.notes = {
-      "*peak_rss_bytes_per_param*: the slope of peak RSS against parameter count across sizes "
-      "(2 bytes per parameter is a bf16 model, 4 fp32); *base_bytes_per_param* the same for the "
-      "base weights the model holds.",
+      "*train_peak_bytes_per_param*: the least-squares slope of the training peak RSS against "
+      "parameter count across sizes, i.e. what one more parameter costs while training (a bf16 "
+      "model holds 2 bytes per parameter, fp32 4); *build_peak_bytes_per_param* the same for the "
+      "build's peak, *base_bytes_per_param* for the base weights the model holds.",
   };
 
   BenchResult result;
@@ -766,22 +843,23 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
         return table.at(r, "status") == "ok" && table.at(r, "dtype") == d &&
                table.at(r, "config") == label;
       };
-      const std::string block = gp_datablock(
-          "s" + std::to_string(i), table,
-          {"params_m", "peak_rss_mb", "base_weight_mb", "step_ms", "step_ratio_vs_lora"}, keep);
+      const std::string block = gp_datablock("s" + std::to_string(i), table,
+                                             {"params_m", "train_peak_mb", "base_weight_mb",
+                                              "step_ms", "step_ratio_vs_lora", "build_peak_mb"},
+                                             keep);
       mem << block;
       step << block;
       names.push_back(o.scale_dtypes.size() > 1 ? label + " " + d : label);
     }
-    mem << "set title 'Peak RSS (solid) and base weights (dashed) vs model size, " << o.scale_batch
-        << " x " << o.scale_seq_len << " tokens per step'\n"
-        << "set xlabel 'parameters (millions, log)'\nset ylabel 'MB (log)'\nset logscale xy\n"
-        << "set key top left\nplot ";
+    mem << "set title 'Training peak RSS (solid), build peak (dotted) and base weights (dashed), "
+        << o.scale_batch << " x " << o.scale_seq_len << " tokens per step'\n"
+        << "set xlabel 'parameters (millions)'\nset ylabel 'MB'\n"
+        << "set key top left box opaque\nset yrange [0:*]\nplot ";
     for (size_t i = 0; i < names.size(); ++i)
       mem << (i ? ", \\\n     " : "") << "$s" << i << " using 1:2 with linespoints lt " << i + 1
-          << " pt 7 lw 2 title " << gp_quote(names[i] + ": peak RSS") << ", $s" << i
-          << " using 1:3 with lines lt " << i + 1 << " dt 2 lw 1.5 title "
-          << gp_quote(names[i] + ": base weights");
+          << " pt 7 lw 2 title " << gp_quote(names[i] + ": training peak RSS") << ", $s" << i
+          << " using 1:6 with lines lt " << i + 1 << " dt 3 lw 1.5 notitle, $s" << i
+          << " using 1:3 with lines lt " << i + 1 << " dt 2 lw 1.5 notitle";
     if (names.empty()) mem << "NaN notitle";
     mem << "\n";
     step << "set multiplot layout 1,2 title 'Step time vs model size'\n"

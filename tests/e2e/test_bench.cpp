@@ -334,8 +334,9 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
   }
   for (const auto& n : names) EXPECT_TRUE(backends.count(n)) << n;
   Csv slope = read_csv(out + "/scale_slope.csv");
-  expect_columns(slope, {"dtype", "config", "sizes", "train_peak_bytes_per_param",
-                         "train_peak_intercept_mb", "build_peak_bytes_per_param", "base_bytes_per_param"});
+  expect_columns(
+      slope, {"dtype", "config", "sizes", "train_peak_bytes_per_param", "train_peak_intercept_mb",
+              "build_peak_bytes_per_param", "base_bytes_per_param"});
 }
 
 TEST(Bench, RegeneratesTheMarkedSectionOfADoc) {

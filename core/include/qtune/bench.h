@@ -149,13 +149,13 @@ struct QTUNE_API BenchOptions {
   int64_t ppl_seq_len = 0;     ///< 0 = the model's max_position_embeddings
   int64_t ppl_max_blocks = 0;  ///< 0 = the whole text
   std::string finetune_data = "tinyshakespeare.txt";
-  int64_t finetune_steps = 150;
+  int64_t finetune_steps = 100;
   int64_t finetune_batch = 8;
   int64_t finetune_seq_len = 128;
   double finetune_lr = 3e-3;       ///< LoRA / QLoRA
   double finetune_full_lr = 1e-3;  ///< full fine-tune (a smaller rate, as usual for full tuning)
   std::string finetune_dtype = "fp32";
-  int64_t finetune_eval_every = 25;
+  int64_t finetune_eval_every = 20;
   /// Adapter plugin for lora / qlora; empty = the first adapter plugin the registry found.
   std::string adapter;
   Json adapter_options = Json::object();  ///< unresolved; the adapter's schema fills defaults
@@ -163,7 +163,7 @@ struct QTUNE_API BenchOptions {
   // scale
   std::vector<std::string> scale_sizes = {"15M", "60M", "250M", "1B"};
   std::vector<std::string> scale_dtypes = {"bf16"};
-  int64_t scale_steps = 3;  ///< timed steps (after `warmup` untimed ones)
+  int64_t scale_steps = 4;  ///< timed steps (after `warmup` untimed ones)
   int64_t scale_batch = 1;
   int64_t scale_seq_len = 128;
 };
@@ -190,8 +190,8 @@ QTUNE_API BenchResult bench_finetune(const BenchOptions& options, const Registry
 QTUNE_API BenchResult bench_scale(const BenchOptions& options, const Registry& registry);
 
 /// The hidden sub-commands the child processes run: "__finetune RECIPE.json" (a Trainer run;
-/// writes summary.json and metrics.jsonl) and "__scale SPEC.json RESULT.json". Returns the exit
-/// code.
+/// writes summary.json and metrics.jsonl), "__synthesize SPEC.json" (writes a random-weight HF
+/// checkpoint for scale) and "__scale SPEC.json RESULT.json". Returns the exit code.
 QTUNE_API int bench_child_main(const std::vector<std::string>& args, const Registry& registry);
 /// True for the hidden sub-command names.
 QTUNE_API bool is_bench_child_command(const std::string& command);
