@@ -4,6 +4,7 @@
 #include <malloc.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -33,6 +34,9 @@ using namespace bench_detail;
 namespace {
 
 using clock_type = std::chrono::steady_clock;
+
+// Seconds of timed steps a scale configuration aims for (see scale_child).
+constexpr double kScaleStepBudgetS = 3.0;
 
 double seconds_since(clock_type::time_point t0) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
@@ -557,7 +561,9 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   torch::Tensor tokens = ids.narrow(1, 0, seq).contiguous().to(device);
   torch::Tensor targets = ids.narrow(1, 1, seq).contiguous().to(device);
   model->train();
-  const int64_t warm = s.at("warmup").get<int64_t>(), steps = s.at("steps").get<int64_t>();
+  const int64_t warm = std::max<int64_t>(1, s.at("warmup").get<int64_t>());
+  const int64_t asked = s.at("steps").get<int64_t>();
+  int64_t steps = asked;
   std::vector<double> times;
   double last_loss = NAN;
   for (int64_t i = 0; i < warm + steps; ++i) {
@@ -568,7 +574,13 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
     opt.step();
     sync(device);
     last_loss = loss.item<double>();
-    if (i >= warm) times.push_back(seconds_since(t0));
+    const double dt = seconds_since(t0);
+    if (i >= warm) times.push_back(dt);
+    // Small models get more timed steps (about kScaleStepBudgetS of them, at most 5x the number
+    // asked): they are cheap, and their medians are the noisiest.
+    if (i == warm - 1)
+      steps = std::clamp<int64_t>(static_cast<int64_t>(kScaleStepBudgetS / std::max(dt, 1e-3)),
+                                  asked, 5 * asked);
   }
   const Json result = {
       {"build_s", build_s},
@@ -579,6 +591,7 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       {"peak_rss_bytes", peak_rss_bytes()},
       {"step_s", median(times)},
       {"step_times", times},
+      {"steps", static_cast<int64_t>(times.size())},
       {"loss", last_loss},
       {"base_weight_bytes", model->base_weight_bytes()},
       {"linear_weight_bytes", model->linear_weight_bytes()},
@@ -732,6 +745,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
         const double step = r["step_s"].get<double>();
         if (c.type == TrainType::kLora) lora_step = step;
         row["build_s"] = r["build_s"];
+        row["steps"] = r["steps"];
         row["rss_start_mb"] = r["rss_start_bytes"].get<double>() / 1e6;
         row["rss_built_mb"] = r["rss_built_bytes"].get<double>() / 1e6;
         row["build_peak_mb"] = r["build_peak_bytes"].get<double>() / 1e6;
@@ -816,10 +830,11 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           "heap to the system (malloc_trim): what the model holds. *train_peak_mb*: peak RSS of "
           "the training steps alone (peak counter restarted after building): model, adapters, "
           "AdamW state, activations. *peak_rss_mb* (CSV) is the whole process's peak. "
-          "*step_ms*: median of " +
-          std::to_string(o.scale_steps) + " optimizer steps of " + std::to_string(o.scale_batch) +
-          " x " + std::to_string(o.scale_seq_len) + " tokens after " +
-          std::to_string(std::max(1, o.warmup)) +
+          "*step_ms*: median of at least " +
+          std::to_string(o.scale_steps) +
+          " optimizer steps (*steps*: more for small models, about 3 s of them) of " +
+          std::to_string(o.scale_batch) + " x " + std::to_string(o.scale_seq_len) +
+          " tokens after " + std::to_string(std::max(1, o.warmup)) +
           " warm-up step(s); *step_ratio_vs_lora* is the QLoRA / LoRA step time at the same "
           "size and compute dtype in the same run.",
   };
@@ -854,7 +869,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
     mem << "set title 'Training peak RSS (solid), build peak (dotted) and base weights (dashed), "
         << o.scale_batch << " x " << o.scale_seq_len << " tokens per step'\n"
         << "set xlabel 'parameters (millions)'\nset ylabel 'MB'\n"
-        << "set key top left box opaque\nset yrange [0:*]\nplot ";
+        << "set key top left box opaque\nset xrange [0:*]\nset yrange [0:*]\nplot ";
     for (size_t i = 0; i < names.size(); ++i)
       mem << (i ? ", \\\n     " : "") << "$s" << i << " using 1:2 with linespoints lt " << i + 1
           << " pt 7 lw 2 title " << gp_quote(names[i] + ": training peak RSS") << ", $s" << i
