@@ -750,7 +750,9 @@ std::string write_bench_result(const BenchResult& result, const BenchOptions& op
 
   for (const auto& t : result.tables) {
     atomic_write_string((out / (t.name() + ".csv")).string(), t.csv());
-    md << t.markdown() << "\nCSV: [" << t.name() << ".csv](" << t.name() << ".csv)\n\n";
+    if (!t.csv_only) md << t.markdown() << "\n";
+    md << "CSV: [" << t.name() << ".csv](" << t.name() << ".csv)"
+       << (t.csv_only && !t.title().empty() ? " (" + t.title() + ")" : "") << "\n\n";
   }
 
   const bool have_gnuplot = gnuplot_available();

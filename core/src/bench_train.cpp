@@ -158,6 +158,7 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
 
   BenchTable table("ppl", "Perplexity with every linear weight quantized",
                    {{"set", 4, true},
+                    {"short_set", 4, false},
                     {"backend", 4, false},
                     {"bits_per_param", 4, true},
                     {"linear_weight_mb", 4, true},
@@ -178,6 +179,7 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
   double base_loss = NAN;
   auto run = [&](const QuantSet* set) {
     Json row = {{"set", set ? set->label() : "none (fp32)"},
+                {"short_set", set ? set->short_label() : "none (fp32)"},
                 {"backend", set ? set->backend : "none"},
                 {"seq_len", seq},
                 {"threads", threads},
@@ -252,7 +254,7 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
   {
     std::ostringstream gp;
     gp << gp_preamble("ppl.png", 1000, 560);
-    gp << gp_datablock("p", table, {"set", "ppl", "bits_per_param"},
+    gp << gp_datablock("p", table, {"short_set", "ppl", "bits_per_param"},
                        [&](size_t r) { return table.at(r, "status") == "ok"; });
     size_t n = 0;
     for (size_t r = 0; r < table.rows().size(); ++r) n += table.at(r, "status") == "ok";
@@ -260,10 +262,11 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
        << gp_quote("Perplexity of " + fs::path(model_path).stem().string() + " on " +
                    fs::path(text).filename().string())
        << "\nset style data histograms\nset style fill solid 0.85 border -1\nset boxwidth 0.8\n"
-       << "set xtics rotate by -30 left font ',9'\nset ylabel 'perplexity'\nset bmargin 7\n"
-       << "set key off\nset yrange [0:*]\nset xrange [-0.6:" << (n == 0 ? 0.6 : n - 0.4) << "]\n"
+       << "set xtics rotate by -30 left font ',9'\nset ylabel 'perplexity (log)'\n"
+       << "set logscale y\nset bmargin 7\nset rmargin 9\n"
+       << "set key off\nset yrange [1:*]\nset xrange [-0.6:" << (n == 0 ? 0.6 : n - 0.4) << "]\n"
        << "plot $p using 2:xtic(sprintf('%s (%.2f b)', strcol(1), $3)) lc rgb '#4477aa', \\\n"
-       << "     $p using 0:2:(sprintf('%.3f', $2)) with labels offset 0,0.7 font ',8'";
+       << "     $p using 0:2:(sprintf('%.3g', $2)) with labels offset 0,0.7 font ',8'";
     if (std::isfinite(base_loss))
       gp << ", \\\n     " << std::exp(base_loss) << " with lines dt 2 lc rgb 'black'";
     gp << "\n";
@@ -354,12 +357,13 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
                     {"threads", 4, false},
                     {"status", 4, true},
                     {"options", 4, false}});
-  BenchTable curves("finetune_curves", "",
+  BenchTable curves("finetune_curves", "loss per step of every configuration",
                     {{"config", 4, true},
                      {"step", 4, true},
                      {"train_loss", 5, true},
                      {"train_loss_avg10", 5, true},
                      {"val_loss", 5, true}});
+  curves.csv_only = true;
 
   double lora_step = NAN;
   for (size_t i = 0; i < configs.size(); ++i) {
@@ -433,7 +437,9 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
     row["step_ms"] = 1e3 * step_med;
     row["tokens_per_s"] = static_cast<double>(o.finetune_batch * o.finetune_seq_len) / step_med;
     row["step_ratio_vs_lora"] = step_med / lora_step;
-    row["peak_rss_mb"] = s["peak_rss_bytes"].get<double>() / 1e6;
+    // The child's own peak (see finetune_child), not the summary's getrusage figure.
+    const Json peak = read_json_file(dir + "/bench_peak.json");
+    row["peak_rss_mb"] = peak["vm_hwm_bytes"].get<double>() / 1e6;
     row["base_weight_mb"] = s["base_weight_bytes"].get<double>() / 1e6;
     row["linear_weight_mb"] = s["linear_weight_bytes"].get<double>() / 1e6;
     row["trainable_params"] = s["trainable_parameters"];
@@ -507,6 +513,11 @@ int finetune_child(const std::string& recipe_path, const Registry& registry) {
   const Json recipe = read_json_file(recipe_path);
   Trainer trainer(resolve_recipe(recipe, registry));
   trainer.run();
+  // getrusage's ru_maxrss survives exec: a child of a large process reports its parent's peak.
+  // VmHWM belongs to this process's own address space.
+  atomic_write_string(
+      (fs::path(recipe["output_dir"].get<std::string>()) / "bench_peak.json").string(),
+      Json{{"vm_hwm_bytes", hwm_bytes()}}.dump() + "\n");
   return 0;
 }
 
@@ -588,7 +599,7 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       {"rss_built_bytes", rss_built},
       {"build_peak_bytes", build_peak},
       {"train_peak_bytes", hwm_reset ? Json(hwm_bytes()) : Json(nullptr)},
-      {"peak_rss_bytes", peak_rss_bytes()},
+      {"peak_rss_bytes", std::max(build_peak, hwm_reset ? hwm_bytes() : peak_rss_bytes())},
       {"step_s", median(times)},
       {"step_times", times},
       {"steps", static_cast<int64_t>(times.size())},
@@ -849,6 +860,14 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
   result.command = "scale";
   {
     std::ostringstream mem, step;
+    // The log axis spans the sizes run, with a little room on each side.
+    double xmin_m = 1e30, xmax_m = 0;
+    for (const auto& c : configs) {
+      xmin_m = std::min(xmin_m, c.num_parameters() / 1e6);
+      xmax_m = std::max(xmax_m, c.num_parameters() / 1e6);
+    }
+    xmin_m = configs.empty() ? 1 : xmin_m / 1.5;
+    xmax_m = configs.empty() ? 10 : xmax_m * 1.5;
     mem << gp_preamble("scale_memory.png", 1000, 620);
     step << gp_preamble("scale_step.png", 1200, 540);
     std::vector<std::string> names;
@@ -879,6 +898,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
     mem << "\n";
     step << "set multiplot layout 1,2 title 'Step time vs model size'\n"
          << "set xlabel 'parameters (millions, log)'\nset logscale x\nset key top left\n"
+         << "set xrange [" << xmin_m << ":" << xmax_m << "]\n"
          << "set title 'optimizer step (ms, log)'\nset logscale y\nplot ";
     for (size_t i = 0; i < names.size(); ++i)
       step << (i ? ", \\\n     " : "") << "$s" << i << " using 1:4 with linespoints lt " << i + 1

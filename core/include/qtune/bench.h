@@ -60,6 +60,8 @@ class QTUNE_API BenchTable {
 
   /// Markdown lines shown under the table (what was measured and how).
   std::vector<std::string> notes;
+  /// Written as CSV only (long series such as loss curves); the markdown links to it.
+  bool csv_only = false;
 
  private:
   std::string name_, title_;
@@ -165,7 +167,7 @@ struct QTUNE_API BenchOptions {
   std::vector<std::string> scale_dtypes = {"bf16"};
   int64_t scale_steps = 4;  ///< timed steps (after `warmup` untimed ones)
   int64_t scale_batch = 1;
-  int64_t scale_seq_len = 128;
+  int64_t scale_seq_len = 512;
 };
 
 // ---------------------------------------------------------------------------------------------
