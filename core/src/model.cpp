@@ -1,6 +1,8 @@
 // Llama decoder and the slot builder (see model.h).
 #include "qtune/model.h"
 
+#include <malloc.h>
+
 #include <cmath>
 #include <functional>
 #include <mutex>
@@ -330,7 +332,13 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
                   "'");
       return spec.quant->load(st);
     }
-    return spec.quant->quantize(weights.get(source, torch::kFloat32), spec.quant_options);
+    auto q = spec.quant->quantize(weights.get(source, torch::kFloat32), spec.quant_options);
+    // The fp32 copy and the quantizer's scratch are freed now, but core's allocator policy
+    // (process.cpp) keeps freed heap, and the small quantized results pin it in place: without
+    // this the build peaked at ~4 bytes per parameter over the quantized model (250M: 1034 MB
+    // peak for 379 MB built; 558 MB with it).
+    malloc_trim(0);
+    return q;
   };
 
   // Builds one projection slot: the heart of "QLoRA = LoRA with a quantized base".

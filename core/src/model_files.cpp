@@ -1,6 +1,5 @@
 // Opening models on disk (HF directories, llama2.c checkpoints) and writing HF directories.
 #include "qtune/model_files.h"
-#include "qtune/quantized_model.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -11,6 +10,7 @@
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
 #include "qtune/llama2c.h"
+#include "qtune/quantized_model.h"
 
 namespace fs = std::filesystem;
 
@@ -179,7 +179,9 @@ std::vector<int64_t> SafetensorsWeightSource::shape(const std::string& name) con
 }
 
 torch::Tensor SafetensorsWeightSource::get(const std::string& name, torch::ScalarType dtype) const {
-  return view(name).to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  torch::Tensor t = view(name).to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  file_of(name)->release(name);  // the copy is what the caller keeps
+  return t;
 }
 
 std::vector<std::string> SafetensorsWeightSource::names() const {

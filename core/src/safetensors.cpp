@@ -293,6 +293,17 @@ const uint8_t* SafetensorsFile::raw(const std::string& name) const {
   return static_cast<const uint8_t*>(mapping_->addr) + buffer_offset_ + i.data_begin;
 }
 
+void SafetensorsFile::release(const std::string& name) const {
+  const auto& i = info(name);
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(raw(name));
+  const uintptr_t first = (begin + page - 1) / page * page;  // only pages the tensor fills
+  const uintptr_t last = (begin + i.nbytes()) / page * page;
+  // A private read-only file mapping: the pages were never written, so dropping them loses
+  // nothing. Advice only; failure changes nothing but the resident size.
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
   const auto& i = info(name);
   const torch::ScalarType dtype = safetensors_to_torch(i.dtype);

@@ -2,6 +2,11 @@
 // and the plugin entry point. Layout and conventions are documented in hqq.h.
 #include "hqq.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QTUNE_HQQ_X86 1
+#endif
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -451,28 +456,124 @@ inline c10::BFloat16 convert<c10::BFloat16>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
+#ifdef QTUNE_HQQ_X86
+// AVX-512 for 4-bit codes: the group's 16-entry table sits in one register and vpermps looks
+// codes up 16 at a time; vpermt2ps puts low/high nibbles back in element order (low first).
+// Lookups return the table's fp32 values unchanged, so the results equal the scalar loop's.
+bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+__attribute__((target("avx512f"))) inline void lookup32_avx512(const uint8_t* src, __m512 table,
+                                                               __m512* o0, __m512* o1) {
+  alignas(64) static const int32_t kFirst[16] = {0, 16, 1, 17, 2, 18, 3, 19,
+                                                 4, 20, 5, 21, 6, 22, 7, 23};
+  alignas(64) static const int32_t kSecond[16] = {8,  24, 9,  25, 10, 26, 11, 27,
+                                                  12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i bytes =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table);
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+  *o0 = _mm512_permutex2var_ps(lo, _mm512_load_si512(kFirst), hi);
+  *o1 = _mm512_permutex2var_ps(lo, _mm512_load_si512(kSecond), hi);
+}
+
+// fp32 -> bf16 round-to-nearest-even for finite values (convert<c10::BFloat16> below).
+__attribute__((target("avx512f"))) inline __m256i bf16_avx512(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// Expands `nbytes` (a multiple of 16) bytes of 4-bit codes into 2 * nbytes values.
+__attribute__((target("avx512f"))) void expand4_avx512(const uint8_t* src, int64_t nbytes,
+                                                       const float* table, float* dst) {
+  const __m512 t = _mm512_loadu_ps(table);
+  for (int64_t i = 0; i < nbytes; i += 16) {
+    __m512 o0, o1;
+    lookup32_avx512(src + i, t, &o0, &o1);
+    _mm512_storeu_ps(dst + 2 * i, o0);
+    _mm512_storeu_ps(dst + 2 * i + 16, o1);
+  }
+}
+__attribute__((target("avx512f"))) void expand4_avx512(const uint8_t* src, int64_t nbytes,
+                                                       const float* table, c10::BFloat16* dst) {
+  const __m512 t = _mm512_loadu_ps(table);
+  for (int64_t i = 0; i < nbytes; i += 16) {
+    __m512 o0, o1;
+    lookup32_avx512(src + i, t, &o0, &o1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), bf16_avx512(o0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i + 16), bf16_avx512(o1));
+  }
+}
+
+// 8-bit codes: (q - zero) * scale, 16 at a time, the scalar loop's two roundings exactly.
+__attribute__((target("avx512f"))) inline __m512 affine16_avx512(const uint8_t* src, __m512 z,
+                                                                 __m512 s) {
+  const __m512 q = _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  return _mm512_mul_ps(_mm512_sub_ps(q, z), s);
+}
+__attribute__((target("avx512f"))) void affine8_avx512(const uint8_t* src, int64_t n, float z,
+                                                       float s, float* dst) {
+  const __m512 vz = _mm512_set1_ps(z), vs = _mm512_set1_ps(s);
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(dst + i, affine16_avx512(src + i, vz, vs));
+}
+__attribute__((target("avx512f"))) void affine8_avx512(const uint8_t* src, int64_t n, float z,
+                                                       float s, c10::BFloat16* dst) {
+  const __m512 vz = _mm512_set1_ps(z), vs = _mm512_set1_ps(s);
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        bf16_avx512(affine16_avx512(src + i, vz, vs)));
+}
+#endif
+
 template <typename T>
 void dequant_axis1_cpu(const uint8_t* packed, int nbits, int64_t g, const float* s, const float* z,
                        int64_t f0, int64_t f1, T* out) {
   const int64_t k0 = f0 / g, k1 = ceil_div(f1, g);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / g);
+#ifdef QTUNE_HQQ_X86
+  const bool avx512 = (nbits == 4 || nbits == 8) && have_avx512();
+#endif
   at::parallel_for(k0, k1, grain, [&](int64_t a, int64_t b) {
+    float ftable[16];
     T table[16];
     for (int64_t k = a; k < b; ++k) {
       const float sk = s[k - k0], zk = z[k - k0];
       const int64_t e0 = std::max(f0, k * g), e1 = std::min(f1, (k + 1) * g);
       T* o = out + (e0 - f0);
       if (nbits == 8) {
-        for (int64_t f = e0; f < e1; ++f)
-          *o++ = convert<T>((static_cast<float>(packed[f]) - zk) * sk);
+        int64_t f = e0;
+#ifdef QTUNE_HQQ_X86
+        if (avx512) {
+          const int64_t n = (e1 - f) / 16 * 16;
+          affine8_avx512(packed + f, n, zk, sk, o);
+          o += n;
+          f += n;
+        }
+#endif
+        for (; f < e1; ++f) *o++ = convert<T>((static_cast<float>(packed[f]) - zk) * sk);
         continue;
       }
-      for (int c = 0; c < (1 << nbits); ++c)
-        table[c] = convert<T>((static_cast<float>(c) - zk) * sk);
+      for (int c = 0; c < (1 << nbits); ++c) {
+        ftable[c] = (static_cast<float>(c) - zk) * sk;
+        table[c] = convert<T>(ftable[c]);
+      }
       int64_t f = e0;
       switch (nbits) {
         case 4:
           if (f < e1 && (f & 1)) *o++ = table[packed[f++ >> 1] >> 4];
+#ifdef QTUNE_HQQ_X86
+          if (avx512 && e1 - f >= 32) {
+            const int64_t n = (e1 - f) / 32 * 32;  // codes, whole 16-byte steps
+            expand4_avx512(packed + (f >> 1), n / 2, ftable, o);
+            o += n;
+            f += n;
+          }
+#endif
           for (; f + 1 < e1; f += 2) {
             const uint8_t byte = packed[f >> 1];
             *o++ = table[byte & 15];

@@ -128,6 +128,24 @@ TEST(Safetensors, ZeroCopyAndMappingLifetime) {
   EXPECT_TRUE(torch::equal(row, w[3]));  // a view of a view still holds it
 }
 
+TEST(Safetensors, ReleasedPagesReadBackFromTheFile) {
+  const std::string path = test::temp_dir("st") + "/r.safetensors";
+  // Several pages each, at offsets that are not page-aligned (a 3-element tensor sits between).
+  torch::Tensor big = torch::randn({3000, 7}), odd = torch::randn({3}), next = torch::randn({5000});
+  write_safetensors(path, {{"a_big", big}, {"b_odd", odd}, {"c_next", next}});
+  auto f = SafetensorsFile::open(path);
+  torch::Tensor a = f->tensor("a_big"), b = f->tensor("b_odd"), c = f->tensor("c_next");
+  ASSERT_TRUE(torch::equal(a, big) && torch::equal(c, next));  // pages now resident
+  f->release("a_big");
+  f->release("c_next");
+  EXPECT_TRUE(torch::equal(a, big));
+  EXPECT_TRUE(torch::equal(b, odd));
+  EXPECT_TRUE(torch::equal(c, next));
+  const std::string msg = error_of([&] { f->release("nope"); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("nope"), std::string::npos) << msg;
+}
+
 // ---- malformed files -------------------------------------------------------------------------
 
 struct Malformed : ::testing::Test {

@@ -213,9 +213,9 @@ TEST(Bench, PplHasBaselineAndEverySet) {
   auto r = run_program(args);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   Csv c = read_csv(out + "/ppl.csv");
-  expect_columns(c, {"set", "backend", "bits_per_param", "linear_weight_mb", "base_weight_mb",
-                     "loss", "ppl", "ppl_ratio", "delta_loss", "tokens", "eval_s", "build_s",
-                     "seq_len", "threads", "status", "options"});
+  expect_columns(c, {"set", "short_set", "backend", "bits_per_param", "linear_weight_mb",
+                     "base_weight_mb", "loss", "ppl", "ppl_ratio", "delta_loss", "tokens", "eval_s",
+                     "build_s", "seq_len", "threads", "status", "options"});
   ASSERT_EQ(c.rows.size(), names.size() + 1);
   EXPECT_EQ(c.at(0, "set"), "none (fp32)");
   EXPECT_EQ(std::stod(c.at(0, "ppl_ratio")), 1.0);

@@ -71,6 +71,10 @@ class QTUNE_API SafetensorsFile : public std::enable_shared_from_this<Safetensor
   torch::Tensor tensor(const std::string& name) const;
   /// The raw little-endian bytes of a tensor inside the mapping (valid while this object lives).
   const uint8_t* raw(const std::string& name) const;
+  /// Drops the whole pages of this tensor's bytes from the process's resident memory (a loader
+  /// that has copied or quantized a tensor calls it so that a model is not resident twice while
+  /// it loads). Views stay valid: their next access reads the pages again from the file.
+  void release(const std::string& name) const;
 
  private:
   struct Mapping;

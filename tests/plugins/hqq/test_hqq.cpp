@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
 #include <functional>
 
@@ -470,84 +469,6 @@ TEST(HqqErrorBound, HoldsOnGaussianMatrices) {
       if (extra.empty())
         EXPECT_GT(err, bound / 2) << "bound too loose for " << o.dump() << ": " << err << " vs "
                                   << bound;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Measurements for the report (not run by default: ./qtune_hqq_tests
-// --gtest_also_run_disabled_tests --gtest_filter='*Measure*').
-
-TEST(HqqMeasure, DISABLED_ReconstructionAndTime) {
-  for (const char* dist : {"gaussian", "student_t3"}) {
-    const torch::Tensor w =
-        std::string(dist) == "gaussian" ? gaussian(1024, 1024, 1) : student_t3(1024, 1024, 1);
-    for (int nbits : {2, 3, 4, 8}) {
-      for (bool optimize : {false, true}) {
-        const Json o{{"nbits", nbits}, {"optimize", optimize}};
-        const auto t0 = std::chrono::steady_clock::now();
-        auto q = quant(w, o);
-        const double secs =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const auto t1 = std::chrono::steady_clock::now();
-        const torch::Tensor r = q->dequantize(torch::kFloat32, torch::kCPU);
-        const double dsecs =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-        const double rel = rel_error(w, r);
-        const double nmse = ((w - r).square().mean() / w.square().mean()).item<double>();
-        std::printf(
-            "%-10s hqq%d g64 optimize=%d  rel_fro=%.5f nmse=%.3e  bpp=%.3f  quantize=%.3fs "
-            "dequant=%.4fs\n",
-            dist, nbits, optimize, rel, nmse, q->nbytes() * 8.0 / w.numel(), secs, dsecs);
-      }
-    }
-  }
-}
-
-TEST(HqqMeasure, DISABLED_GroupTable) {
-  const torch::Tensor w = gaussian(256, 4096, 2);
-  for (int nbits : {2, 3, 4, 8}) {
-    for (int64_t g : {8, 16, 32, 64, 128, 256, 512, 1024, 4096}) {
-      double e[2];
-      for (int opt = 0; opt < 2; ++opt)
-        e[opt] =
-            rel_error(w, quant(w, {{"nbits", nbits}, {"group_size", g}, {"optimize", opt == 1}})
-                             ->dequantize(torch::kFloat32, torch::kCPU));
-      std::printf("nbits %d g %5ld  plain %.5f  opt %.5f   ratio_to_sqrt2lng %.5f\n", nbits,
-                  (long)g, e[0], e[1], e[0] / std::sqrt(2 * std::log((double)g)));
-    }
-  }
-}
-
-TEST(HqqMeasure, DISABLED_Throughput) {
-  torch::NoGradGuard no_grad;
-  const torch::Tensor w = gaussian(4096, 4096, 3) * 0.02;
-  auto best = [](const std::function<void()>& f) {
-    f();
-    double b = 1e30;
-    for (int i = 0; i < 3; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      f();
-      b = std::min(b, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return b;
-  };
-  for (int nbits : {2, 3, 4, 8}) {
-    for (int axis : {1, 0}) {
-      const auto t0 = std::chrono::steady_clock::now();
-      auto q = quant(w, {{"nbits", nbits}, {"axis", axis}});
-      const double tq =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double f32 = best([&] { q->dequantize(torch::kFloat32, torch::kCPU); });
-      const double b16 = best([&] { q->dequantize(torch::kBFloat16, torch::kCPU); });
-      const torch::Tensor x = torch::randn({512, 4096});
-      const torch::Tensor d = q->dequantize(torch::kFloat32, torch::kCPU);
-      const double lin = best([&] { q->linear(x); });
-      const double dense = best([&] { torch::matmul(x, d.t()); });
-      std::printf(
-          "hqq%d axis %d 4096^2: quantize %.2fs  dequant fp32 %.1f ms bf16 %.1f ms  linear[512] "
-          "%.1f ms (dense %.1f)\n",
-          nbits, axis, tq, f32 * 1e3, b16 * 1e3, lin * 1e3, dense * 1e3);
     }
   }
 }

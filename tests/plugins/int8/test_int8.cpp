@@ -3,7 +3,6 @@
 // x @ dequantize()^T, state round trips and error bounds.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
 #include <functional>
 
@@ -31,12 +30,6 @@ std::string error_of(const std::function<void()>& f) {
 
 double rel_error(const torch::Tensor& w, const torch::Tensor& r) {
   return ((w - r).norm() / w.norm()).item<double>();
-}
-
-torch::Tensor student_t3(int64_t out, int64_t in, uint64_t seed) {
-  torch::manual_seed(seed);
-  torch::Tensor z = torch::randn({out, in});
-  return z / (torch::randn({3, out, in}).square().sum(0) / 3).sqrt();
 }
 
 // W = k * s with integer k in [-127, 127] and, in every row/group, one |k| = 127 so that
@@ -260,61 +253,5 @@ TEST(Int8ErrorBound, HoldsOnGaussianAndIsNotLoose) {
     const double err = rel_error(w, quant(w, o)->dequantize(torch::kFloat32, torch::kCPU));
     EXPECT_LT(err, bound) << o.dump();
     EXPECT_GT(err, bound / 2) << o.dump() << " " << err << " vs " << bound;
-  }
-}
-
-// Measurements for the report (./qtune_int8_tests --gtest_also_run_disabled_tests
-// --gtest_filter='*Measure*').
-TEST(Int8Measure, DISABLED_ReconstructionAndTime) {
-  for (const char* dist : {"gaussian", "student_t3"}) {
-    torch::manual_seed(1);
-    const torch::Tensor w =
-        std::string(dist) == "gaussian" ? torch::randn({1024, 1024}) : student_t3(1024, 1024, 1);
-    for (const Json& o :
-         {Json::object(), Json{{"group_size", 64}}, Json{{"scale_dtype", "bf16"}}}) {
-      const auto t0 = std::chrono::steady_clock::now();
-      auto q = quant(w, o);
-      const double secs =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const torch::Tensor r = q->dequantize(torch::kFloat32, torch::kCPU);
-      const double nmse = ((w - r).square().mean() / w.square().mean()).item<double>();
-      std::printf("%-10s int8 %-40s rel_fro=%.5f nmse=%.3e bpp=%.3f quantize=%.4fs\n", dist,
-                  o.dump().c_str(), rel_error(w, r), nmse, q->nbytes() * 8.0 / w.numel(), secs);
-    }
-  }
-}
-
-TEST(Int8Measure, DISABLED_Throughput) {
-  torch::NoGradGuard no_grad;
-  torch::manual_seed(2);
-  const torch::Tensor w = torch::randn({4096, 4096}) * 0.02;
-  auto best = [](const std::function<void()>& f) {
-    f();
-    double b = 1e30;
-    for (int i = 0; i < 3; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      f();
-      b = std::min(b, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return b;
-  };
-  for (const Json& o : {Json::object(), Json{{"group_size", 128}}}) {
-    const auto t0 = std::chrono::steady_clock::now();
-    auto q = quant(w, o);
-    const double tq = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double f32 = best([&] { q->dequantize(torch::kFloat32, torch::kCPU); });
-    const double b16 = best([&] { q->dequantize(torch::kBFloat16, torch::kCPU); });
-    const torch::Tensor d = q->dequantize(torch::kFloat32, torch::kCPU);
-    for (int64_t tokens : {8, 512}) {
-      const torch::Tensor x = torch::randn({tokens, 4096});
-      const double lin = best([&] { q->linear(x); });
-      const double base = best([&] { q->QuantizedWeight::linear(x); });
-      const double dense = best([&] { torch::matmul(x, d.t()); });
-      std::printf(
-          "int8 %-20s quantize %.3fs dequant fp32 %.1f ms bf16 %.1f ms | linear[%ld] %.1f ms "
-          "(default tiling %.1f, dense %.1f)\n",
-          o.dump().c_str(), tq, f32 * 1e3, b16 * 1e3, (long)tokens, lin * 1e3, base * 1e3,
-          dense * 1e3);
-    }
   }
 }
