@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "qtune/error.h"
 #include "qtune/plugin.h"
@@ -487,26 +488,31 @@ __attribute__((target("avx512f"))) inline __m256i bf16_avx512(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// Expands `nbytes` (a multiple of 16) bytes of 4-bit codes into 2 * nbytes values.
-__attribute__((target("avx512f"))) void expand4_avx512(const uint8_t* src, int64_t nbytes,
-                                                       const float* table, float* dst) {
-  const __m512 t = _mm512_loadu_ps(table);
-  for (int64_t i = 0; i < nbytes; i += 16) {
+// One group's 4-bit codes, elements [e0, e1) of the flat stream, written to `o`. The table
+// (c - zero) * scale is built in a register (the scalar expression, lane by lane) and stored
+// once for the odd element at either end.
+template <typename T>
+__attribute__((target("avx512f"))) void group4_avx512(const uint8_t* packed, int64_t e0, int64_t e1,
+                                                      float zk, float sk, T* o) {
+  alignas(64) static const float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const __m512 t =
+      _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(kIota), _mm512_set1_ps(zk)), _mm512_set1_ps(sk));
+  alignas(64) float table[16];
+  _mm512_store_ps(table, t);
+  int64_t f = e0;
+  if (f < e1 && (f & 1)) *o++ = convert<T>(table[packed[f++ >> 1] >> 4]);
+  for (; f + 32 <= e1; f += 32, o += 32) {
     __m512 o0, o1;
-    lookup32_avx512(src + i, t, &o0, &o1);
-    _mm512_storeu_ps(dst + 2 * i, o0);
-    _mm512_storeu_ps(dst + 2 * i + 16, o1);
+    lookup32_avx512(packed + (f >> 1), t, &o0, &o1);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(o, o0);
+      _mm512_storeu_ps(o + 16, o1);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bf16_avx512(o0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), bf16_avx512(o1));
+    }
   }
-}
-__attribute__((target("avx512f"))) void expand4_avx512(const uint8_t* src, int64_t nbytes,
-                                                       const float* table, c10::BFloat16* dst) {
-  const __m512 t = _mm512_loadu_ps(table);
-  for (int64_t i = 0; i < nbytes; i += 16) {
-    __m512 o0, o1;
-    lookup32_avx512(src + i, t, &o0, &o1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), bf16_avx512(o0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i + 16), bf16_avx512(o1));
-  }
+  for (; f < e1; ++f) *o++ = convert<T>(table[(packed[f >> 1] >> ((f & 1) * 4)) & 15]);
 }
 
 // 8-bit codes: (q - zero) * scale, 16 at a time, the scalar loop's two roundings exactly.
@@ -539,7 +545,6 @@ void dequant_axis1_cpu(const uint8_t* packed, int nbits, int64_t g, const float*
   const bool avx512 = (nbits == 4 || nbits == 8) && have_avx512();
 #endif
   at::parallel_for(k0, k1, grain, [&](int64_t a, int64_t b) {
-    float ftable[16];
     T table[16];
     for (int64_t k = a; k < b; ++k) {
       const float sk = s[k - k0], zk = z[k - k0];
@@ -558,22 +563,18 @@ void dequant_axis1_cpu(const uint8_t* packed, int nbits, int64_t g, const float*
         for (; f < e1; ++f) *o++ = convert<T>((static_cast<float>(packed[f]) - zk) * sk);
         continue;
       }
-      for (int c = 0; c < (1 << nbits); ++c) {
-        ftable[c] = (static_cast<float>(c) - zk) * sk;
-        table[c] = convert<T>(ftable[c]);
+#ifdef QTUNE_HQQ_X86
+      if (avx512 && nbits == 4) {
+        group4_avx512(packed, e0, e1, zk, sk, o);
+        continue;
       }
+#endif
+      for (int c = 0; c < (1 << nbits); ++c)
+        table[c] = convert<T>((static_cast<float>(c) - zk) * sk);
       int64_t f = e0;
       switch (nbits) {
         case 4:
           if (f < e1 && (f & 1)) *o++ = table[packed[f++ >> 1] >> 4];
-#ifdef QTUNE_HQQ_X86
-          if (avx512 && e1 - f >= 32) {
-            const int64_t n = (e1 - f) / 32 * 32;  // codes, whole 16-byte steps
-            expand4_avx512(packed + (f >> 1), n / 2, ftable, o);
-            o += n;
-            f += n;
-          }
-#endif
           for (; f + 1 < e1; f += 2) {
             const uint8_t byte = packed[f >> 1];
             *o++ = table[byte & 15];
