@@ -105,6 +105,8 @@ int run(int argc, char** argv) {
     ("finetune_full_lr", po::value<double>(), "finetune: full fine-tune learning rate (1e-3)")
     ("finetune_dtype", po::value<std::string>(), "finetune: compute dtype fp32 | bf16 (fp32)")
     ("finetune_eval_every", po::value<int64_t>(), "finetune: evaluate every N steps (20)")
+    ("finetune_threads", po::value<int>()->default_value(1),
+     "finetune: threads per run (0 = --threads; 1 is fastest and steadiest at stories260K size)")
     ("adapter", po::value<std::string>(), "adapter plugin (default: the first found)")
     ("adapter_options", po::value<std::string>(), "adapter options as JSON, e.g. '{\"rank\":16}'")
     ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B (all but tiny; quick 15M,60M)")
@@ -214,6 +216,7 @@ int run(int argc, char** argv) {
   if (vm.count("finetune_lr")) o.finetune_lr = vm["finetune_lr"].as<double>();
   if (vm.count("finetune_full_lr")) o.finetune_full_lr = vm["finetune_full_lr"].as<double>();
   if (vm.count("finetune_dtype")) o.finetune_dtype = vm["finetune_dtype"].as<std::string>();
+  o.finetune_threads = vm["finetune_threads"].as<int>();
   o.finetune_eval_every =
       vm.count("finetune_eval_every") ? vm["finetune_eval_every"].as<int64_t>() : (quick ? 10 : 20);
   if (vm.count("adapter")) o.adapter = vm["adapter"].as<std::string>();

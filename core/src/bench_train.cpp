@@ -73,14 +73,6 @@ class NoAdapterFactory : public AdapterFactory {
   }
 };
 
-// The peak resident set size (VmHWM of /proc/self/status), in bytes; 0 when unreadable.
-int64_t hwm_bytes() {
-  std::ifstream in("/proc/self/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
-  return 0;
-}
-
 // Restarts VmHWM at the current RSS (Linux >= 4.0: "5" to clear_refs); false when refused.
 bool reset_hwm() {
   std::ofstream out("/proc/self/clear_refs");
@@ -282,7 +274,8 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
 
 BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
   const auto t_start = clock_type::now();
-  const int threads = apply_threads(o.threads);
+  QTUNE_CHECK(o.finetune_threads >= 0, "--finetune_threads must be >= 0, got ", o.finetune_threads);
+  const int threads = apply_threads(o.finetune_threads > 0 ? o.finetune_threads : o.threads);
   QTUNE_CHECK(!o.self_exe.empty(), "bench: the path of qtune-bench itself is unknown");
   QTUNE_CHECK(o.device.is_cpu(), "--device ", o.device.str(),
               ": finetune runs the trainer, which trains on the CPU; use --device cpu");
@@ -437,9 +430,7 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
     row["step_ms"] = 1e3 * step_med;
     row["tokens_per_s"] = static_cast<double>(o.finetune_batch * o.finetune_seq_len) / step_med;
     row["step_ratio_vs_lora"] = step_med / lora_step;
-    // The child's own peak (see finetune_child), not the summary's getrusage figure.
-    const Json peak = read_json_file(dir + "/bench_peak.json");
-    row["peak_rss_mb"] = peak["vm_hwm_bytes"].get<double>() / 1e6;
+    row["peak_rss_mb"] = s["peak_rss_bytes"].get<double>() / 1e6;
     row["base_weight_mb"] = s["base_weight_bytes"].get<double>() / 1e6;
     row["linear_weight_mb"] = s["linear_weight_bytes"].get<double>() / 1e6;
     row["trainable_params"] = s["trainable_parameters"];
@@ -461,8 +452,11 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
           "; LoRA/QLoRA use adapter `" + adapter->name() + "` on every projection at lr " +
           std::to_string(o.finetune_lr).substr(0, 6) + ", full fine-tuning lr " +
           std::to_string(o.finetune_full_lr).substr(0, 6) +
-          " (full updates every weight, so it takes a smaller rate). Each runs in its own "
-          "process: *peak_rss_mb* is that process's peak resident memory.",
+          " (full updates every weight, so it takes a smaller rate), on " +
+          std::to_string(threads) +
+          " thread(s) (`--finetune_threads`: at this size a step is hundreds of tiny ops, and "
+          "on our 2-core VM two threads were slower and varied by 40% between runs). Each "
+          "runs in its own process: *peak_rss_mb* is that process's peak resident memory.",
       "*step_ms* is the median optimizer step after the first " +
           std::string("steps (evaluation excluded); *tokens_per_s* = batch x seq_len / step; ") +
           "*step_ratio_vs_lora* = step / the LoRA step of this run (the QLoRA overhead at "
@@ -513,11 +507,6 @@ int finetune_child(const std::string& recipe_path, const Registry& registry) {
   const Json recipe = read_json_file(recipe_path);
   Trainer trainer(resolve_recipe(recipe, registry));
   trainer.run();
-  // getrusage's ru_maxrss survives exec: a child of a large process reports its parent's peak.
-  // VmHWM belongs to this process's own address space.
-  atomic_write_string(
-      (fs::path(recipe["output_dir"].get<std::string>()) / "bench_peak.json").string(),
-      Json{{"vm_hwm_bytes", hwm_bytes()}}.dump() + "\n");
   return 0;
 }
 
@@ -558,7 +547,7 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   // in the heap, which core's allocator policy keeps (core/src/process.cpp). Returning them
   // measures what the built model really holds; the build's own peak is reported beside it, and
   // the peak counter restarts so that train_peak is the training phase alone.
-  const int64_t build_peak = hwm_bytes();
+  const int64_t build_peak = peak_rss_bytes();
   malloc_trim(0);
   const int64_t rss_built = current_rss_bytes();
   const bool hwm_reset = reset_hwm();
@@ -598,8 +587,8 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       {"rss_start_bytes", rss_start},
       {"rss_built_bytes", rss_built},
       {"build_peak_bytes", build_peak},
-      {"train_peak_bytes", hwm_reset ? Json(hwm_bytes()) : Json(nullptr)},
-      {"peak_rss_bytes", std::max(build_peak, hwm_reset ? hwm_bytes() : peak_rss_bytes())},
+      {"train_peak_bytes", hwm_reset ? Json(peak_rss_bytes()) : Json(nullptr)},
+      {"peak_rss_bytes", std::max(build_peak, peak_rss_bytes())},
       {"step_s", median(times)},
       {"step_times", times},
       {"steps", static_cast<int64_t>(times.size())},
@@ -836,8 +825,9 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           "` on every projection; QLoRA quantizes every frozen linear including the head. " +
           "Each configuration is a fresh process (*rss_start_mb*, in the CSV, is LibTorch and the "
           "plugins before anything is built). *build_peak_mb*: peak RSS while building the model "
-          "(random weights are generated in fp32 one matrix at a time, then kept in the compute "
-          "dtype or quantized). *rss_built_mb*: RSS once built, after returning the build's freed "
+          "(each matrix is read from the mapping, then kept in the compute dtype or quantized from "
+          "an fp32 copy; its mapped pages are released once read). *rss_built_mb*: RSS once built, "
+          "after returning the build's freed "
           "heap to the system (malloc_trim): what the model holds. *train_peak_mb*: peak RSS of "
           "the training steps alone (peak counter restarted after building): model, adapters, "
           "AdamW state, activations. *peak_rss_mb* (CSV) is the whole process's peak. "

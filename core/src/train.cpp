@@ -32,6 +32,12 @@ std::atomic<bool> g_stop{false};
 void Trainer::request_stop() { g_stop.store(true); }
 
 int64_t peak_rss_bytes() {
+  // VmHWM belongs to this process image. getrusage's ru_maxrss survives exec on Linux, so a
+  // trainer started by a large process (a benchmark driver, a notebook) would report its
+  // parent's peak; it is only the fallback where /proc is missing.
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;  // kB
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
   return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB

@@ -6,16 +6,16 @@ set grid lc rgb '#dddddd'
 set key noenhanced
 set termoption noenhanced
 $s << EOD
-"nf4" 1.07885 1.30194 1.62086
-"nf4 dq=false" 1.01318 1.3698 1.63828
-"hqq nbits=4" 0.511151 1.53397 2.70531
-"hqq nbits=4 gs=128" 0.572245 1.56859 2.27195
-"hqq nbits=3" 0.41971 1.68841 3.02578
-"hqq nbits=2 gs=16" 0.34278 1.99434 3.68697
-"hqq nbits=2" 0.431702 1.64788 2.7427
-"hqq nbits=8" 0.355764 1.61181 3.14692
-"int8" 0.819567 1.12761 1.18676
-"int8 gs=128" 0.922381 1.1691 1.619
+"nf4" 1.23312 1.37622 1.61129
+"nf4 dq=false" 1.20016 1.3093 1.62661
+"hqq nbits=4" 1.18548 1.43388 1.58041
+"hqq nbits=4 gs=128" 1.11178 1.37143 1.59835
+"hqq nbits=3" 0.47734 1.64148 2.77143
+"hqq nbits=2 gs=16" 0.256691 1.9203 3.66531
+"hqq nbits=2" 0.368339 1.62282 2.55586
+"hqq nbits=8" 1.23612 1.40382 1.60164
+"int8" 0.994334 1.20305 1.28512
+"int8 gs=128" 0.952531 1.12303 1.33017
 EOD
 set title 'Speed on gaussian 11008x4096 (ratios measured in the same run)'
 set style data histograms

@@ -72,6 +72,22 @@ TEST(Trainer, LoraLowersHeldOutLossAndWritesPeftAdapter) {
   EXPECT_TRUE(st.good());
 }
 
+TEST(Trainer, PeakRssIsTheTrainersOwnNotItsParents) {
+  // A parent much larger than the trainer: getrusage's ru_maxrss would carry its peak across
+  // fork and exec into the child's summary (VmHWM does not).
+  std::vector<char> ballast(size_t{1536} << 20);
+  for (size_t i = 0; i < ballast.size(); i += 4096) ballast[i] = static_cast<char>(i >> 12);
+  const auto out = qtune::test::temp_dir("peak");
+  auto args = short_run(out, "lora");
+  for (size_t i = 0; i + 1 < args.size(); ++i)
+    if (args[i] == "--max_steps" || args[i] == "--eval_every") args[i + 1] = "2";
+  json s = run_and_summarize(args, out);
+  const double peak = s["peak_rss_bytes"].get<double>();
+  EXPECT_GT(peak, 20e6) << s.dump(2);
+  EXPECT_LT(peak, 1e9) << "the trainer of stories260K reports its parent's 1.5 GB peak";
+  EXPECT_EQ(ballast[4096], 1);  // keeps the ballast alive until the child has run
+}
+
 TEST(Trainer, FullFineTuneLowersHeldOutLossAndSavesHfModel) {
   const auto out = qtune::test::temp_dir("full");
   auto args = short_run(out, "full");

@@ -158,6 +158,9 @@ struct QTUNE_API BenchOptions {
   double finetune_full_lr = 1e-3;  ///< full fine-tune (a smaller rate, as usual for full tuning)
   std::string finetune_dtype = "fp32";
   int64_t finetune_eval_every = 20;
+  /// Threads of each fine-tune (0 = `threads`). One by default: at stories260K's size a step is
+  /// hundreds of tiny ops, and a second thread made it slower and bimodal on a shared VM.
+  int finetune_threads = 1;
   /// Adapter plugin for lora / qlora; empty = the first adapter plugin the registry found.
   std::string adapter;
   Json adapter_options = Json::object();  ///< unresolved; the adapter's schema fills defaults

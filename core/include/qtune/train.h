@@ -64,7 +64,8 @@ class QTUNE_API Trainer {
   ResolvedRecipe r_;
 };
 
-/// Peak resident set size of this process in bytes (getrusage).
+/// Peak resident set size of this process image in bytes (VmHWM of /proc/self/status, which
+/// restarts at exec, unlike getrusage's ru_maxrss).
 QTUNE_API int64_t peak_rss_bytes();
 
 }  // namespace qtune
