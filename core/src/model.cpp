@@ -1,8 +1,6 @@
 // Llama decoder and the slot builder (see model.h).
 #include "qtune/model.h"
 
-#include <malloc.h>
-
 #include <cmath>
 #include <functional>
 #include <mutex>
@@ -13,6 +11,7 @@
 
 #include "qtune/error.h"
 #include "qtune/options.h"
+#include "process.h"
 
 namespace F = torch::nn::functional;
 
@@ -333,12 +332,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
       return spec.quant->load(st);
     }
     auto q = spec.quant->quantize(weights.get(source, torch::kFloat32), spec.quant_options);
-    // The fp32 copy and the quantizer's scratch are freed now, but core's allocator policy
-    // (process.cpp) keeps freed heap, and the small quantized results pin it in place, so it
-    // piles up: the build peaked at ~4 bytes per parameter over the quantized model. Returning
-    // it once 256 MB are free bounds that at (250M nf4: 1034 -> 558 MB peak for 379 MB built)
-    // and spares most of the page faults of trimming after every matrix.
-    if (mallinfo2().fordblks > (size_t{256} << 20)) malloc_trim(0);
+    return_freed_heap();
     return q;
   };
 

@@ -5,6 +5,8 @@
 // so every step page-faults its activations in again: on the virtual machines we run on that
 // made a stories260K step 20x slower than the arithmetic. Keeping freed memory in the heap lets
 // the next step reuse it. Set QTUNE_SYSTEM_MALLOC=1 to keep glibc's defaults.
+#include "process.h"
+
 #include <malloc.h>
 
 #include <cstdlib>
@@ -24,4 +26,10 @@ struct AllocatorSetup {
 const AllocatorSetup kAllocatorSetup;
 
 }  // namespace
+
+void return_freed_heap() {
+  // 256 MB of slack: enough that the next matrix usually reuses it without page faults, small
+  // beside the models that need it.
+  if (mallinfo2().fordblks > (size_t{256} << 20)) malloc_trim(0);
+}
 }  // namespace qtune

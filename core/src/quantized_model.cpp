@@ -9,6 +9,7 @@
 #include "qtune/error.h"
 #include "qtune/model_files.h"
 #include "qtune/safetensors.h"
+#include "process.h"
 
 namespace fs = std::filesystem;
 
@@ -97,8 +98,10 @@ int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
   std::vector<SafetensorsEntry> entries;
   std::map<std::string, std::string> metadata{{"format", "pt"}};
   int64_t quantized_bytes = 0;
-  auto add_quantized = [&](const std::string& name, const torch::Tensor& w) {
+  auto add_quantized = [&](const std::string& name, torch::Tensor w) {
     auto q = backend.quantize(w, options);
+    w = torch::Tensor();  // the full-precision copy
+    return_freed_heap();
     TensorState st = q->state();
     quantized_bytes += q->nbytes();
     metadata[kMetaPrefix + name] = st.meta.dump();
