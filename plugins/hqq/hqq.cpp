@@ -536,13 +536,68 @@ __attribute__((target("avx512f"))) void affine8_avx512(const uint8_t* src, int64
 }
 #endif
 
+// Code f of a 2- or 3-bit stream (3-bit: 8 codes per little-endian 24-bit word).
+inline uint32_t small_code(const uint8_t* packed, int nbits, int64_t f) {
+  if (nbits == 2) return (packed[f >> 2] >> ((f & 3) * 2)) & 3;
+  const uint8_t* p = packed + 3 * (f >> 3);
+  const uint32_t w = static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
+                     static_cast<uint32_t>(p[2]) << 16;
+  return (w >> (3 * (f & 7))) & 7;
+}
+
+#ifdef QTUNE_HQQ_X86
+// One group of 2- or 3-bit codes: 16 codes (4 or 6 bytes) per step are spread over 16 lanes
+// (lane l takes the byte(s) holding code l, then its shift), then looked up in the register
+// table as for 4 bits. Steps start at a multiple of 8 codes and read 16 bytes, so the ends of
+// the group and of the stream (`nbytes`) go code by code.
 template <typename T>
-void dequant_axis1_cpu(const uint8_t* packed, int nbits, int64_t g, const float* s, const float* z,
-                       int64_t f0, int64_t f1, T* out) {
+__attribute__((target("avx512f"))) void group_small_avx512(const uint8_t* packed, int64_t nbytes,
+                                                           int nbits, int64_t e0, int64_t e1,
+                                                           float zk, float sk, T* o) {
+  alignas(64) static const float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  // 2-bit: lane l reads byte l/4 and shifts by 2(l%4). 3-bit: code l spans bits 3l..3l+2 of the
+  // 48-bit little-endian pair of words, i.e. byte 3l/8 (and the next one) shifted by 3l%8.
+  alignas(64) static const int32_t kByte2[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+  alignas(64) static const int32_t kShift2[16] = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+  alignas(64) static const int32_t kByte3[16] = {0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5};
+  alignas(64) static const int32_t kShift3[16] = {0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5};
+  const __m512 t =
+      _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(kIota), _mm512_set1_ps(zk)), _mm512_set1_ps(sk));
+  alignas(64) float table[16];
+  _mm512_store_ps(table, t);
+  const bool two = nbits == 2;
+  const __m512i byte_idx = _mm512_load_si512(two ? kByte2 : kByte3);
+  const __m512i next_idx = _mm512_add_epi32(byte_idx, _mm512_set1_epi32(1));
+  const __m512i shift = _mm512_load_si512(two ? kShift2 : kShift3);
+  const __m512i mask = _mm512_set1_epi32((1 << nbits) - 1);
+  int64_t f = e0;
+  for (; f < e1 && (f & 7); ++f) *o++ = convert<T>(table[small_code(packed, nbits, f)]);
+  for (; f + 16 <= e1; f += 16, o += 16) {
+    const int64_t byte = two ? f / 4 : 3 * (f / 8);
+    if (byte + 16 > nbytes) break;
+    const __m512i bytes =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + byte)));
+    __m512i word = _mm512_permutexvar_epi32(byte_idx, bytes);
+    if (!two)
+      word = _mm512_or_si512(word, _mm512_slli_epi32(_mm512_permutexvar_epi32(next_idx, bytes), 8));
+    const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(word, shift), mask);
+    const __m512 v = _mm512_permutexvar_ps(code, t);
+    if constexpr (std::is_same_v<T, float>)
+      _mm512_storeu_ps(o, v);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bf16_avx512(v));
+  }
+  for (; f < e1; ++f) *o++ = convert<T>(table[small_code(packed, nbits, f)]);
+}
+#endif
+
+template <typename T>
+void dequant_axis1_cpu(const uint8_t* packed, int64_t nbytes, int nbits, int64_t g, const float* s,
+                       const float* z, int64_t f0, int64_t f1, T* out) {
   const int64_t k0 = f0 / g, k1 = ceil_div(f1, g);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / g);
 #ifdef QTUNE_HQQ_X86
-  const bool avx512 = (nbits == 4 || nbits == 8) && have_avx512();
+  const bool avx512 = have_avx512();
 #endif
   at::parallel_for(k0, k1, grain, [&](int64_t a, int64_t b) {
     T table[16];
@@ -564,8 +619,11 @@ void dequant_axis1_cpu(const uint8_t* packed, int nbits, int64_t g, const float*
         continue;
       }
 #ifdef QTUNE_HQQ_X86
-      if (avx512 && nbits == 4) {
-        group4_avx512(packed, e0, e1, zk, sk, o);
+      if (avx512) {
+        if (nbits == 4)
+          group4_avx512(packed, e0, e1, zk, sk, o);
+        else
+          group_small_avx512(packed, nbytes, nbits, e0, e1, zk, sk, o);
         continue;
       }
 #endif
@@ -619,13 +677,14 @@ torch::Tensor HqqWeight::dequantize_rows(int64_t begin, int64_t end, torch::Scal
   const bool bf16 = dtype == torch::kBFloat16;
   torch::Tensor w = torch::empty(
       {end - begin, in_}, torch::TensorOptions().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
-  const uint8_t* packed = tensors_.at("W_q").data_ptr<uint8_t>();
+  const torch::Tensor& wq = tensors_.at("W_q");
+  const uint8_t* packed = wq.data_ptr<uint8_t>();
   if (bf16)
-    dequant_axis1_cpu(packed, params_.nbits, group_, s.data_ptr<float>(), z.data_ptr<float>(), f0,
-                      f1, w.data_ptr<c10::BFloat16>());
+    dequant_axis1_cpu(packed, wq.numel(), params_.nbits, group_, s.data_ptr<float>(),
+                      z.data_ptr<float>(), f0, f1, w.data_ptr<c10::BFloat16>());
   else
-    dequant_axis1_cpu(packed, params_.nbits, group_, s.data_ptr<float>(), z.data_ptr<float>(), f0,
-                      f1, w.data_ptr<float>());
+    dequant_axis1_cpu(packed, wq.numel(), params_.nbits, group_, s.data_ptr<float>(),
+                      z.data_ptr<float>(), f0, f1, w.data_ptr<float>());
   return w.to(device, dtype);
 }
 
