@@ -6,16 +6,16 @@ set grid lc rgb '#dddddd'
 set key noenhanced
 set termoption noenhanced
 $s << EOD
-"nf4" 1.23312 1.37622 1.61129
-"nf4 dq=false" 1.20016 1.3093 1.62661
-"hqq nbits=4" 1.18548 1.43388 1.58041
-"hqq nbits=4 gs=128" 1.11178 1.37143 1.59835
-"hqq nbits=3" 0.47734 1.64148 2.77143
-"hqq nbits=2 gs=16" 0.256691 1.9203 3.66531
-"hqq nbits=2" 0.368339 1.62282 2.55586
-"hqq nbits=8" 1.23612 1.40382 1.60164
-"int8" 0.994334 1.20305 1.28512
-"int8 gs=128" 0.952531 1.12303 1.33017
+"nf4" 1.38449 1.3918 1.64284
+"nf4 dq=false" 1.34817 1.32563 1.69408
+"hqq nbits=4" 1.24861 1.43946 1.58469
+"hqq nbits=4 gs=128" 1.26029 1.42115 1.57966
+"hqq nbits=3" 1.23421 1.11902 1.41762
+"hqq nbits=2 gs=16" 0.707268 1.22651 1.81893
+"hqq nbits=2" 1.27771 1.1903 1.39356
+"hqq nbits=8" 1.22334 1.1037 1.27777
+"int8" 1.02446 1.03018 1.14625
+"int8 gs=128" 0.979189 1.06818 1.33273
 EOD
 set title 'Speed on gaussian 11008x4096 (ratios measured in the same run)'
 set style data histograms
