@@ -488,15 +488,20 @@ __attribute__((target("avx512f"))) inline __m256i bf16_avx512(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// One group's 4-bit codes, elements [e0, e1) of the flat stream, written to `o`. The table
-// (c - zero) * scale is built in a register (the scalar expression, lane by lane) and stored
-// once for the odd element at either end.
+// The group's table (c - zero) * scale for c = 0..15 in one register: the scalar expression lane
+// by lane, so lookups return exactly the scalar loop's values.
+__attribute__((target("avx512f"))) inline __m512 group_table_avx512(float zk, float sk) {
+  alignas(64) static const float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(kIota), _mm512_set1_ps(zk)),
+                       _mm512_set1_ps(sk));
+}
+
+// One group's 4-bit codes, elements [e0, e1) of the flat stream, written to `o`. The register
+// table is stored once for the odd element at either end.
 template <typename T>
 __attribute__((target("avx512f"))) void group4_avx512(const uint8_t* packed, int64_t e0, int64_t e1,
                                                       float zk, float sk, T* o) {
-  alignas(64) static const float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const __m512 t =
-      _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(kIota), _mm512_set1_ps(zk)), _mm512_set1_ps(sk));
+  const __m512 t = group_table_avx512(zk, sk);
   alignas(64) float table[16];
   _mm512_store_ps(table, t);
   int64_t f = e0;
@@ -554,15 +559,13 @@ template <typename T>
 __attribute__((target("avx512f"))) void group_small_avx512(const uint8_t* packed, int64_t nbytes,
                                                            int nbits, int64_t e0, int64_t e1,
                                                            float zk, float sk, T* o) {
-  alignas(64) static const float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   // 2-bit: lane l reads byte l/4 and shifts by 2(l%4). 3-bit: code l spans bits 3l..3l+2 of the
   // 48-bit little-endian pair of words, i.e. byte 3l/8 (and the next one) shifted by 3l%8.
   alignas(64) static const int32_t kByte2[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
   alignas(64) static const int32_t kShift2[16] = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
   alignas(64) static const int32_t kByte3[16] = {0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5};
   alignas(64) static const int32_t kShift3[16] = {0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5};
-  const __m512 t =
-      _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(kIota), _mm512_set1_ps(zk)), _mm512_set1_ps(sk));
+  const __m512 t = group_table_avx512(zk, sk);
   alignas(64) float table[16];
   _mm512_store_ps(table, t);
   const bool two = nbits == 2;
@@ -593,11 +596,13 @@ __attribute__((target("avx512f"))) void group_small_avx512(const uint8_t* packed
 
 template <typename T>
 void dequant_axis1_cpu(const uint8_t* packed, int64_t nbytes, int nbits, int64_t g, const float* s,
-                       const float* z, int64_t f0, int64_t f1, T* out) {
+                       const float* z, int64_t f0, int64_t f1, bool simd, T* out) {
   const int64_t k0 = f0 / g, k1 = ceil_div(f1, g);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / g);
 #ifdef QTUNE_HQQ_X86
-  const bool avx512 = have_avx512();
+  const bool avx512 = simd && have_avx512();
+#else
+  (void)simd;
 #endif
   at::parallel_for(k0, k1, grain, [&](int64_t a, int64_t b) {
     T table[16];
@@ -640,22 +645,8 @@ void dequant_axis1_cpu(const uint8_t* packed, int64_t nbytes, int nbits, int64_t
           }
           if (f < e1) *o = table[packed[f >> 1] & 15];
           break;
-        case 2:
-          for (; f < e1; ++f) *o++ = table[(packed[f >> 2] >> ((f & 3) * 2)) & 3];
-          break;
-        default: {  // 3: whole 8-code blocks from one 24-bit word, the ends code by code
-          auto word = [&](int64_t blk) {
-            const uint8_t* p = packed + 3 * blk;
-            return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
-                   static_cast<uint32_t>(p[2]) << 16;
-          };
-          for (; f < e1 && (f & 7); ++f) *o++ = table[(word(f >> 3) >> (3 * (f & 7))) & 7];
-          for (; f + 8 <= e1; f += 8) {
-            const uint32_t w = word(f >> 3);
-            for (int i = 0; i < 8; ++i) *o++ = table[(w >> (3 * i)) & 7];
-          }
-          for (; f < e1; ++f) *o++ = table[(word(f >> 3) >> (3 * (f & 7))) & 7];
-        }
+        default:  // 2 and 3 bits
+          for (; f < e1; ++f) *o++ = table[small_code(packed, nbits, f)];
       }
     }
   });
@@ -681,10 +672,10 @@ torch::Tensor HqqWeight::dequantize_rows(int64_t begin, int64_t end, torch::Scal
   const uint8_t* packed = wq.data_ptr<uint8_t>();
   if (bf16)
     dequant_axis1_cpu(packed, wq.numel(), params_.nbits, group_, s.data_ptr<float>(),
-                      z.data_ptr<float>(), f0, f1, w.data_ptr<c10::BFloat16>());
+                      z.data_ptr<float>(), f0, f1, simd_, w.data_ptr<c10::BFloat16>());
   else
     dequant_axis1_cpu(packed, wq.numel(), params_.nbits, group_, s.data_ptr<float>(),
-                      z.data_ptr<float>(), f0, f1, w.data_ptr<float>());
+                      z.data_ptr<float>(), f0, f1, simd_, w.data_ptr<float>());
   return w.to(device, dtype);
 }
 

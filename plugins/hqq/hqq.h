@@ -158,6 +158,9 @@ class HqqWeight final : public QuantizedWeight {
   /// Tests: make dequantize_rows() take the tensor-op path even where the CPU kernel applies
   /// (axis 1 on CPU); both must agree bit for bit.
   void set_force_tensor_ops(bool on) { force_tensor_ops_ = on; }
+  /// Tests: let the CPU kernel use AVX-512 where the CPU has it (the default), or only its
+  /// portable loop, as on CPUs without it.
+  void set_cpu_kernel_simd(bool on) { simd_ = on; }
 
  private:
   torch::Tensor decode_meta(const std::string& key, int64_t k0, int64_t k1) const;
@@ -169,6 +172,7 @@ class HqqWeight final : public QuantizedWeight {
   int64_t groups_;  // G = ceil(N / g)
   std::map<std::string, torch::Tensor> tensors_;
   bool force_tensor_ops_ = false;
+  bool simd_ = true;
 };
 
 class HqqBackend final : public QuantBackend {

@@ -395,7 +395,7 @@ TEST(HqqState, CpuKernelMatchesTensorOpsBitForBit) {
   for (int nbits : {2, 3, 4, 8}) {
     for (auto shape : std::vector<std::vector<int64_t>>{{37, 53}, {16, 96}, {5, 1000}}) {
       for (const Json& extra : {Json::object(), Json{{"quant_scale", true}, {"quant_zero", true}},
-                                Json{{"group_size", 24}}}) {
+                                Json{{"group_size", 24}}, Json{{"group_size", 256}}}) {
         torch::manual_seed(nbits);
         const torch::Tensor w = torch::randn(shape);
         Json o = extra;
@@ -406,12 +406,16 @@ TEST(HqqState, CpuKernelMatchesTensorOpsBitForBit) {
         for (auto [a, b] :
              std::vector<std::pair<int64_t, int64_t>>{{0, out}, {1, 2}, {out / 3, out - 1}}) {
           for (auto dt : {torch::kFloat32, torch::kBFloat16, torch::kFloat64}) {
-            hw->set_force_tensor_ops(false);
-            const torch::Tensor kernel = q->dequantize_rows(a, b, dt, torch::kCPU);
             hw->set_force_tensor_ops(true);
             const torch::Tensor ops = q->dequantize_rows(a, b, dt, torch::kCPU);
-            EXPECT_TRUE(bit_equal(kernel, ops))
-                << o.dump() << " " << shape[1] << " rows " << a << ".." << b;
+            hw->set_force_tensor_ops(false);
+            for (bool simd : {true, false}) {  // AVX-512 (where present) and the portable loop
+              hw->set_cpu_kernel_simd(simd);
+              EXPECT_TRUE(bit_equal(q->dequantize_rows(a, b, dt, torch::kCPU), ops))
+                  << o.dump() << " " << shape[1] << " rows " << a << ".." << b << " simd "
+                  << simd;
+            }
+            hw->set_cpu_kernel_simd(true);
           }
         }
         hw->set_force_tensor_ops(false);
