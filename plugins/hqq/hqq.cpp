@@ -2,11 +2,6 @@
 // and the plugin entry point. Layout and conventions are documented in hqq.h.
 #include "hqq.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define QTUNE_HQQ_X86 1
-#endif
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,6 +12,7 @@
 
 #include "qtune/error.h"
 #include "qtune/plugin.h"
+#include "qtune/simd.h"
 
 namespace qtune::hqq {
 namespace {
@@ -457,35 +453,16 @@ inline c10::BFloat16 convert<c10::BFloat16>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
-#ifdef QTUNE_HQQ_X86
+#ifdef QTUNE_SIMD_X86
 // AVX-512 for 4-bit codes: the group's 16-entry table sits in one register and vpermps looks
 // codes up 16 at a time; vpermt2ps puts low/high nibbles back in element order (low first).
 // Lookups return the table's fp32 values unchanged, so the results equal the scalar loop's.
-bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
-
 __attribute__((target("avx512f"))) inline void lookup32_avx512(const uint8_t* src, __m512 table,
                                                                __m512* o0, __m512* o1) {
-  alignas(64) static const int32_t kFirst[16] = {0, 16, 1, 17, 2, 18, 3, 19,
-                                                 4, 20, 5, 21, 6, 22, 7, 23};
-  alignas(64) static const int32_t kSecond[16] = {8,  24, 9,  25, 10, 26, 11, 27,
-                                                  12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i bytes =
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512i bytes = simd::load_bytes16_avx512(src);
   const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table);
   const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-  *o0 = _mm512_permutex2var_ps(lo, _mm512_load_si512(kFirst), hi);
-  *o1 = _mm512_permutex2var_ps(lo, _mm512_load_si512(kSecond), hi);
-}
-
-// fp32 -> bf16 round-to-nearest-even for finite values (convert<c10::BFloat16> below).
-__attribute__((target("avx512f"))) inline __m256i bf16_avx512(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  simd::interleave_avx512(lo, hi, o0, o1);  // low nibble first
 }
 
 // The group's table (c - zero) * scale for c = 0..15 in one register: the scalar expression lane
@@ -513,8 +490,8 @@ __attribute__((target("avx512f"))) void group4_avx512(const uint8_t* packed, int
       _mm512_storeu_ps(o, o0);
       _mm512_storeu_ps(o + 16, o1);
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bf16_avx512(o0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), bf16_avx512(o1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), simd::bf16_avx512(o0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), simd::bf16_avx512(o1));
     }
   }
   for (; f < e1; ++f) *o++ = convert<T>(table[(packed[f >> 1] >> ((f & 1) * 4)) & 15]);
@@ -523,8 +500,7 @@ __attribute__((target("avx512f"))) void group4_avx512(const uint8_t* packed, int
 // 8-bit codes: (q - zero) * scale, 16 at a time, the scalar loop's two roundings exactly.
 __attribute__((target("avx512f"))) inline __m512 affine16_avx512(const uint8_t* src, __m512 z,
                                                                  __m512 s) {
-  const __m512 q = _mm512_cvtepi32_ps(
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  const __m512 q = _mm512_cvtepi32_ps(simd::load_bytes16_avx512(src));
   return _mm512_mul_ps(_mm512_sub_ps(q, z), s);
 }
 __attribute__((target("avx512f"))) void affine8_avx512(const uint8_t* src, int64_t n, float z,
@@ -537,7 +513,7 @@ __attribute__((target("avx512f"))) void affine8_avx512(const uint8_t* src, int64
   const __m512 vz = _mm512_set1_ps(z), vs = _mm512_set1_ps(s);
   for (int64_t i = 0; i < n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        bf16_avx512(affine16_avx512(src + i, vz, vs)));
+                        simd::bf16_avx512(affine16_avx512(src + i, vz, vs)));
 }
 #endif
 
@@ -550,7 +526,7 @@ inline uint32_t small_code(const uint8_t* packed, int nbits, int64_t f) {
   return (w >> (3 * (f & 7))) & 7;
 }
 
-#ifdef QTUNE_HQQ_X86
+#ifdef QTUNE_SIMD_X86
 // One group of 2- or 3-bit codes: 16 codes (4 or 6 bytes) per step are spread over 16 lanes
 // (lane l takes the byte(s) holding code l, then its shift), then looked up in the register
 // table as for 4 bits. Steps start at a multiple of 8 codes and read 16 bytes, so the ends of
@@ -578,8 +554,7 @@ __attribute__((target("avx512f"))) void group_small_avx512(const uint8_t* packed
   for (; f + 16 <= e1; f += 16, o += 16) {
     const int64_t byte = two ? f / 4 : 3 * (f / 8);
     if (byte + 16 > nbytes) break;
-    const __m512i bytes =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + byte)));
+    const __m512i bytes = simd::load_bytes16_avx512(packed + byte);
     __m512i word = _mm512_permutexvar_epi32(byte_idx, bytes);
     if (!two)
       word = _mm512_or_si512(word, _mm512_slli_epi32(_mm512_permutexvar_epi32(next_idx, bytes), 8));
@@ -588,7 +563,7 @@ __attribute__((target("avx512f"))) void group_small_avx512(const uint8_t* packed
     if constexpr (std::is_same_v<T, float>)
       _mm512_storeu_ps(o, v);
     else
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bf16_avx512(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), simd::bf16_avx512(v));
   }
   for (; f < e1; ++f) *o++ = convert<T>(table[small_code(packed, nbits, f)]);
 }
@@ -596,13 +571,13 @@ __attribute__((target("avx512f"))) void group_small_avx512(const uint8_t* packed
 
 template <typename T>
 void dequant_axis1_cpu(const uint8_t* packed, int64_t nbytes, int nbits, int64_t g, const float* s,
-                       const float* z, int64_t f0, int64_t f1, bool simd, T* out) {
+                       const float* z, int64_t f0, int64_t f1, bool use_simd, T* out) {
   const int64_t k0 = f0 / g, k1 = ceil_div(f1, g);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / g);
-#ifdef QTUNE_HQQ_X86
-  const bool avx512 = simd && have_avx512();
+#ifdef QTUNE_SIMD_X86
+  const bool avx512 = use_simd && simd::have_avx512();
 #else
-  (void)simd;
+  (void)use_simd;
 #endif
   at::parallel_for(k0, k1, grain, [&](int64_t a, int64_t b) {
     T table[16];
@@ -612,7 +587,7 @@ void dequant_axis1_cpu(const uint8_t* packed, int64_t nbytes, int nbits, int64_t
       T* o = out + (e0 - f0);
       if (nbits == 8) {
         int64_t f = e0;
-#ifdef QTUNE_HQQ_X86
+#ifdef QTUNE_SIMD_X86
         if (avx512) {
           const int64_t n = (e1 - f) / 16 * 16;
           affine8_avx512(packed + f, n, zk, sk, o);
@@ -623,7 +598,7 @@ void dequant_axis1_cpu(const uint8_t* packed, int64_t nbytes, int nbits, int64_t
         for (; f < e1; ++f) *o++ = convert<T>((static_cast<float>(packed[f]) - zk) * sk);
         continue;
       }
-#ifdef QTUNE_HQQ_X86
+#ifdef QTUNE_SIMD_X86
       if (avx512) {
         if (nbits == 4)
           group4_avx512(packed, e0, e1, zk, sk, o);

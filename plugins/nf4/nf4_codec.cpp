@@ -2,11 +2,6 @@
 // scalar and AVX-512) and the tensor-op path used on other devices (see nf4_codec.h).
 #include "nf4_codec.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define QTUNE_NF4_X86 1
-#endif
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -16,6 +11,7 @@
 #include <vector>
 
 #include "qtune/error.h"
+#include "qtune/simd.h"
 
 namespace qtune::nf4 {
 
@@ -123,7 +119,7 @@ namespace {
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 Isa best_isa() {
-#ifdef QTUNE_NF4_X86
+#ifdef QTUNE_SIMD_X86
   static const Isa isa = __builtin_cpu_supports("avx512f") ? Isa::kAvx512
                          : __builtin_cpu_supports("avx2")  ? Isa::kAvx2
                                                            : Isa::kScalar;
@@ -220,7 +216,7 @@ inline uint8_t nearest_code(const float* mids, int64_t n_mids, float x) {
   return static_cast<uint8_t>(std::lower_bound(mids, mids + n_mids, x) - mids);
 }
 
-#ifdef QTUNE_NF4_X86
+#ifdef QTUNE_SIMD_X86
 // NF4 codes of x[i] * recip for i < n rounded down to 16: per threshold one compare and a
 // masked count, the same `>` on the same fp32 product as nf4_code(). Returns how many were done.
 __attribute__((target("avx512f"))) int64_t codes_avx512(const float* x, int64_t n, float recip,
@@ -267,7 +263,7 @@ void pack_block(const float* x, int64_t n, float absmax, uint8_t* dst) {
   const float recip = absmax > 0.0f ? 1.0f / absmax : 0.0f;
   uint8_t codes[4096];  // block_size <= 4096
   int64_t i = 0;
-#ifdef QTUNE_NF4_X86
+#ifdef QTUNE_SIMD_X86
   switch (cpu_isa()) {
     case Isa::kAvx512:
       i = codes_avx512(x, n, recip, codes);
@@ -477,33 +473,19 @@ void expand_bytes_scalar(const uint8_t* src, int64_t nbytes, const float* lut, f
   }
 }
 
-#ifdef QTUNE_NF4_X86
+#ifdef QTUNE_SIMD_X86
 // ---- AVX-512: 16 bytes -> 32 values per step. The 16-entry table sits in one register and
 // vpermps does the lookup; vpermt2ps interleaves high/low nibbles back into element order.
 // Products are the same single fp32 multiply as the scalar kernel, so results are identical.
 __attribute__((target("avx512f"))) inline void expand16_avx512(const uint8_t* src, __m512 table,
                                                                __m512 scale, __m512* o0,
                                                                __m512* o1) {
-  alignas(64) static const int32_t kFirst[16] = {0, 16, 1, 17, 2, 18, 3, 19,
-                                                 4, 20, 5, 21, 6, 22, 7, 23};
-  alignas(64) static const int32_t kSecond[16] = {8,  24, 9,  25, 10, 26, 11, 27,
-                                                  12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i bytes =
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512i bytes = simd::load_bytes16_avx512(src);
   const __m512i hi = _mm512_srli_epi32(bytes, 4);
   const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
   const __m512 vh = _mm512_mul_ps(_mm512_permutexvar_ps(hi, table), scale);
   const __m512 vl = _mm512_mul_ps(_mm512_permutexvar_ps(lo, table), scale);
-  *o0 = _mm512_permutex2var_ps(vh, _mm512_load_si512(kFirst), vl);
-  *o1 = _mm512_permutex2var_ps(vh, _mm512_load_si512(kSecond), vl);
-}
-
-// fp32 -> bf16 round-to-nearest-even, as c10::BFloat16 does for finite values.
-__attribute__((target("avx512f"))) inline __m256i to_bf16_avx512(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  simd::interleave_avx512(vh, vl, o0, o1);  // high nibble first (bitsandbytes)
 }
 
 __attribute__((target("avx512f"))) void expand_bytes_avx512(const uint8_t* src, int64_t nbytes,
@@ -528,8 +510,8 @@ __attribute__((target("avx512f"))) void expand_bytes_avx512(const uint8_t* src, 
   for (; i + 16 <= nbytes; i += 16) {
     __m512 o0, o1;
     expand16_avx512(src + i, table, vs, &o0, &o1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), to_bf16_avx512(o0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i + 16), to_bf16_avx512(o1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), simd::bf16_avx512(o0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i + 16), simd::bf16_avx512(o1));
   }
   expand_bytes_scalar(src + i, nbytes - i, lut, scale, dst + 2 * i);
 }
@@ -595,11 +577,11 @@ __attribute__((target("avx2"))) void expand_bytes_avx2(const uint8_t* src, int64
   }
   expand_bytes_scalar(src + i, nbytes - i, lut, scale, dst + 2 * i);
 }
-#endif  // QTUNE_NF4_X86
+#endif  // QTUNE_SIMD_X86
 
 template <typename T>
 void expand_bytes(const uint8_t* src, int64_t nbytes, const float* lut, float scale, T* dst) {
-#ifdef QTUNE_NF4_X86
+#ifdef QTUNE_SIMD_X86
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
     switch (cpu_isa()) {
       case Isa::kAvx512:
