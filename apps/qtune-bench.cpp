@@ -124,13 +124,7 @@ int run(int argc, char** argv) {
   // clang-format on
   po::positional_options_description pos;
   pos.add("command", 1);
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(argc, argv).options(opts).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw qtune::UserError(std::string(e.what()) + " (see qtune-bench --help)");
-  }
+  po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "qtune-bench", &pos);
   if (vm.count("help") || (argc == 1)) {
     std::cout << kUsage << "\n" << opts;
     return 0;
@@ -221,16 +215,11 @@ int run(int argc, char** argv) {
       vm.count("finetune_eval_every") ? vm["finetune_eval_every"].as<int64_t>() : (quick ? 10 : 20);
   if (vm.count("adapter")) o.adapter = vm["adapter"].as<std::string>();
   if (vm.count("adapter_options")) {
-    const std::string text = vm["adapter_options"].as<std::string>();
-    try {
-      o.adapter_options = qtune::Json::parse(text);
-    } catch (const std::exception& e) {
-      throw qtune::UserError("--adapter_options: not valid JSON (" + std::string(e.what()) + ")");
-    }
+    o.adapter_options = qtune::app::json_flag(vm, "adapter_options");
     QTUNE_CHECK(o.adapter_options.is_object(),
                 "--adapter_options: expected a JSON object like "
                 "{\"rank\":16}, got ",
-                text);
+                o.adapter_options.dump());
   }
   if (vm.count("scale_sizes"))
     o.scale_sizes = split_list(vm["scale_sizes"].as<std::string>());

@@ -28,13 +28,7 @@ int run(int argc, char** argv) {
     ("max-shard-gb", po::value<double>()->default_value(5.0),
      "split model.safetensors into shards of at most this many GB (HF's default 5)");
   // clang-format on
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw qtune::UserError(std::string(e.what()) + " (see qtune-convert --help)");
-  }
+  po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "qtune-convert");
   if (vm.count("help")) {
     std::cout << "usage: qtune-convert --model X.bin [--tokenizer tok.model] --out DIR "
                  "[--dtype fp32|bf16]\n\n"

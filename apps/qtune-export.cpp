@@ -10,6 +10,7 @@
 #include "app_main.h"
 #include "qtune/checkpoint.h"
 #include "qtune/error.h"
+#include "qtune/files.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
@@ -20,23 +21,6 @@ namespace fs = std::filesystem;
 namespace po = boost::program_options;
 
 namespace {
-
-qtune::Json parse_json_flag(const po::variables_map& vm, const char* flag) {
-  if (!vm.count(flag)) return qtune::Json::object();
-  try {
-    return qtune::Json::parse(vm[flag].as<std::string>());
-  } catch (const qtune::Json::exception& e) {
-    throw qtune::UserError(std::string("--") + flag + " is not valid JSON: " + e.what());
-  }
-}
-
-int64_t dir_bytes(const std::string& dir) {
-  int64_t n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.is_regular_file(ec)) n += static_cast<int64_t>(e.file_size(ec));
-  return n;
-}
 
 int run(int argc, char** argv) {
   po::options_description opts("qtune-export options");
@@ -56,13 +40,7 @@ int run(int argc, char** argv) {
     ("base_quant_options", po::value<std::string>(), "options of --base_quant as JSON")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first");
   // clang-format on
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw qtune::UserError(std::string(e.what()) + " (see --help)");
-  }
+  po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "qtune-export");
   if (vm.count("help")) {
     std::cout << "usage: qtune-export --adapter DIR --out DIR [--merge [--dtype fp32|bf16]]\n"
                  "                    [--requantize NAME [--quant_options JSON]] [--model M]\n\n"
@@ -90,7 +68,7 @@ int run(int argc, char** argv) {
   o.adapter_dir = vm["adapter"].as<std::string>();
   if (vm.count("model")) o.model_path = vm["model"].as<std::string>();
   if (vm.count("base_quant")) o.quant = vm["base_quant"].as<std::string>();
-  o.quant_options = parse_json_flag(vm, "base_quant_options");
+  o.quant_options = qtune::app::json_flag(vm, "base_quant_options");
   qtune::TrainedModel tm = qtune::load_trained_model(o, registry);
   std::string tok = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : tm.tokenizer_path;
   QTUNE_CHECK(tok.empty() || fs::exists(tok), "--tokenizer: file not found: ", tok);
@@ -106,7 +84,7 @@ int run(int argc, char** argv) {
         id.is_object() ? qtune::Json{{"identity", id}, {"tokenizer", tok}} : qtune::Json());
     std::printf("wrote %s: PEFT adapter (%s) for %s, %.3f MB\n", out.c_str(),
                 tm.model->spec().adapter->name().c_str(), tm.base_path.c_str(),
-                dir_bytes(out) / 1e6);
+                qtune::directory_bytes(out) / 1e6);
     return 0;
   }
 
@@ -120,7 +98,7 @@ int run(int argc, char** argv) {
   if (requantize) {
     auto backend = registry.quant(vm["requantize"].as<std::string>());
     const auto options = qtune::resolve_options(
-        backend->option_schema(), parse_json_flag(vm, "quant_options"), "--quant_options");
+        backend->option_schema(), qtune::app::json_flag(vm, "quant_options"), "--quant_options");
     const int64_t bytes = qtune::save_quantized_model(out, tm.config, *weights, *backend, options,
                                                       vm["skip_output"].as<bool>(), dtype, tok);
     std::printf("wrote %s: merged %s requantized with %s %s (projections %.3f MB, dense %s)\n",
@@ -130,7 +108,7 @@ int run(int argc, char** argv) {
   }
   qtune::save_hf_model(out, tm.config, *weights, dtype, tok);
   std::printf("wrote %s: merged %s as an HF model in %s, %.3f MB\n", out.c_str(), what.c_str(),
-              qtune::hf_torch_dtype_name(dtype).c_str(), dir_bytes(out) / 1e6);
+              qtune::hf_torch_dtype_name(dtype).c_str(), qtune::directory_bytes(out) / 1e6);
   return 0;
 }
 

@@ -38,13 +38,7 @@ int run(int argc, char** argv) {
     ("threads", po::value<int64_t>()->default_value(0), "intra-op threads (0 = LibTorch's default)")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first");
   // clang-format on
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw qtune::UserError(std::string(e.what()) + " (see --help)");
-  }
+  po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "qtune-generate");
   if (vm.count("help")) {
     std::cout << "usage: qtune-generate --model M [--adapter DIR] --prompt TEXT [options]\n\n"
               << opts;
@@ -64,11 +58,7 @@ int run(int argc, char** argv) {
   if (vm.count("model")) o.model_path = vm["model"].as<std::string>();
   if (vm.count("adapter")) o.adapter_dir = vm["adapter"].as<std::string>();
   if (vm.count("base_quant")) o.quant = vm["base_quant"].as<std::string>();
-  try {
-    o.quant_options = qtune::Json::parse(vm["base_quant_options"].as<std::string>());
-  } catch (const qtune::Json::exception& e) {
-    throw qtune::UserError(std::string("--base_quant_options is not valid JSON: ") + e.what());
-  }
+  o.quant_options = qtune::app::json_flag(vm, "base_quant_options");
   o.dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
   qtune::TrainedModel tm = qtune::load_trained_model(o, registry);
 

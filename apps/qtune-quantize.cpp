@@ -30,13 +30,7 @@ int run(int argc, char** argv) {
     ("out", po::value<std::string>(), "output directory")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first");
   // clang-format on
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw qtune::UserError(std::string(e.what()) + " (see --help)");
-  }
+  po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "qtune-quantize");
   if (vm.count("help")) {
     std::cout << "usage: qtune-quantize --model PATH --quant NAME --out DIR [options]\n\n" << opts;
     return 0;
@@ -46,13 +40,8 @@ int run(int argc, char** argv) {
   auto& registry = qtune::Registry::global();
   registry.scan(qtune::Registry::default_dirs(vm["plugin_dir"].as<std::string>()));
   auto backend = registry.quant(vm["quant"].as<std::string>());
-  qtune::Json user;
-  try {
-    user = qtune::Json::parse(vm["quant_options"].as<std::string>());
-  } catch (const qtune::Json::exception& e) {
-    throw qtune::UserError("--quant_options is not valid JSON: " + std::string(e.what()));
-  }
-  const auto options = qtune::resolve_options(backend->option_schema(), user, "quant.options");
+  const auto options = qtune::resolve_options(
+      backend->option_schema(), qtune::app::json_flag(vm, "quant_options"), "quant.options");
   const auto dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
 
   qtune::ModelFiles files = qtune::open_model(vm["model"].as<std::string>());

@@ -74,13 +74,7 @@ int run(int argc, char** argv) {
   // clang-format on
   po::positional_options_description pos;
   pos.add("overrides", -1);
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(argc, argv).options(opts).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw qtune::UserError(std::string(e.what()) + " (see trainer --help)");
-  }
+  po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "trainer", &pos);
   if (vm.count("help")) {
     std::cout << "usage: trainer [--config FILE] [flags] [key.path=value ...]\n\n"
               << opts << "\nSee docs/cli.md for every recipe key.\n";
