@@ -18,6 +18,7 @@
 #include "qtune/bench.h"
 #include "qtune/data.h"
 #include "qtune/error.h"
+#include "qtune/files.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
 #include "qtune/recipe.h"
@@ -40,16 +41,6 @@ constexpr double kScaleStepBudgetS = 3.0;
 
 double seconds_since(clock_type::time_point t0) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
-
-Json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  QTUNE_CHECK(in.good(), "cannot read ", path);
-  try {
-    return Json::parse(in);
-  } catch (const std::exception& e) {
-    throw UserError(path + ": not valid JSON (" + e.what() + ")");
-  }
 }
 
 // A child that failed: its exit code and the last line it printed, without the program prefix.

@@ -24,6 +24,7 @@
 
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
+#include "qtune/files.h"
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
 #include "qtune/safetensors.h"
@@ -41,14 +42,6 @@ const char* kAdapterFile = "adapter_model.safetensors";
 const char* kLatestFile = "latest";
 
 std::string errno_text() { return std::strerror(errno); }
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  QTUNE_CHECK(in.good(), "cannot read ", path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string dtype_name(torch::ScalarType t) {
   if (t == torch::kFloat32) return "fp32";
@@ -551,7 +544,7 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& root)
   const fs::path pointer = fs::path(root) / kLatestFile;
   std::error_code ec;
   if (fs::exists(pointer, ec)) {
-    std::string name = read_text(pointer.string());
+    std::string name = read_text_file(pointer.string());
     while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
     if (step_of(name) >= 0 && is_checkpoint_dir(fs::path(root) / name))
       return (fs::path(root) / name).string();
@@ -573,13 +566,7 @@ std::string resolve_checkpoint(const std::string& spec, const std::string& root)
 CheckpointState read_checkpoint_state(const std::string& dir) {
   const std::string file = (fs::path(dir) / kStateFile).string();
   QTUNE_CHECK(fs::exists(file), "not a checkpoint directory: ", file, " is missing");
-  Json j;
-  try {
-    j = Json::parse(read_text(file));
-  } catch (const Json::exception& e) {
-    throw UserError(file + ": not valid JSON (" + e.what() + ")");
-  }
-  return CheckpointState::from_json(j, file);
+  return CheckpointState::from_json(read_json_file(file), file);
 }
 
 namespace {

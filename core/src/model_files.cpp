@@ -9,6 +9,7 @@
 
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
+#include "qtune/files.h"
 #include "qtune/llama2c.h"
 #include "qtune/quantized_model.h"
 
@@ -22,23 +23,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  QTUNE_CHECK(in.good(), "cannot read ", path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-Json read_json_file(const std::string& path) {
-  std::string text = read_text(path);
-  try {
-    return Json::parse(text);
-  } catch (const Json::exception& e) {
-    throw UserError(path + ": not valid JSON (" + e.what() + ")");
-  }
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -340,7 +324,7 @@ void save_hf_model(const std::string& dir, const ModelConfig& config, const Weig
                 " does not exist");
     const fs::path out = fs::path(dir) / target;
     if (!fs::exists(out, ec) || !fs::equivalent(tokenizer_path, out, ec))
-      atomic_write_string(out.string(), read_text(tokenizer_path));
+      atomic_write_string(out.string(), read_text_file(tokenizer_path));
   }
 }
 

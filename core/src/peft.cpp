@@ -9,6 +9,7 @@
 #include "qtune/atomic_file.h"
 #include "qtune/checkpoint.h"
 #include "qtune/error.h"
+#include "qtune/files.h"
 #include "qtune/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -81,14 +82,7 @@ void save_peft_adapter(const std::string& dir, const LlamaForCausalLMImpl& model
 Json read_peft_config(const std::string& dir) {
   const auto file = (fs::path(dir) / kConfigFile).string();
   QTUNE_CHECK(fs::exists(file), "not a PEFT adapter directory: ", file, " is missing");
-  std::ifstream in(file, std::ios::binary);
-  QTUNE_CHECK(in.good(), "cannot read ", file);
-  Json j;
-  try {
-    j = Json::parse(in);
-  } catch (const Json::exception& e) {
-    throw UserError(file + ": not valid JSON (" + e.what() + ")");
-  }
+  const Json j = read_json_file(file);
   QTUNE_CHECK(j.is_object() && j.contains("peft_type") && j["peft_type"].is_string(), file,
               ": expected a JSON object with a string \"peft_type\"");
   return j;

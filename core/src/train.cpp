@@ -16,6 +16,7 @@
 #include "qtune/checkpoint.h"
 #include "qtune/data.h"
 #include "qtune/error.h"
+#include "qtune/files.h"
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
 #include "qtune/recipe.h"
@@ -206,14 +207,6 @@ std::vector<std::string> recipe_changes(const Json& before, const Json& now) {
                     " -> " + v.dump());
   }
   return out;
-}
-
-int64_t dir_bytes(const std::string& dir) {
-  int64_t n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.is_regular_file(ec)) n += static_cast<int64_t>(e.file_size(ec));
-  return n;
 }
 
 Json nan_to_null(double v) { return std::isnan(v) ? Json(nullptr) : Json(v); }
@@ -413,7 +406,7 @@ Json Trainer::run() {
     st.tokenizer = tok_path;
     last_checkpoint = save_checkpoint(ckpt_root, *model, opt, st, ckpt_keep, r_.model_path);
     const double s = std::chrono::duration<double>(clock::now() - t0).count();
-    const int64_t bytes = dir_bytes(last_checkpoint);
+    const int64_t bytes = directory_bytes(last_checkpoint);
     ++checkpoints_saved;
     checkpoint_seconds += s;
     checkpoint_bytes = bytes;
