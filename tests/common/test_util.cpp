@@ -1,6 +1,7 @@
 // Shared test helpers (see test_util.h).
 #include "test_util.h"
 
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -9,8 +10,6 @@
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
-
-#include <gtest/gtest.h>
 
 #include "qtune/registry.h"
 
@@ -72,11 +71,11 @@ std::string temp_dir(const std::string& tag) {
   return buf.data();
 }
 
-RunResult run_program(const std::vector<std::string>& args, const std::vector<std::string>& env) {
-  std::string out_file = temp_dir("run") + "/out.txt";
+pid_t spawn(const std::vector<std::string>& args, const std::vector<std::string>& env,
+            const std::string& log) {
   pid_t pid = fork();
   if (pid == 0) {
-    FILE* f = std::freopen(out_file.c_str(), "w", stdout);
+    FILE* f = std::freopen(log.c_str(), "w", stdout);
     (void)f;
     dup2(fileno(stdout), fileno(stderr));
     for (const auto& kv : env) putenv(const_cast<char*>(kv.c_str()));
@@ -87,6 +86,12 @@ RunResult run_program(const std::vector<std::string>& args, const std::vector<st
     std::fprintf(stderr, "exec %s failed\n", argv[0]);
     _exit(127);
   }
+  return pid;
+}
+
+RunResult run_program(const std::vector<std::string>& args, const std::vector<std::string>& env) {
+  std::string out_file = temp_dir("run") + "/out.txt";
+  const pid_t pid = spawn(args, env, out_file);
   int status = 0;
   waitpid(pid, &status, 0);
   RunResult r;
@@ -100,6 +105,19 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+ModelConfig tiny_config(int64_t hidden, bool tied) {
+  ModelConfig c;
+  c.hidden_size = hidden;
+  c.intermediate_size = 40;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.vocab_size = 32;
+  c.max_position_embeddings = 64;
+  c.tie_word_embeddings = tied;
+  return c;
 }
 
 }  // namespace qtune::test

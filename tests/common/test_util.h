@@ -2,8 +2,13 @@
 // built program to capture its exit code and output.
 #pragma once
 
+#include <sys/types.h>
+
+#include <cstdint>
 #include <string>
 #include <vector>
+
+#include "qtune/model_config.h"
 
 namespace qtune {
 class Registry;
@@ -30,9 +35,18 @@ struct RunResult {
   int exit_code = -1;
   std::string output;  // stdout and stderr together
 };
+/// Starts `args[0]` with the rest as arguments (no shell) and `env` ("KEY=value") added, its
+/// stdout and stderr going to the file `log`; returns the child's pid (wait for it yourself).
+pid_t spawn(const std::vector<std::string>& args, const std::vector<std::string>& env,
+            const std::string& log);
 /// Runs `args[0]` with the rest as arguments (no shell), capturing output.
-RunResult run_program(const std::vector<std::string>& args, const std::vector<std::string>& env = {});
+RunResult run_program(const std::vector<std::string>& args,
+                      const std::vector<std::string>& env = {});
 
 std::string read_file(const std::string& path);
+
+/// A 2-layer Llama small enough for exact checks: `hidden` wide (16: 4 query / 2 key-value
+/// heads), MLP 40, vocabulary 32, context 64.
+ModelConfig tiny_config(int64_t hidden = 16, bool tied = false);
 
 }  // namespace qtune::test

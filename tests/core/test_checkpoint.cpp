@@ -22,20 +22,8 @@ using namespace qtune;
 
 namespace {
 
-ModelConfig tiny_config(int64_t hidden = 16) {
-  ModelConfig c;
-  c.hidden_size = hidden;
-  c.intermediate_size = 40;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.vocab_size = 32;
-  c.max_position_embeddings = 64;
-  c.tie_word_embeddings = false;
-  return c;
-}
-
 using qtune::test::plugins;
+using qtune::test::tiny_config;
 
 TuningSpec spec_of(TrainType type, int64_t rank = 4) {
   TuningSpec s;

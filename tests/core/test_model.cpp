@@ -13,20 +13,8 @@ using namespace qtune;
 
 namespace {
 
-ModelConfig tiny_config(bool tied) {
-  ModelConfig c;
-  c.hidden_size = 16;
-  c.intermediate_size = 40;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.vocab_size = 32;
-  c.max_position_embeddings = 64;
-  c.tie_word_embeddings = tied;
-  return c;
-}
-
 using qtune::test::plugins;
+using qtune::test::tiny_config;
 
 TuningSpec lora_spec(torch::ScalarType dtype = torch::kFloat32) {
   TuningSpec s;
@@ -63,7 +51,7 @@ TEST(Model, GreedyGenerationMatchesLlama2cReference) {
 }
 
 TEST(Model, KVCacheMatchesFullForward) {
-  auto c = tiny_config(false);
+  auto c = tiny_config();
   auto w = random_weights(c, 7);
   TuningSpec spec;
   LlamaForCausalLM model(c, *w, spec);
@@ -80,7 +68,7 @@ TEST(Model, KVCacheMatchesFullForward) {
 
 TEST(Model, GradientsMatchFiniteDifferences) {
   // fp64 end to end so central differences are exact to ~1e-8.
-  auto c = tiny_config(true);
+  auto c = tiny_config(16, true);
   auto w = random_weights(c, 11);
   TuningSpec spec;
   spec.dtype = torch::kFloat64;
@@ -114,7 +102,7 @@ TEST(Model, GradientsMatchFiniteDifferences) {
 }
 
 TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
-  auto c = tiny_config(false);
+  auto c = tiny_config();
   auto w = random_weights(c, 3);
   auto tokens = torch::randint(0, c.vocab_size, {2, 8}, torch::kLong);
   std::vector<torch::Tensor> grads[2];
@@ -133,7 +121,7 @@ TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
 
 TEST(Model, LoraWithZeroBIsExactlyTheBaseModel) {
   for (bool tied : {false, true}) {
-    auto c = tiny_config(tied);
+    auto c = tiny_config(16, tied);
     auto w = random_weights(c, 21);
     TuningSpec full;
     LlamaForCausalLM base(c, *w, full);
@@ -145,7 +133,7 @@ TEST(Model, LoraWithZeroBIsExactlyTheBaseModel) {
 }
 
 TEST(Model, OnlyAdapterParametersTrainUnderLora) {
-  auto c = tiny_config(false);
+  auto c = tiny_config();
   auto w = random_weights(c, 2);
   LlamaForCausalLM model(c, *w, lora_spec());
   auto tokens = torch::randint(0, c.vocab_size, {2, 8}, torch::kLong);
@@ -168,7 +156,7 @@ TEST(Model, OnlyAdapterParametersTrainUnderLora) {
 }
 
 TEST(Model, ShapeMismatchAndMissingTensorsNamed) {
-  auto c = tiny_config(false);
+  auto c = tiny_config();
   auto w = random_weights(c, 1);
   auto bigger = c;
   bigger.intermediate_size = 48;

@@ -66,24 +66,6 @@ std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std:
   return a;
 }
 
-// A child process running `args` with `env` added, output to `log`.
-pid_t spawn(const std::vector<std::string>& args, const std::vector<std::string>& env,
-            const std::string& log) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    FILE* f = std::freopen(log.c_str(), "w", stdout);
-    (void)f;
-    dup2(fileno(stdout), fileno(stderr));
-    for (const auto& kv : env) putenv(const_cast<char*>(kv.c_str()));
-    std::vector<char*> argv;
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
-  return pid;
-}
-
 // Exit code, or 128 + signal number.
 int wait_child(pid_t pid) {
   int status = 0;
@@ -105,7 +87,7 @@ bool wait_for_file(const std::string& path, pid_t pid) {
 int run_and_signal(const std::vector<std::string>& args, const std::string& point,
                    const std::string& marker, int sig, std::string* output = nullptr) {
   const std::string log = qtune::test::temp_dir("log") + "/out.txt";
-  const pid_t pid = spawn(args, {"QTUNE_DEBUG_PAUSE=" + point}, log);
+  const pid_t pid = qtune::test::spawn(args, {"QTUNE_DEBUG_PAUSE=" + point}, log);
   const bool paused = wait_for_file(marker, pid);
   EXPECT_TRUE(paused) << "the child never paused at " << point << ":\n"
                       << qtune::test::read_file(log);
