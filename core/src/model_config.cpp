@@ -100,6 +100,18 @@ ModelConfig ModelConfig::from_hf_json(const Json& j, const std::string& origin) 
       j.contains("max_position_embeddings") ? get_int(j, "max_position_embeddings", origin) : 2048;
   c.rms_norm_eps = j.contains("rms_norm_eps") ? get_number(j, "rms_norm_eps", origin) : 1e-6;
   c.rope_theta = j.contains("rope_theta") ? get_number(j, "rope_theta", origin) : 10000.0;
+  // transformers >= 5 writes RoPE as "rope_parameters": {"rope_type", "rope_theta", ...} and no
+  // top-level rope_theta (found by the transformers oracle, tests/oracle/test_model.py).
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+    const Json& rp = j["rope_parameters"];
+    QTUNE_CHECK(rp.is_object(), origin, ": \"rope_parameters\" must be an object, got ", rp.dump());
+    if (rp.contains("rope_type"))
+      QTUNE_CHECK(rp["rope_type"] == "default", origin,
+                  ": \"rope_parameters\".rope_type = ", rp["rope_type"].dump(),
+                  " is not supported (expected \"default\")");
+    if (rp.contains("rope_theta"))
+      c.rope_theta = get_number(rp, "rope_theta", origin + ": rope_parameters");
+  }
   c.tie_word_embeddings =
       j.contains("tie_word_embeddings") ? get_bool(j, "tie_word_embeddings", origin) : false;
   c.bos_token_id = token_id(j, "bos_token_id", 1, origin);
