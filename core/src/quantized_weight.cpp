@@ -17,35 +17,50 @@ torch::Tensor QuantizedWeight::dequantize_rows(int64_t begin, int64_t end, torch
   return dequantize(dtype, device).slice(0, begin, end).contiguous();
 }
 
+namespace {
+
+// The dtype the default products are computed in. On the CPU a bf16/fp16 GEMM without native
+// support rounds along the way (1.1% relative error on a 5x256x256 product on a machine without
+// AVX-512), more than one rounding of the result; fp32 there is as fast and rounds once. GPUs
+// accumulate reduced-precision products in fp32 themselves.
+torch::ScalarType compute_dtype(const torch::Tensor& x) {
+  return x.device().is_cpu() ? torch::promote_types(x.scalar_type(), torch::kFloat32)
+                             : x.scalar_type();
+}
+
+}  // namespace
+
 torch::Tensor QuantizedWeight::linear(const torch::Tensor& x) const {
   const int64_t out = out_features(), tile = tile_rows();
-  if (tile >= out)
-    return torch::matmul(x, dequantize(x.scalar_type(), x.device()).t());
+  const auto dt = compute_dtype(x);
+  const torch::Tensor xc = x.to(dt);
+  if (tile >= out) return torch::matmul(xc, dequantize(dt, x.device()).t()).to(x.scalar_type());
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   torch::Tensor y = torch::empty(sizes, x.options());
   for (int64_t r = 0; r < out; r += tile) {
     const int64_t e = std::min(out, r + tile);
-    y.narrow(-1, r, e - r).copy_(
-        torch::matmul(x, dequantize_rows(r, e, x.scalar_type(), x.device()).t()));
+    y.narrow(-1, r, e - r).copy_(torch::matmul(xc, dequantize_rows(r, e, dt, x.device()).t()));
   }
   return y;
 }
 
 torch::Tensor QuantizedWeight::linear_grad_input(const torch::Tensor& g) const {
   const int64_t out = out_features(), tile = tile_rows();
-  if (tile >= out) return torch::matmul(g, dequantize(g.scalar_type(), g.device()));
+  const auto dt = compute_dtype(g);
+  const torch::Tensor gc = g.to(dt);
+  if (tile >= out) return torch::matmul(gc, dequantize(dt, g.device())).to(g.scalar_type());
+  // The tiles' partial products are summed in the compute dtype, and rounded once at the end.
   torch::Tensor gx;
   for (int64_t r = 0; r < out; r += tile) {
     const int64_t e = std::min(out, r + tile);
-    auto part = torch::matmul(g.narrow(-1, r, e - r),
-                              dequantize_rows(r, e, g.scalar_type(), g.device()));
+    auto part = torch::matmul(gc.narrow(-1, r, e - r), dequantize_rows(r, e, dt, g.device()));
     if (gx.defined())
       gx.add_(part);
     else
       gx = part;
   }
-  return gx;
+  return gx.to(g.scalar_type());
 }
 
 std::map<std::string, torch::Tensor> held_tensors(const QuantizedWeight& w) {

@@ -16,12 +16,6 @@ constexpr double kQMax = 127.0;  // symmetric: -128 is never used, so q and -q b
 // Rows quantized per step: about 1M elements of fp32 temporaries whatever the matrix size.
 constexpr int64_t kChunkElems = int64_t{1} << 20;
 
-std::string shape_str(torch::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // Scales [rows, G] of x [rows, in] expanded to [rows, in] (fp32).
 torch::Tensor expand_scale(const torch::Tensor& s, int64_t group, int64_t in) {
   if (s.size(1) == 1) return s.expand({s.size(0), in});
@@ -113,6 +107,10 @@ torch::Tensor Int8Weight::linear(const torch::Tensor& x) const {
 }
 
 torch::Tensor Int8Weight::linear_grad_input(const torch::Tensor& g) const {
+  // LibTorch's CPU bf16 GEMM without native bf16 support (no AVX-512 BF16) accumulates g @ W
+  // in bf16: ~1% error on a 256-wide product. fp32 is as fast there and rounds once.
+  if (g.is_cpu() && g.scalar_type() == torch::kBFloat16)
+    return linear_grad_input(g.to(torch::kFloat32)).to(torch::kBFloat16);
   if (!fast_path(g.scalar_type())) return QuantizedWeight::linear_grad_input(g);
   const auto opts = g.options();
   const int64_t out = q_.size(0), tile = tile_rows();
