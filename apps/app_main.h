@@ -1,7 +1,8 @@
 // The main() every qtune program shares: run the program, turn a UserError (something the
-// person can fix) into one line "<program>: error: ..." and exit code 2, and anything else into
-// "<program>: internal error: ..." and exit code 1. Nothing else in qtune exits. Also the flag
-// parsing every program does the same way.
+// person can fix) into one line "<program>: error: ..." and exit code 2, an InternalError (a
+// broken invariant or a misbehaving plugin) into "<program>: internal error: ..." and exit code 3,
+// and anything else into "<program>: internal error: ..." and exit code 1. Nothing else in qtune
+// exits. Also the flag parsing every program does the same way.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -23,6 +24,9 @@ int guarded_main(const char* program, Run&& run) {
   } catch (const UserError& e) {
     std::fprintf(stderr, "%s: error: %s\n", program, e.what());
     return 2;
+  } catch (const InternalError& e) {
+    std::fprintf(stderr, "%s: internal error: %s\n", program, e.what());
+    return 3;
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "%s: internal error: %s\n", program, e.what_without_backtrace());
     return 1;

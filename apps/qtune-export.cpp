@@ -8,7 +8,7 @@
 #include <iostream>
 
 #include "app_main.h"
-#include "qtune/checkpoint.h"
+#include "qtune/trained_model.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model.h"
@@ -73,17 +73,18 @@ int run(int argc, char** argv) {
   std::string tok = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : tm.tokenizer_path;
   QTUNE_CHECK(tok.empty() || fs::exists(tok), "--tokenizer: file not found: ", tok);
 
-  const bool full = tm.model->spec().train_type == qtune::TrainType::kFull;
-  if (full) merge = true;  // a full fine-tune's checkpoint is a whole model
+  const qtune::TuningSpec& spec = tm.model->spec();
+  // A full fine-tune's checkpoint, or a base without adapter, is a whole model.
+  if (!spec.adapter.present()) merge = true;
   const qtune::Json& id = tm.identity;
-  const std::string what = full ? "full fine-tune" : "base + adapter";
+  const std::string what = spec.adapter.present() ? "base + adapter" : "full fine-tune";
 
   if (!merge) {
     qtune::save_peft_adapter(
         out, *tm.model, tm.base_path,
         id.is_object() ? qtune::Json{{"identity", id}, {"tokenizer", tok}} : qtune::Json());
     std::printf("wrote %s: PEFT adapter (%s) for %s, %.3f MB\n", out.c_str(),
-                tm.model->spec().adapter->name().c_str(), tm.base_path.c_str(),
+                spec.adapter.factory->name().c_str(), tm.base_path.c_str(),
                 qtune::directory_bytes(out) / 1e6);
     return 0;
   }

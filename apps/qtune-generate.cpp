@@ -8,7 +8,7 @@
 #include <iostream>
 
 #include "app_main.h"
-#include "qtune/checkpoint.h"
+#include "qtune/trained_model.h"
 #include "qtune/error.h"
 #include "qtune/generate.h"
 #include "qtune/registry.h"

@@ -47,28 +47,22 @@ int run(int argc, char** argv) {
   // clang-format off
   opts.add_options()
     ("help,h", "show this help")
-    ("config", po::value<std::string>(), "YAML recipe (default: configs/default.yaml)")
-    ("train_type", po::value<std::string>(), "full | lora | qlora")
-    ("quant", po::value<std::string>(), "quantization plugin for qlora (nf4, hqq, int8, ...)")
-    ("adapter", po::value<std::string>(), "adapter plugin (lora)")
-    ("model", po::value<std::string>(), "HF model directory or llama2.c .bin")
-    ("tokenizer", po::value<std::string>(), "tokenizer .model or tok*.bin")
-    ("data", po::value<std::string>(), "training data file")
-    ("data_format", po::value<std::string>(), "auto | text | alpaca")
-    ("val_data", po::value<std::string>(), "validation data file (else data.val_fraction)")
-    ("max_steps", po::value<int64_t>(), "optimizer steps")
-    ("eval_every", po::value<int64_t>(), "evaluate every N steps (0 = only at the end)")
-    ("batch_size", po::value<int64_t>(), "sequences per micro-batch")
-    ("seq_len", po::value<int64_t>(), "tokens per sequence")
-    ("lr", po::value<double>(), "peak learning rate")
-    ("dtype", po::value<std::string>(), "compute dtype: fp32 | bf16")
-    ("seed", po::value<int64_t>(), "random seed")
-    ("threads", po::value<int64_t>(), "intra-op threads (0 = all cores)")
-    ("output_dir", po::value<std::string>(), "where metrics, summary, checkpoints and weights go")
-    ("resume", po::value<std::string>(), "continue from a checkpoint: latest | DIR")
-    ("plugin_dir", po::value<std::string>(), "search this plugin folder first")
+    ("config", po::value<std::string>(), "YAML recipe (default: configs/default.yaml)");
+  // clang-format on
+  // Every recipe key that has a flag (recipe.cpp declares them), typed as the key is.
+  auto semantic = [](const std::string& type) -> po::value_semantic* {
+    if (type == "integer") return po::value<int64_t>();
+    if (type == "number") return po::value<double>();
+    return po::value<std::string>();
+  };
+  for (const auto& k : qtune::recipe_keys())
+    if (!k.flag.empty())
+      opts.add_options()(k.flag.c_str(), semantic(k.type()), (k.doc + " (" + k.path + ")").c_str());
+  // clang-format off
+  opts.add_options()
     ("list-plugins", "list the plugins found and exit")
     ("print-config", "print the complete recipe and exit")
+    ("recipe-keys", "print every recipe key as a markdown table (docs/cli.md) and exit")
     ("verbose,v", "debug logging")
     ("overrides", po::value<std::vector<std::string>>(), "key.path=value ...");
   // clang-format on
@@ -81,44 +75,31 @@ int run(int argc, char** argv) {
     return 0;
   }
   if (vm.count("verbose")) spdlog::set_level(spdlog::level::debug);
+  if (vm.count("recipe-keys")) {
+    std::cout << qtune::recipe_keys_markdown();
+    return 0;
+  }
 
   qtune::Json recipe = qtune::recipe_defaults();
   std::string config = vm.count("config") ? vm["config"].as<std::string>() : default_config();
   if (!config.empty()) qtune::merge_recipe(recipe, qtune::load_yaml_file(config), config);
 
   // Flags are recipe keys under another name.
-  auto set = [&](const char* flag, const std::string& key) {
-    if (!vm.count(flag)) return;
-    const auto& v = vm[flag].value();
+  for (const auto& k : qtune::recipe_keys()) {
+    if (k.flag.empty() || !vm.count(k.flag)) continue;
+    const auto& v = vm[k.flag].value();
     std::string text;
-    if (auto* s = boost::any_cast<std::string>(&v)) text = "\"" + *s + "\"";
-    else if (auto* i = boost::any_cast<int64_t>(&v)) text = std::to_string(*i);
-    else if (auto* d = boost::any_cast<double>(&v)) {
+    if (auto* str = boost::any_cast<std::string>(&v)) {
+      text = qtune::Json(*str).dump();  // quoted: a string key stays a string
+    } else if (auto* i = boost::any_cast<int64_t>(&v)) {
+      text = std::to_string(*i);
+    } else if (auto* d = boost::any_cast<double>(&v)) {
       char buf[64];
       std::snprintf(buf, sizeof buf, "%.17g", *d);
       text = buf;
     }
-    qtune::apply_override(recipe, key + "=" + text);
-  };
-  set("train_type", "train_type");
-  set("quant", "quant.name");
-  set("adapter", "adapter.name");
-  set("model", "model.path");
-  set("tokenizer", "model.tokenizer");
-  set("data", "data.path");
-  set("data_format", "data.format");
-  set("val_data", "data.val_path");
-  set("max_steps", "train.max_steps");
-  set("eval_every", "eval.every");
-  set("batch_size", "train.batch_size");
-  set("seq_len", "data.seq_len");
-  set("lr", "train.lr");
-  set("dtype", "dtype");
-  set("seed", "seed");
-  set("threads", "threads");
-  set("output_dir", "output_dir");
-  set("plugin_dir", "plugin_dir");
-  set("resume", "resume");
+    qtune::apply_override(recipe, k.path + "=" + text);
+  }
   if (vm.count("overrides"))
     for (const auto& o : vm["overrides"].as<std::vector<std::string>>())
       qtune::apply_override(recipe, o);
@@ -140,7 +121,7 @@ int run(int argc, char** argv) {
 
   qtune::ResolvedRecipe resolved = qtune::resolve_recipe(recipe, registry);
   if (vm.count("print-config")) {
-    std::cout << resolved.recipe.dump(2) << "\n";
+    std::cout << resolved.tree.dump(2) << "\n";
     return 0;
   }
 

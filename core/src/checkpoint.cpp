@@ -1,4 +1,4 @@
-// Training checkpoints and rebuilding trained models (see checkpoint.h).
+// Training checkpoints: the state file and RNG, atomic save, load (see checkpoint.h).
 #include "qtune/checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -43,191 +43,8 @@ const char* kLatestFile = "latest";
 
 std::string errno_text() { return std::strerror(errno); }
 
-std::string dtype_name(torch::ScalarType t) {
-  if (t == torch::kFloat32) return "fp32";
-  if (t == torch::kBFloat16) return "bf16";
-  if (t == torch::kFloat64) return "fp64";
-  return c10::toString(t);
-}
 
 }  // namespace
-
-// ---------------------------------------------------------------------------------------------
-// Identity
-
-namespace {
-
-// FNV-1a, 64 bit: a fingerprint against mistakes, not an adversary.
-struct Fnv1a {
-  uint64_t h = 1469598103934665603ull;
-  void add(const void* data, size_t n) {
-    const auto* p = static_cast<const uint8_t*>(data);
-    for (size_t i = 0; i < n; ++i) {
-      h ^= p[i];
-      h *= 1099511628211ull;
-    }
-  }
-  void add(const std::string& s) {
-    add(s.data(), s.size());
-    add("\0", 1);
-  }
-  std::string hex() const {
-    char buf[17];
-    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-    return buf;
-  }
-};
-
-// Rows of a tensor the fingerprint looks at: first, last and evenly spaced between.
-constexpr int64_t kSampleRows = 16;
-
-// Sampled rows of `name`, rounded to bf16: an fp32 model and its bf16 copy hash the same.
-void hash_tensor(Fnv1a& h, const WeightSource& w, const std::string& name) {
-  torch::Tensor t;
-  if (const auto* st = dynamic_cast<const SafetensorsWeightSource*>(&w)) {
-    t = st->view(name);  // zero-copy: only the sampled rows are touched
-  } else {
-    t = w.get(name, torch::kFloat32);
-  }
-  if (t.dim() >= 2 && t.size(0) > kSampleRows) {
-    std::vector<int64_t> rows;
-    for (int64_t i = 0; i < kSampleRows; ++i)
-      rows.push_back(i * (t.size(0) - 1) / (kSampleRows - 1));
-    t = t.index_select(0, torch::tensor(rows, torch::kLong));
-  }
-  t = t.to(torch::kFloat32).to(torch::kBFloat16).contiguous();
-  h.add(name);
-  for (auto s : t.sizes()) h.add(&s, sizeof s);
-  h.add(t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size()));
-}
-
-// The config.json fields that decide the function a set of weights computes.
-const std::vector<std::string>& architecture_fields() {
-  static const std::vector<std::string> f{
-      "hidden_size",         "intermediate_size",   "num_hidden_layers",
-      "num_attention_heads", "num_key_value_heads", "vocab_size",
-      "rms_norm_eps",        "rope_theta",          "tie_word_embeddings"};
-  return f;
-}
-
-}  // namespace
-
-Json base_identity(const std::string& model_path, const ModelConfig& config,
-                   const WeightSource& weights) {
-  const Json hf = config.to_hf_json();
-  Json arch = Json::object();
-  for (const auto& k : architecture_fields()) arch[k] = hf.at(k);
-
-  Fnv1a dense, linear;
-  bool linear_ok = true;
-  std::vector<std::string> dense_names{"model.embed_tokens.weight", "model.norm.weight"};
-  std::vector<std::string> linear_names;
-  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    dense_names.push_back(p + "input_layernorm.weight");
-    dense_names.push_back(p + "post_attention_layernorm.weight");
-    for (const char* s : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
-      linear_names.push_back(p + s + ".weight");
-  }
-  if (!config.tie_word_embeddings) linear_names.push_back("lm_head.weight");
-  for (const auto& n : dense_names) {
-    QTUNE_CHECK(weights.has(n), weights.describe(), ": missing tensor ", n);
-    hash_tensor(dense, weights, n);
-  }
-  for (const auto& n : linear_names) {
-    if (!weights.has(n) || weights.has_quantized(n)) {
-      // Stored only quantized (a qtune-quantize directory): its projections cannot be compared
-      // with a dense model's, so the dense part alone identifies the base.
-      linear_ok = false;
-      break;
-    }
-    hash_tensor(linear, weights, n);
-  }
-  std::string path = model_path;
-  std::error_code ec;
-  if (auto abs = fs::absolute(model_path, ec); !ec) path = abs.lexically_normal().string();
-  return Json{{"path", path},
-              {"source", weights.describe()},
-              {"config", arch},
-              {"dense_hash", dense.hex()},
-              {"linear_hash", linear_ok ? Json(linear.hex()) : Json(nullptr)}};
-}
-
-Json prequantized_options(const WeightSource& weights) {
-  const std::string probe = "model.layers.0.self_attn.q_proj.weight";
-  if (!weights.has_quantized(probe)) return nullptr;
-  const TensorState st = weights.quantized(probe);
-  return Json{{"backend", st.meta.value("backend", "")},
-              {"options", st.meta.value("options", Json::object())}};
-}
-
-Json run_identity(const TuningSpec& spec, const Json& base) {
-  const bool qlora = spec.train_type == TrainType::kQlora;
-  const bool adapters = spec.train_type != TrainType::kFull;
-  Json targets = nullptr;
-  if (adapters)
-    targets = std::vector<std::string>(spec.target_modules.begin(), spec.target_modules.end());
-  return Json{
-      {"train_type", to_string(spec.train_type)},
-      {"dtype", dtype_name(spec.dtype)},
-      {"quant", qlora && spec.quant ? Json(spec.quant->name()) : Json(nullptr)},
-      {"quant_options", qlora ? spec.quant_options : Json(nullptr)},
-      {"quant_skip_output", qlora ? Json(spec.quant_skip_output) : Json(nullptr)},
-      {"adapter", adapters && spec.adapter ? Json(spec.adapter->name()) : Json(nullptr)},
-      {"adapter_options", adapters ? spec.adapter_options : Json(nullptr)},
-      {"target_modules", targets},
-      {"base", base},
-  };
-}
-
-void check_base_identity(const Json& recorded, const Json& current, const std::string& what) {
-  QTUNE_CHECK(recorded.is_object() && current.is_object(), what,
-              ": the base model identity is missing or malformed");
-  const std::string rp = recorded.value("path", "?"), cp = current.value("path", "?");
-  const Json& rc = recorded.at("config");
-  const Json& cc = current.at("config");
-  for (const auto& [k, v] : rc.items()) {
-    const Json other = cc.value(k, Json(nullptr));
-    QTUNE_CHECK(v == other, what, ": it was trained on base model ", rp, " with ", k, " ", v.dump(),
-                ", but ", cp, " has ", k, " ", other.dump(),
-                " (pass the base model it was trained on with --model)");
-  }
-  QTUNE_CHECK(recorded.value("dense_hash", "") == current.value("dense_hash", ""), what,
-              ": it was trained on base model ", rp, " (weights fingerprint ",
-              recorded.value("dense_hash", "?"), "), but ", cp,
-              " has different embedding/norm weights (fingerprint ",
-              current.value("dense_hash", "?"), "); pass the base model it was trained on");
-  const Json rl = recorded.value("linear_hash", Json(nullptr));
-  const Json cl = current.value("linear_hash", Json(nullptr));
-  QTUNE_CHECK(rl.is_null() || cl.is_null() || rl == cl, what, ": it was trained on base model ", rp,
-              " (projection fingerprint ", rl.dump(), "), but ", cp,
-              " has different projection weights (fingerprint ", cl.dump(),
-              "); pass the base model it was trained on");
-}
-
-void check_run_identity(const Json& recorded, const Json& current, const std::string& what) {
-  QTUNE_CHECK(recorded.is_object(), what, ": the run identity is missing or malformed");
-  for (const char* field : {"train_type", "quant", "quant_skip_output", "quant_options", "adapter",
-                            "adapter_options", "target_modules"}) {
-    const Json r = recorded.value(field, Json(nullptr));
-    const Json c = current.value(field, Json(nullptr));
-    if (r == c) continue;
-    if (r.is_object() && c.is_object()) {
-      // Name the option that differs, not the whole mapping.
-      for (const auto& [k, v] : r.items())
-        QTUNE_CHECK(c.contains(k) && c[k] == v, what, ": it was trained with ", field, ".", k, " ",
-                    v.dump(), ", but this run has ",
-                    c.contains(k) ? c[k].dump() : std::string("no such option"));
-      for (const auto& [k, v] : c.items())
-        QTUNE_CHECK(r.contains(k), what, ": this run has ", field, ".", k, " ", v.dump(),
-                    ", which the checkpoint does not record");
-    }
-    throw UserError(what + ": it was trained with " + field + " " + r.dump() +
-                    ", but this run has " + field + " " + c.dump());
-  }
-  check_base_identity(recorded.at("base"), current.at("base"), what);
-}
 
 // ---------------------------------------------------------------------------------------------
 // State file and RNG
@@ -522,12 +339,10 @@ std::string save_checkpoint(const std::string& root, const LlamaForCausalLMImpl&
 // ---------------------------------------------------------------------------------------------
 // Loading
 
-namespace {
-bool is_checkpoint_dir(const fs::path& dir) {
+bool is_checkpoint_dir(const std::string& dir) {
   std::error_code ec;
-  return fs::is_regular_file(dir / kStateFile, ec);
+  return fs::is_regular_file(fs::path(dir) / kStateFile, ec);
 }
-}  // namespace
 
 std::string resolve_checkpoint(const std::string& spec, const std::string& root) {
   QTUNE_CHECK(!spec.empty(), "resume: no checkpoint given");
@@ -590,12 +405,6 @@ class FileCache {
   std::map<std::string, std::shared_ptr<SafetensorsFile>> files_;
 };
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << s;
-  return os.str();
-}
-
 }  // namespace
 
 void load_checkpoint_weights(const std::string& dir, const CheckpointState& state,
@@ -654,152 +463,6 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
   for (const auto& name : st->names())
     QTUNE_CHECK(used.count(name), file, ": tensor ", name,
                 " belongs to no trainable parameter of this model");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Rebuilding a trained model
-
-namespace {
-
-// The adapter plugin options a PEFT LoraConfig implies, for adapters trained by other tools.
-Json peft_lora_options(const Json& config, const AdapterFactory& factory) {
-  Json out = Json::object();
-  std::set<std::string> names;
-  for (const auto& o : factory.option_schema()) names.insert(o.name);
-  const std::pair<const char*, const char*> map[] = {{"r", "rank"},
-                                                     {"lora_alpha", "alpha"},
-                                                     {"lora_dropout", "dropout"},
-                                                     {"use_rslora", "use_rslora"}};
-  for (const auto& [peft_key, ours] : map)
-    if (config.contains(peft_key) && !config[peft_key].is_null() && names.count(ours))
-      out[ours] = config[peft_key];
-  return out;
-}
-
-}  // namespace
-
-TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& registry) {
-  TrainedModel out;
-  const bool has_adapter = !o.adapter_dir.empty();
-  const bool is_checkpoint = has_adapter && is_checkpoint_dir(o.adapter_dir);
-  CheckpointState ckpt;
-  Json peft_config;
-  std::string recorded_tokenizer;
-  if (is_checkpoint) {
-    ckpt = read_checkpoint_state(o.adapter_dir);
-    out.identity = ckpt.identity;
-    recorded_tokenizer = ckpt.tokenizer;
-  } else if (has_adapter) {
-    QTUNE_CHECK(fs::is_directory(o.adapter_dir), "adapter directory not found: ", o.adapter_dir);
-    peft_config = read_peft_config(o.adapter_dir);
-    Json info = read_peft_qtune_info(o.adapter_dir);
-    if (info.is_object()) {
-      out.identity = info.value("identity", Json());
-      recorded_tokenizer = info.value("tokenizer", "");
-    }
-  }
-  const bool recorded = out.identity.is_object();
-  QTUNE_CHECK(o.quant.empty() || !recorded, "--base_quant: ", o.adapter_dir,
-              " records how its base was quantized; it is rebuilt that way");
-
-  // The base: given, else recorded.
-  out.base_path = o.model_path;
-  if (out.base_path.empty() && recorded) out.base_path = out.identity["base"].value("path", "");
-  if (out.base_path.empty() && peft_config.is_object())
-    out.base_path = peft_config.value("base_model_name_or_path", "");
-  QTUNE_CHECK(!out.base_path.empty(), "no base model: give --model");
-  QTUNE_CHECK(
-      fs::exists(out.base_path), "base model not found: ", out.base_path,
-      has_adapter && o.model_path.empty() ? " (recorded by the adapter; give --model)" : "");
-  ModelFiles files = open_model(out.base_path);
-  out.config = files.config;
-
-  TuningSpec spec;
-  spec.dtype = o.dtype;
-  const Json pq = prequantized_options(*files.weights);
-  auto use_quant = [&](const std::string& backend, const Json& options, const std::string& key) {
-    spec.quant = registry.quant(backend);
-    spec.quant_options = resolve_options(spec.quant->option_schema(), options, key);
-  };
-  if (recorded) {
-    const Json& id = out.identity;
-    const std::string what = (is_checkpoint ? "checkpoint " : "adapter ") + o.adapter_dir;
-    check_base_identity(id.at("base"), base_identity(out.base_path, files.config, *files.weights),
-                        what);
-    spec.train_type = parse_train_type(id.at("train_type").get<std::string>());
-    if (spec.train_type == TrainType::kQlora) {
-      use_quant(id.at("quant").get<std::string>(), id.at("quant_options"), "quant.options");
-      spec.quant_skip_output = id.value("quant_skip_output", false);
-      if (!pq.is_null()) {
-        // A qtune-quantize directory of the right base: it must also be quantized the same way.
-        const Json pq_options =
-            resolve_options(spec.quant->option_schema(), pq["options"], out.base_path);
-        QTUNE_CHECK(pq["backend"] == spec.quant->name() && pq_options == spec.quant_options, what,
-                    ": it was trained on a base quantized with ", spec.quant->name(), " ",
-                    spec.quant_options.dump(), ", but ", out.base_path, " is quantized with ",
-                    pq["backend"].get<std::string>(), " ", pq_options.dump());
-      }
-    } else {
-      QTUNE_CHECK(pq.is_null(), what, ": it was trained (", to_string(spec.train_type),
-                  ") on a full-precision base, but ", out.base_path, " is quantized with ",
-                  pq.is_null() ? "" : pq["backend"].get<std::string>(),
-                  "; pass the original model with --model");
-    }
-    if (spec.train_type != TrainType::kFull) {
-      spec.adapter = registry.adapter(id.at("adapter").get<std::string>());
-      spec.adapter_options = resolve_options(spec.adapter->option_schema(),
-                                             id.at("adapter_options"), "adapter.options");
-      spec.target_modules = parse_target_modules(
-          id.at("target_modules").get<std::vector<std::string>>(), "target_modules");
-    }
-  } else {
-    if (!pq.is_null()) {
-      QTUNE_CHECK(o.quant.empty() || o.quant == pq["backend"], "--base_quant ", o.quant, ": ",
-                  out.base_path, " is already quantized with ", pq["backend"].get<std::string>());
-      use_quant(pq["backend"].get<std::string>(), pq["options"], out.base_path);
-    } else if (!o.quant.empty()) {
-      use_quant(o.quant, o.quant_options, "--base_quant_options");
-    }
-    if (has_adapter) {
-      // An adapter from another tool: PEFT's config says what it is.
-      const std::string cfg_file = (fs::path(o.adapter_dir) / "adapter_config.json").string();
-      std::string type = peft_config["peft_type"].get<std::string>();
-      std::transform(type.begin(), type.end(), type.begin(), ::tolower);
-      spec.adapter = registry.adapter(type);
-      spec.adapter_options = resolve_options(
-          spec.adapter->option_schema(), peft_lora_options(peft_config, *spec.adapter), cfg_file);
-      QTUNE_CHECK(
-          peft_config.contains("target_modules") && peft_config["target_modules"].is_array(),
-          cfg_file, ": target_modules must be a list of module names (patterns are not supported)");
-      spec.target_modules =
-          parse_target_modules(peft_config["target_modules"].get<std::vector<std::string>>(),
-                               cfg_file + " target_modules");
-    } else if (spec.quant) {
-      // A quantized base alone. The builder wants an adapter factory under qlora; with no
-      // target module none is ever created, so any registered one will do.
-      for (const auto& p : registry.plugins())
-        if (p.kind == "adapter") {
-          spec.adapter = registry.adapter(p.name);
-          break;
-        }
-      QTUNE_CHECK(spec.adapter, "a quantized base needs an adapter plugin loaded (none found)");
-    }
-    spec.train_type =
-        spec.quant ? TrainType::kQlora : (has_adapter ? TrainType::kLora : TrainType::kFull);
-  }
-
-  out.model = LlamaForCausalLM(files.config, *files.weights, spec);
-  files.weights.reset();
-  if (is_checkpoint) {
-    load_checkpoint_weights(o.adapter_dir, ckpt, *out.model);
-  } else if (has_adapter) {
-    load_peft_adapter(o.adapter_dir, *out.model);  // the base was checked above
-  }
-  out.model->eval();
-  out.tokenizer_path = files.tokenizer_path;
-  if (!recorded_tokenizer.empty() && fs::exists(recorded_tokenizer))
-    out.tokenizer_path = recorded_tokenizer;
-  return out;
 }
 
 }  // namespace qtune

@@ -11,64 +11,11 @@
 
 #include "qtune/error.h"
 #include "qtune/options.h"
-#include "process.h"
+#include "qtune/process.h"
 
 namespace F = torch::nn::functional;
 
 namespace qtune {
-
-// ---------------------------------------------------------------------------------------------
-// Parsing helpers
-
-TrainType parse_train_type(const std::string& s) {
-  if (s == "full") return TrainType::kFull;
-  if (s == "lora") return TrainType::kLora;
-  if (s == "qlora") return TrainType::kQlora;
-  throw UserError("train_type must be one of full, lora, qlora; got '" + s + "'");
-}
-
-std::string to_string(TrainType t) {
-  switch (t) {
-    case TrainType::kFull: return "full";
-    case TrainType::kLora: return "lora";
-    case TrainType::kQlora: return "qlora";
-  }
-  return "?";
-}
-
-torch::ScalarType parse_dtype(const std::string& s, const std::string& key) {
-  if (s == "fp32" || s == "float32") return torch::kFloat32;
-  if (s == "bf16" || s == "bfloat16") return torch::kBFloat16;
-  throw UserError(key + " must be fp32 or bf16, got '" + s + "'");
-}
-
-const std::vector<std::string>& all_target_modules() {
-  static const std::vector<std::string> names{"q", "k", "v", "o", "gate", "up", "down", "output"};
-  return names;
-}
-
-std::set<std::string> parse_target_modules(const std::vector<std::string>& names,
-                                           const std::string& key) {
-  std::set<std::string> out;
-  const auto& all = all_target_modules();
-  for (const auto& raw : names) {
-    std::string n = raw;
-    // Accept the Hugging Face spellings too (q_proj, lm_head), as PEFT users write them.
-    if (n.size() > 5 && n.compare(n.size() - 5, 5, "_proj") == 0) n = n.substr(0, n.size() - 5);
-    if (n == "lm_head") n = "output";
-    if (n == "all-linear") {
-      // PEFT's all-linear leaves the output head out; so do we.
-      for (const auto& a : all)
-        if (a != "output") out.insert(a);
-      continue;
-    }
-    QTUNE_CHECK(std::find(all.begin(), all.end(), n) != all.end(), key, " has unknown module '",
-                raw, "' (expected any of q, k, v, o, gate, up, down, output, or all-linear)");
-    out.insert(n);
-  }
-  QTUNE_CHECK(!out.empty(), key, " must name at least one module");
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------------
 // LinearSlot
@@ -295,121 +242,162 @@ namespace {
 
 std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
 
+// Fills the slots of one model from a weight source and a spec, in model order. Each frozen
+// projection is quantized as soon as it is read, so peak memory stays near the quantized model
+// plus one full-precision matrix.
+class SlotBuilder {
+ public:
+  SlotBuilder(const ModelConfig& config, const WeightSource& weights, const TuningSpec& spec,
+              torch::ScalarType master_dtype)
+      : config_(config),
+        weights_(weights),
+        spec_(spec),
+        master_dtype_(master_dtype),
+        // Frozen dense tensors live in the compute dtype; trainable ones are fp32 masters.
+        dense_dtype_(spec.trainable_base() ? master_dtype : spec.dtype) {}
+
+  /// Checks that `name` exists with `shape` (a quantized-only tensor is checked when loaded).
+  void expect_shape(const std::string& name, const std::vector<int64_t>& shape) const {
+    QTUNE_CHECK(weights_.has(name) || weights_.has_quantized(name), weights_.describe(),
+                ": missing tensor ", name);
+    if (weights_.has_quantized(name)) return;
+    auto got = weights_.shape(name);
+    QTUNE_CHECK(got == shape, weights_.describe(), ": tensor ", name, " has shape ",
+                c10::IntArrayRef(got), ", expected ", c10::IntArrayRef(shape), " from config");
+  }
+
+  /// A packed state stored with the weights (a qtune-quantize directory) is loaded as is;
+  /// otherwise the full-precision `source` tensor is quantized now and dropped.
+  std::shared_ptr<QuantizedWeight> load_or_quantize(const std::string& name,
+                                                    const std::string& source) const {
+    const auto& quant = spec_.base.quant;
+    std::shared_ptr<QuantizedWeight> q;
+    if (weights_.has_quantized(name)) {
+      TensorState st = weights_.quantized(name);
+      const std::string backend = st.meta.value("backend", "");
+      QTUNE_CHECK(backend == quant->name(), weights_.describe(), ": ", name,
+                  " was quantized with '", backend, "' but quant.name is '", quant->name(), "'");
+      q = quant->load(st);
+    } else {
+      q = quant->quantize(weights_.get(source, torch::kFloat32), spec_.base.quant_options);
+      return_freed_heap();
+    }
+    QTUNE_INTERNAL_ASSERT(q != nullptr, "quantization plugin '", quant->name(),
+                          "' returned no weight for ", name);
+    return q;
+  }
+
+  /// One projection slot: the heart of "QLoRA = LoRA with a quantized base".
+  LinearSlot slot(const std::string& path, const std::string& short_name, int64_t out, int64_t in,
+                  bool quantize) {
+    const std::string name = path + ".weight";
+    expect_shape(name, {out, in});
+    LinearSlot s{nullptr};
+    if (quantize) {
+      auto q = load_or_quantize(name, name);
+      QTUNE_INTERNAL_ASSERT(q->out_features() == out && q->in_features() == in, "plugin '",
+                            spec_.base.quant->name(), "' quantized ", name, " to shape [",
+                            q->out_features(), ", ", q->in_features(), "], expected [", out, ", ",
+                            in, "]");
+      s = LinearSlot(std::move(q));
+    } else {
+      if (weights_.has_quantized(name) && !weights_.has(name))
+        throw UserError(weights_.describe() + ": " + name +
+                        " is only stored quantized; use --train_type qlora with its backend");
+      s = LinearSlot(weights_.get(name, dense_dtype_), spec_.trainable_base());
+    }
+    attach(s, short_name, in, out);
+    slots.emplace_back(path, s);
+    return s;
+  }
+
+  /// The adapter of slot `short_name`, when the spec targets it.
+  void attach(LinearSlot& s, const std::string& short_name, int64_t in, int64_t out) const {
+    if (!spec_.adapter.targets(short_name)) return;
+    auto a = spec_.adapter.factory->create(in, out, spec_.adapter.options);
+    QTUNE_INTERNAL_ASSERT(a != nullptr, "adapter plugin '", spec_.adapter.factory->name(),
+                          "' returned no adapter for a [", out, ", ", in, "] projection");
+    s->attach_adapter(std::move(a));
+  }
+
+  torch::Tensor dense(const std::string& name, const std::vector<int64_t>& shape) const {
+    expect_shape(name, shape);
+    return weights_.get(name, dense_dtype_);
+  }
+  RMSNorm norm(const std::string& name) const {
+    expect_shape(name, {config_.hidden_size});
+    return RMSNorm(weights_.get(name, master_dtype_), config_.rms_norm_eps,
+                   spec_.trainable_base());
+  }
+
+  /// Decoder layer `i`. One statement per slot: argument evaluation order is unspecified, and
+  /// slots must be built (and listed) in model order.
+  DecoderLayer layer(int64_t i) {
+    const std::string p = layer_prefix(i);
+    const int64_t dim = config_.hidden_size, hd = config_.head_dim();
+    const int64_t q_out = config_.num_attention_heads * hd;
+    const int64_t kv_out = config_.num_key_value_heads * hd;
+    const int64_t ffn = config_.intermediate_size;
+    const bool qz = spec_.quantized_base();
+    auto in_norm = norm(p + "input_layernorm.weight");
+    auto q = slot(p + "self_attn.q_proj", "q", q_out, dim, qz);
+    auto k = slot(p + "self_attn.k_proj", "k", kv_out, dim, qz);
+    auto v = slot(p + "self_attn.v_proj", "v", kv_out, dim, qz);
+    auto o = slot(p + "self_attn.o_proj", "o", dim, q_out, qz);
+    auto post_norm = norm(p + "post_attention_layernorm.weight");
+    auto gate = slot(p + "mlp.gate_proj", "gate", ffn, dim, qz);
+    auto up = slot(p + "mlp.up_proj", "up", ffn, dim, qz);
+    auto down = slot(p + "mlp.down_proj", "down", dim, ffn, qz);
+    return DecoderLayer(in_norm, Attention(config_, q, k, v, o), post_norm, Mlp(gate, up, down));
+  }
+
+  /// The output head. Tied and kept dense, it is the embedding matrix itself (trained through
+  /// it under full); tied and quantized, it is a quantized copy (the lookup keeps the dense one).
+  LinearSlot head(const torch::Tensor& embedding) {
+    const int64_t dim = config_.hidden_size, vocab = config_.vocab_size;
+    const bool quantize = spec_.quantized_base() && !spec_.base.quant_skip_output;
+    if (!config_.tie_word_embeddings) return slot("lm_head", "output", vocab, dim, quantize);
+    LinearSlot h = quantize
+                       ? LinearSlot(load_or_quantize("lm_head.weight", "model.embed_tokens.weight"))
+                       : LinearSlot(embedding, spec_.trainable_base(), /*shared=*/true);
+    attach(h, "output", dim, vocab);
+    slots.emplace_back("lm_head", h);
+    return h;
+  }
+
+  std::vector<std::pair<std::string, LinearSlot>> slots;
+
+ private:
+  const ModelConfig& config_;
+  const WeightSource& weights_;
+  const TuningSpec& spec_;
+  torch::ScalarType master_dtype_, dense_dtype_;
+};
+
 }  // namespace
 
 LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const WeightSource& weights,
                                            const TuningSpec& spec)
     : config_(config), spec_(spec) {
   config_.validate(weights.describe());
-  const bool full = spec.train_type == TrainType::kFull;
-  const bool qlora = spec.train_type == TrainType::kQlora;
-  QTUNE_CHECK(!qlora || spec.quant, "train_type qlora needs a quantization backend (--quant)");
-  QTUNE_CHECK(full || spec.adapter, "train_type ", to_string(spec.train_type),
-              " needs an adapter (--adapter)");
-  // Frozen dense tensors live in the compute dtype; trainable ones are fp32 masters.
-  const auto frozen_dtype = spec.dtype;
-  const auto dense_dtype = full ? master_dtype() : frozen_dtype;
-
-  auto expect_shape = [&](const std::string& name, std::vector<int64_t> shape) {
-    QTUNE_CHECK(weights.has(name) || weights.has_quantized(name), weights.describe(),
-                ": missing tensor ", name);
-    if (weights.has_quantized(name)) return;
-    auto got = weights.shape(name);
-    QTUNE_CHECK(got == shape, weights.describe(), ": tensor ", name, " has shape ",
-                c10::IntArrayRef(got), ", expected ", c10::IntArrayRef(shape), " from config");
-  };
-
-  // A packed state stored with the weights (a qtune-quantize directory) is loaded as is;
-  // otherwise the full-precision `source` tensor is quantized now and dropped.
-  auto load_or_quantize = [&](const std::string& name,
-                              const std::string& source) -> std::shared_ptr<QuantizedWeight> {
-    if (weights.has_quantized(name)) {
-      TensorState st = weights.quantized(name);
-      const std::string backend = st.meta.value("backend", "");
-      QTUNE_CHECK(backend == spec.quant->name(), weights.describe(), ": ", name,
-                  " was quantized with '", backend, "' but quant.name is '", spec.quant->name(),
-                  "'");
-      return spec.quant->load(st);
-    }
-    auto q = spec.quant->quantize(weights.get(source, torch::kFloat32), spec.quant_options);
-    return_freed_heap();
-    return q;
-  };
-
-  // Builds one projection slot: the heart of "QLoRA = LoRA with a quantized base".
-  auto make_slot = [&](const std::string& path, const std::string& short_name, int64_t out,
-                       int64_t in, bool quantize) -> LinearSlot {
-    const std::string name = path + ".weight";
-    expect_shape(name, {out, in});
-    LinearSlot slot{nullptr};
-    if (quantize) {
-      auto q = load_or_quantize(name, name);
-      QTUNE_CHECK(q->out_features() == out && q->in_features() == in, name,
-                  ": quantized shape mismatch");
-      slot = LinearSlot(std::move(q));
-    } else {
-      if (weights.has_quantized(name) && !weights.has(name))
-        throw UserError(weights.describe() + ": " + name +
-                        " is only stored quantized; use --train_type qlora with its backend");
-      slot = LinearSlot(weights.get(name, dense_dtype), /*trainable=*/full);
-    }
-    if (!full && spec.target_modules.count(short_name))
-      slot->attach_adapter(spec.adapter->create(in, out, spec.adapter_options));
-    slots_.emplace_back(path, slot);
-    return slot;
-  };
-
-  const int64_t dim = config.hidden_size, hd = config.head_dim();
-  const int64_t q_out = config.num_attention_heads * hd, kv_out = config.num_key_value_heads * hd;
+  spec.validate();
+  SlotBuilder b(config_, weights, spec_, master_dtype());
+  const bool trainable = spec.trainable_base();
   model = register_module("model", LlamaBackbone());
-  expect_shape("model.embed_tokens.weight", {config.vocab_size, dim});
   model->embed_tokens = model->register_module(
-      "embed_tokens", Embedding(weights.get("model.embed_tokens.weight", dense_dtype), full));
+      "embed_tokens",
+      Embedding(b.dense("model.embed_tokens.weight", {config.vocab_size, config.hidden_size}),
+                trainable));
   model->layers = model->register_module("layers", torch::nn::ModuleList());
-  auto norm_weight = [&](const std::string& name) {
-    expect_shape(name, {dim});
-    return weights.get(name, master_dtype());
-  };
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
-    const std::string p = layer_prefix(i);
-    // One statement per slot: argument evaluation order is unspecified, and slots must be
-    // built (and listed) in model order.
-    auto in_norm = RMSNorm(norm_weight(p + "input_layernorm.weight"), config.rms_norm_eps, full);
-    auto q = make_slot(p + "self_attn.q_proj", "q", q_out, dim, qlora);
-    auto k = make_slot(p + "self_attn.k_proj", "k", kv_out, dim, qlora);
-    auto v = make_slot(p + "self_attn.v_proj", "v", kv_out, dim, qlora);
-    auto o = make_slot(p + "self_attn.o_proj", "o", dim, q_out, qlora);
-    auto post_norm =
-        RMSNorm(norm_weight(p + "post_attention_layernorm.weight"), config.rms_norm_eps, full);
-    auto gate = make_slot(p + "mlp.gate_proj", "gate", config.intermediate_size, dim, qlora);
-    auto up = make_slot(p + "mlp.up_proj", "up", config.intermediate_size, dim, qlora);
-    auto down = make_slot(p + "mlp.down_proj", "down", dim, config.intermediate_size, qlora);
-    model->layers->push_back(
-        DecoderLayer(in_norm, Attention(config, q, k, v, o), post_norm, Mlp(gate, up, down)));
+    model->layers->push_back(b.layer(i));
     spdlog::debug("built layer {}/{}", i + 1, config.num_hidden_layers);
   }
-  model->norm = model->register_module(
-      "norm", RMSNorm(norm_weight("model.norm.weight"), config.rms_norm_eps, full));
+  model->norm = model->register_module("norm", b.norm("model.norm.weight"));
+  lm_head = register_module("lm_head", b.head(model->embed_tokens->weight));
+  slots_ = std::move(b.slots);
 
-  const bool quantize_head = qlora && !spec.quant_skip_output;
-  if (config.tie_word_embeddings && !quantize_head) {
-    // The head is the embedding matrix itself (trained through it under full).
-    lm_head = LinearSlot(model->embed_tokens->weight, full, /*shared=*/true);
-    if (!full && spec.target_modules.count("output"))
-      lm_head->attach_adapter(spec.adapter->create(dim, config.vocab_size, spec.adapter_options));
-    slots_.emplace_back("lm_head", lm_head);
-  } else if (config.tie_word_embeddings) {
-    // A quantized copy of the tied matrix: the embedding lookup keeps the dense one.
-    lm_head = LinearSlot(load_or_quantize("lm_head.weight", "model.embed_tokens.weight"));
-    if (spec.target_modules.count("output"))
-      lm_head->attach_adapter(spec.adapter->create(dim, config.vocab_size, spec.adapter_options));
-    slots_.emplace_back("lm_head", lm_head);
-  } else {
-    lm_head = make_slot("lm_head", "output", config.vocab_size, dim, quantize_head);
-  }
-  register_module("lm_head", lm_head);
-
-  const int64_t half = hd / 2;
+  const int64_t hd = config.head_dim(), half = hd / 2;
   inv_freq_ = 1.0 / torch::pow(config.rope_theta,
                                torch::arange(0, half, torch::kFloat64) * 2.0 / static_cast<double>(hd));
 }

@@ -4,9 +4,8 @@
 #include "qtune/error.h"
 
 namespace qtune {
-namespace {
 
-const char* type_name(const Json& v) {
+const char* json_type_name(const Json& v) {
   if (v.is_boolean()) return "a boolean";
   if (v.is_number_integer()) return "an integer";
   if (v.is_number()) return "a number";
@@ -15,6 +14,8 @@ const char* type_name(const Json& v) {
   if (v.is_object()) return "a mapping";
   return "null";
 }
+
+namespace {
 
 bool same_type(const Json& expected, const Json& got) {
   if (expected.is_number_float()) return got.is_number();  // 1 is a fine 1.0
@@ -43,7 +44,7 @@ Json resolve_options(const std::vector<OptionSpec>& schema, const Json& user,
                                      known.empty() ? "none" : known, ")"));
     }
     QTUNE_CHECK(same_type(spec->default_value, value), context, ".", key, " must be ",
-                type_name(spec->default_value), ", got ", value.dump());
+                json_type_name(spec->default_value), ", got ", value.dump());
     out[key] = spec->default_value.is_number_float() ? Json(value.get<double>()) : value;
   }
   return out;

@@ -7,7 +7,7 @@
 #include <sstream>
 
 #include "qtune/atomic_file.h"
-#include "qtune/checkpoint.h"
+#include "qtune/run_identity.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/safetensors.h"
@@ -30,11 +30,6 @@ std::string short_name_of(const std::string& slot_path) {
   return name.substr(0, name.size() - 5);
 }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << s;
-  return os.str();
-}
 }  // namespace
 
 std::string peft_module_name(const std::string& short_name) {

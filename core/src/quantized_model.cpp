@@ -9,7 +9,7 @@
 #include "qtune/error.h"
 #include "qtune/model_files.h"
 #include "qtune/safetensors.h"
-#include "process.h"
+#include "qtune/process.h"
 
 namespace fs = std::filesystem;
 

@@ -1,8 +1,12 @@
-// Recipe defaults, YAML loading and checked merging (see recipe.h).
+// The recipe keys, YAML loading, checked merging and the typed recipe (see recipe.h).
 #include "qtune/recipe.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
+#include <sstream>
+#include <type_traits>
 
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <yaml-cpp/yaml.h>
@@ -13,29 +17,197 @@ namespace fs = std::filesystem;
 
 namespace qtune {
 
+// ---------------------------------------------------------------------------------------------
+// The key list: every recipe key once, with its default, trainer flag, meaning and check
+
+namespace {
+
+// A check returns what is wrong with a value ("must be > 0"), or nothing.
+template <typename T>
+using Check = std::function<std::string(const T&)>;
+
+template <typename T>
+std::string show(const T& v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+template <typename T>
+Check<T> above(T lo) {
+  return [lo](const T& v) { return v > lo ? std::string() : "must be > " + show(lo); };
+}
+template <typename T>
+Check<T> at_least(T lo, const std::string& note = "") {
+  return [lo, note](const T& v) { return v >= lo ? std::string() : "must be >= " + show(lo) + note; };
+}
+// [lo, hi], or [lo, hi) when `open_top`.
+Check<double> within(double lo, double hi, bool open_top = false) {
+  return [lo, hi, open_top](const double& v) {
+    const bool ok = v >= lo && (open_top ? v < hi : v <= hi);
+    return ok ? std::string()
+              : "must be in [" + show(lo) + ", " + show(hi) + (open_top ? ")" : "]");
+  };
+}
+Check<std::string> one_of(std::vector<std::string> allowed) {
+  return [allowed](const std::string& v) {
+    if (std::find(allowed.begin(), allowed.end(), v) != allowed.end()) return std::string();
+    std::string list;
+    for (size_t i = 0; i < allowed.size(); ++i)
+      list += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ") + allowed[i];
+    return "must be " + list;
+  };
+}
+Check<std::string> not_empty() {
+  return [](const std::string& v) { return v.empty() ? std::string("must not be empty") : ""; };
+}
+
+// The declaration. `v` is called once per key with (path, member, default, flag, doc[, check]);
+// the visitors below turn that into the defaults, the typed recipe, the tree and the docs.
+template <typename V>
+void declare_keys(V& v, Recipe& r) {
+  // clang-format off
+  v("model.path", r.model.path, "stories260K.bin", "model", "HF directory (config.json + safetensors, sharded or not, or a `qtune-quantize` output) or llama2.c `.bin` (also looked up in the data folder)");
+  v("model.tokenizer", r.model.tokenizer, "", "tokenizer", "`.model` (sentencepiece) or `tok*.bin` (llama2.c); empty = the tokenizer beside the model");
+  v("train_type", r.train_type, "lora", "train_type", "`full`, `lora` or `qlora`", one_of({"full", "lora", "qlora"}));
+  v("dtype", r.dtype, "fp32", "dtype", "compute dtype `fp32` or `bf16`; trainable weights are always fp32 masters", one_of({"fp32", "float32", "bf16", "bfloat16"}));
+  v("quant.name", r.quant.name, "nf4", "quant", "quantization plugin (qlora only)");
+  v("quant.skip_output", r.quant.skip_output, false, "", "keep the output head dense under qlora");
+  v("quant.options", r.quant.options, Json::object(), "", "the plugin's options (`trainer --list-plugins`; docs per plugin)");
+  v("adapter.name", r.adapter.name, "lora", "adapter", "adapter plugin (lora and qlora)");
+  v("adapter.target_modules", r.adapter.target_modules, std::vector<std::string>{"q", "k", "v", "o", "gate", "up", "down"}, "", "any of q, k, v, o, gate, up, down, output (HF names like `q_proj`, `lm_head` work too), or `all-linear`; a list, or one name");
+  v("adapter.options", r.adapter.options, Json::object(), "", "lora: `rank` 8, `alpha` 16.0, `dropout` 0.0, `use_rslora` false, `init` kaiming or gaussian");
+  v("data.path", r.data.path, "tinyshakespeare.txt", "data", "training file (also looked up in the data folder)");
+  v("data.format", r.data.format, "auto", "data_format", "`text` (documents split at blank lines, packed into blocks), `alpaca` (JSON array or JSONL with instruction/input/output; loss on the response only) or `auto`", one_of({"auto", "text", "alpaca"}));
+  v("data.val_path", r.data.val_path, "", "val_data", "validation file; else `data.val_fraction` of the documents is held out");
+  v("data.val_fraction", r.data.val_fraction, 0.05, "", "held-out fraction (documents chosen by seed)");
+  v("data.seq_len", r.data.seq_len, int64_t{256}, "seq_len", "tokens per sequence", above<int64_t>(0));
+  v("train.max_steps", r.train.max_steps, int64_t{300}, "max_steps", "optimizer steps", above<int64_t>(0));
+  v("train.batch_size", r.train.batch_size, int64_t{16}, "batch_size", "sequences per micro-batch", above<int64_t>(0));
+  v("train.grad_accum", r.train.grad_accum, int64_t{1}, "", "micro-batches per optimizer step", above<int64_t>(0));
+  v("train.lr", r.train.lr, 0.003, "lr", "peak learning rate", above(0.0));
+  v("train.weight_decay", r.train.weight_decay, 0.0, "", "AdamW decoupled weight decay", at_least(0.0));
+  v("train.beta1", r.train.beta1, 0.9, "", "AdamW beta1", within(0, 1, true));
+  v("train.beta2", r.train.beta2, 0.999, "", "AdamW beta2", within(0, 1, true));
+  v("train.eps", r.train.eps, 1e-8, "", "AdamW epsilon", above(0.0));
+  v("train.warmup_steps", r.train.warmup_steps, int64_t{20}, "", "linear warmup", at_least<int64_t>(0));
+  v("train.min_lr_ratio", r.train.min_lr_ratio, 0.1, "", "cosine decays to `lr * min_lr_ratio` at `max_steps`", within(0, 1));
+  v("train.max_grad_norm", r.train.max_grad_norm, 1.0, "", "gradient clipping (0 = off)", at_least(0.0, " (0 = no clipping)"));
+  v("train.activation_checkpointing", r.train.activation_checkpointing, false, "", "recompute each decoder layer in backward");
+  v("eval.every", r.eval.every, int64_t{50}, "eval_every", "evaluate every N steps (0 = only at the start and end)", at_least<int64_t>(0));
+  v("eval.max_batches", r.eval.max_batches, int64_t{16}, "", "cap on validation batches per evaluation", above<int64_t>(0));
+  v("checkpoint.every", r.checkpoint.every, int64_t{0}, "", "save a checkpoint every N steps (0 = only at the end and when stopped)", at_least<int64_t>(0));
+  v("checkpoint.keep", r.checkpoint.keep, int64_t{2}, "", "checkpoints kept", at_least<int64_t>(1));
+  v("log_every", r.log_every, int64_t{10}, "", "log line interval when stderr is not a terminal", above<int64_t>(0));
+  v("seed", r.seed, uint64_t{42}, "seed", "data split, shuffling, adapter init, dropout");
+  v("threads", r.threads, int64_t{0}, "threads", "intra-op threads (0 = all cores)", at_least<int64_t>(0, " (0 = all cores)"));
+  v("output_dir", r.output_dir, "runs/default", "output_dir", "metrics, summary, checkpoints, adapter / model", not_empty());
+  v("plugin_dir", r.plugin_dir, "", "plugin_dir", "searched before `QTUNE_PLUGIN_PATH` and the install's plugin folder");
+  v("resume", r.resume, "", "resume", "checkpoint directory or `latest`");
+  // clang-format on
+}
+
+// The node at a dotted path of a tree (created when absent).
+Json& at_path(Json& tree, const std::string& path) {
+  Json* node = &tree;
+  size_t start = 0;
+  while (true) {
+    const size_t dot = path.find('.', start);
+    node = &(*node)[path.substr(start, dot - start)];
+    if (dot == std::string::npos) return *node;
+    start = dot + 1;
+  }
+}
+
+struct CollectKeys {
+  std::vector<RecipeKey> keys;
+  template <typename T, typename D, typename... C>
+  void operator()(const char* path, T&, const D& def, const char* flag, const char* doc,
+                  const C&...) {
+    keys.push_back({path, Json(T(def)), flag, doc});
+  }
+};
+
+struct ReadKeys {
+  const Json& tree;
+  template <typename T, typename D>
+  void operator()(const char* path, T& member, const D&, const char*, const char*,
+                  const Check<T>& check = {}) {
+    const Json* node = &tree;
+    std::string rest = path;
+    for (size_t dot; (dot = rest.find('.')) != std::string::npos; rest = rest.substr(dot + 1))
+      node = &node->at(rest.substr(0, dot));
+    const Json& value = node->at(rest);
+    if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      for (const auto& m : value)
+        QTUNE_CHECK(m.is_string(), path, " must be a list of names, got ", m.dump());
+    }
+    member = value.get<T>();
+    if (check) {
+      const std::string err = check(member);
+      QTUNE_CHECK(err.empty(), path, " ", err, ", got ", value.dump());
+    }
+  }
+};
+
+struct WriteKeys {
+  Json tree = Json::object();
+  template <typename T, typename D, typename... C>
+  void operator()(const char* path, T& member, const D&, const char*, const char*, const C&...) {
+    at_path(tree, path) = member;
+  }
+};
+
+}  // namespace
+
+std::string RecipeKey::type() const {
+  if (default_value.is_boolean()) return "boolean";
+  if (default_value.is_number_integer()) return "integer";
+  if (default_value.is_number()) return "number";
+  if (default_value.is_string()) return "string";
+  if (default_value.is_array()) return "list";
+  return "mapping";
+}
+
+const std::vector<RecipeKey>& recipe_keys() {
+  static const std::vector<RecipeKey> keys = [] {
+    CollectKeys c;
+    Recipe r;
+    declare_keys(c, r);
+    return c.keys;
+  }();
+  return keys;
+}
+
 Json recipe_defaults() {
-  return Json::parse(R"({
-    "model": {"path": "stories260K.bin", "tokenizer": ""},
-    "train_type": "lora",
-    "dtype": "fp32",
-    "quant": {"name": "nf4", "skip_output": false, "options": {}},
-    "adapter": {"name": "lora", "target_modules": ["q", "k", "v", "o", "gate", "up", "down"],
-                "options": {}},
-    "data": {"path": "tinyshakespeare.txt", "format": "auto", "val_path": "",
-             "val_fraction": 0.05, "seq_len": 256},
-    "train": {"max_steps": 300, "batch_size": 16, "grad_accum": 1, "lr": 0.003,
-              "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-              "warmup_steps": 20, "min_lr_ratio": 0.1, "max_grad_norm": 1.0,
-              "activation_checkpointing": false},
-    "eval": {"every": 50, "max_batches": 16},
-    "checkpoint": {"every": 0, "keep": 2},
-    "log_every": 10,
-    "seed": 42,
-    "threads": 0,
-    "output_dir": "runs/default",
-    "plugin_dir": "",
-    "resume": ""
-  })");
+  Json tree = Json::object();
+  for (const auto& k : recipe_keys()) at_path(tree, k.path) = k.default_value;
+  return tree;
+}
+
+std::string recipe_keys_markdown() {
+  std::string md = "| key | type | default | flag | meaning |\n| --- | --- | --- | --- | --- |\n";
+  for (const auto& k : recipe_keys())
+    md += "| `" + k.path + "` | " + k.type() + " | `" + k.default_value.dump() + "` | " +
+          (k.flag.empty() ? "" : "`--" + k.flag + "`") + " | " + k.doc + " |\n";
+  return md;
+}
+
+Recipe Recipe::from_json(const Json& tree) {
+  Recipe r;
+  ReadKeys read{tree};
+  declare_keys(read, r);
+  // Checks that involve more than one key.
+  QTUNE_CHECK(!r.data.val_path.empty() || (r.data.val_fraction > 0 && r.data.val_fraction < 1),
+              "data.val_fraction must be in (0, 1) when data.val_path is empty, got ",
+              r.data.val_fraction);
+  return r;
+}
+
+Json Recipe::to_json() const {
+  WriteKeys w;
+  Recipe copy = *this;
+  declare_keys(w, copy);
+  return w.tree;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,16 +257,6 @@ Json node_to_json(const YAML::Node& n) {
   return nullptr;
 }
 
-const char* type_name(const Json& v) {
-  if (v.is_boolean()) return "a boolean";
-  if (v.is_number_integer()) return "an integer";
-  if (v.is_number()) return "a number";
-  if (v.is_string()) return "a string";
-  if (v.is_array()) return "a list";
-  if (v.is_object()) return "a mapping";
-  return "null";
-}
-
 bool compatible(const Json& expected, const Json& got) {
   if (expected.is_number_float()) return got.is_number();
   if (expected.is_number_integer()) return got.is_number_integer();
@@ -124,7 +286,11 @@ void merge_checked(Json& dst, const Json& schema, const Json& src, const std::st
       merge_checked(dst[key], expected, value, full, origin);
       continue;
     }
-    QTUNE_CHECK(compatible(expected, value), origin, ": ", full, " must be ", type_name(expected),
+    if (expected.is_array() && value.is_string()) {  // one name where a list is expected
+      dst[key] = Json::array({value});
+      continue;
+    }
+    QTUNE_CHECK(compatible(expected, value), origin, ": ", full, " must be ", json_type_name(expected),
                 ", got ", value.dump());
     dst[key] = expected.is_number_float() ? Json(value.get<double>()) : value;
   }
@@ -189,41 +355,7 @@ void apply_override(Json& recipe, const std::string& assignment) {
   merge_recipe(recipe, overlay, "override '" + assignment + "'");
 }
 
-void validate_recipe(const Json& r) {
-  auto positive = [&](const Json& v, const std::string& key) {
-    QTUNE_CHECK(v.get<double>() > 0, key, " must be > 0, got ", v.dump());
-  };
-  const auto& t = r.at("train");
-  positive(t.at("max_steps"), "train.max_steps");
-  positive(t.at("batch_size"), "train.batch_size");
-  positive(t.at("grad_accum"), "train.grad_accum");
-  positive(t.at("lr"), "train.lr");
-  positive(r.at("data").at("seq_len"), "data.seq_len");
-  QTUNE_CHECK(t.at("warmup_steps").get<int64_t>() >= 0, "train.warmup_steps must be >= 0, got ",
-              t.at("warmup_steps").dump());
-  const double mlr = t.at("min_lr_ratio").get<double>();
-  QTUNE_CHECK(mlr >= 0 && mlr <= 1, "train.min_lr_ratio must be in [0, 1], got ", mlr);
-  QTUNE_CHECK(t.at("max_grad_norm").get<double>() >= 0,
-              "train.max_grad_norm must be >= 0 (0 = no clipping), got ", t.at("max_grad_norm").dump());
-  QTUNE_CHECK(t.at("weight_decay").get<double>() >= 0, "train.weight_decay must be >= 0, got ",
-              t.at("weight_decay").dump());
-  const double vf = r.at("data").at("val_fraction").get<double>();
-  QTUNE_CHECK(!r.at("data").at("val_path").get<std::string>().empty() || (vf > 0 && vf < 1),
-              "data.val_fraction must be in (0, 1) when data.val_path is empty, got ", vf);
-  const auto fmt = r.at("data").at("format").get<std::string>();
-  QTUNE_CHECK(fmt == "auto" || fmt == "text" || fmt == "alpaca",
-              "data.format must be auto, text or alpaca, got '", fmt, "'");
-  QTUNE_CHECK(r.at("eval").at("every").get<int64_t>() >= 0, "eval.every must be >= 0, got ",
-              r.at("eval").at("every").dump());
-  QTUNE_CHECK(r.at("eval").at("max_batches").get<int64_t>() > 0, "eval.max_batches must be > 0");
-  QTUNE_CHECK(r.at("checkpoint").at("every").get<int64_t>() >= 0, "checkpoint.every must be >= 0");
-  QTUNE_CHECK(r.at("checkpoint").at("keep").get<int64_t>() >= 1, "checkpoint.keep must be >= 1");
-  QTUNE_CHECK(r.at("threads").get<int64_t>() >= 0, "threads must be >= 0 (0 = all cores)");
-  QTUNE_CHECK(r.at("log_every").get<int64_t>() > 0, "log_every must be > 0");
-  QTUNE_CHECK(!r.at("output_dir").get<std::string>().empty(), "output_dir must not be empty");
-  for (const auto& m : r.at("adapter").at("target_modules"))
-    QTUNE_CHECK(m.is_string(), "adapter.target_modules must be a list of names, got ", m.dump());
-}
+void validate_recipe(const Json& recipe) { Recipe::from_json(recipe); }
 
 std::string resolve_data_path(const std::string& path, const std::string& key) {
   QTUNE_CHECK(!path.empty(), key, " is empty");

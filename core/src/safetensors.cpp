@@ -141,17 +141,75 @@ SafetensorsFile::~SafetensorsFile() = default;
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // Reads a non-negative JSON integer that fits in uint64; `what` names it in the message.
 uint64_t json_uint(const nlohmann::json& v, const std::string& where) {
   QTUNE_CHECK(v.is_number_integer() && (v.is_number_unsigned() || v.get<int64_t>() >= 0), where,
               " must be a non-negative integer, got ", v.dump());
   return v.get<uint64_t>();
+}
+
+// One header entry {dtype, shape, data_offsets}, checked against itself and the buffer size.
+SafetensorsTensorInfo parse_tensor_entry(const std::string& path, const std::string& key,
+                                         const nlohmann::json& v, uint64_t buffer_size) {
+  const std::string where = path + ": tensor \"" + key + "\"";
+  QTUNE_CHECK(v.is_object(), where, " must be an object {dtype, shape, data_offsets}, got ",
+              v.type_name());
+  SafetensorsTensorInfo info;
+  QTUNE_CHECK(v.contains("dtype") && v["dtype"].is_string(), where,
+              ": \"dtype\" must be a string such as \"F32\"");
+  info.dtype = v["dtype"].get<std::string>();
+  const int64_t itemsize = safetensors_itemsize(info.dtype);
+  QTUNE_CHECK(itemsize > 0, where, ": unknown dtype \"", info.dtype,
+              "\" (expected one of F64 F32 F16 BF16 F8_E4M3 F8_E5M2 I64 I32 I16 I8 U64 U32 "
+              "U16 U8 BOOL)");
+
+  QTUNE_CHECK(v.contains("shape") && v["shape"].is_array(), where,
+              ": \"shape\" must be an array of non-negative integers");
+  uint64_t numel = 1;
+  bool overflow = false;
+  for (size_t d = 0; d < v["shape"].size(); ++d) {
+    uint64_t dim = json_uint(v["shape"][d], where + ": shape[" + std::to_string(d) + "]");
+    QTUNE_CHECK(dim <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where,
+                ": shape[", d, "] = ", dim, " is too large");
+    info.shape.push_back(static_cast<int64_t>(dim));
+    if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim) overflow = true;
+    numel *= dim;
+  }
+  QTUNE_CHECK(
+      v.contains("data_offsets") && v["data_offsets"].is_array() && v["data_offsets"].size() == 2,
+      where, ": \"data_offsets\" must be an array [begin, end]");
+  info.data_begin = json_uint(v["data_offsets"][0], where + ": data_offsets[0]");
+  info.data_end = json_uint(v["data_offsets"][1], where + ": data_offsets[1]");
+  QTUNE_CHECK(info.data_begin <= info.data_end, where, ": data_offsets [", info.data_begin, ", ",
+              info.data_end, "] has begin > end");
+  QTUNE_CHECK(info.data_end <= buffer_size, where, ": data_offsets [", info.data_begin, ", ",
+              info.data_end, "] out of bounds: the data buffer is ", buffer_size, " bytes");
+  const uint64_t item = static_cast<uint64_t>(itemsize);
+  QTUNE_CHECK(!overflow && numel <= std::numeric_limits<uint64_t>::max() / item, where,
+              ": shape ", shape_str(info.shape), " is too large");
+  QTUNE_CHECK(info.nbytes() == numel * item, where, ": data_offsets [", info.data_begin, ", ",
+              info.data_end, "] hold ", info.nbytes(), " bytes but dtype ", info.dtype,
+              " with shape ", shape_str(info.shape), " needs ", numel * item, " bytes");
+  return info;
+}
+
+// Tensors must not share bytes. Gaps between tensors (and trailing bytes) are accepted: some
+// writers align tensors, and nothing is lost by skipping unused bytes. HF's Rust reader is
+// stricter there.
+void check_disjoint(const std::string& path,
+                    const std::map<std::string, SafetensorsTensorInfo>& infos) {
+  std::vector<std::pair<uint64_t, const std::string*>> starts;
+  for (const auto& kv : infos)
+    if (kv.second.nbytes() > 0) starts.emplace_back(kv.second.data_begin, &kv.first);
+  std::sort(starts.begin(), starts.end());
+  for (size_t i = 1; i < starts.size(); ++i) {
+    const auto& prev = infos.at(*starts[i - 1].second);
+    const auto& cur = infos.at(*starts[i].second);
+    QTUNE_CHECK(cur.data_begin >= prev.data_end, "safetensors file ", path, ": tensor \"",
+                *starts[i].second, "\" bytes [", cur.data_begin, ", ", cur.data_end,
+                ") overlap tensor \"", *starts[i - 1].second, "\" bytes [", prev.data_begin, ", ",
+                prev.data_end, "); expected disjoint data_offsets");
+  }
 }
 
 }  // namespace
@@ -216,62 +274,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
       }
       continue;
     }
-    const std::string where = path + ": tensor \"" + key + "\"";
-    QTUNE_CHECK(v.is_object(), where, " must be an object {dtype, shape, data_offsets}, got ",
-                v.type_name());
-    SafetensorsTensorInfo info;
-    QTUNE_CHECK(v.contains("dtype") && v["dtype"].is_string(), where,
-                ": \"dtype\" must be a string such as \"F32\"");
-    info.dtype = v["dtype"].get<std::string>();
-    const int64_t itemsize = safetensors_itemsize(info.dtype);
-    QTUNE_CHECK(itemsize > 0, where, ": unknown dtype \"", info.dtype,
-                "\" (expected one of F64 F32 F16 BF16 F8_E4M3 F8_E5M2 I64 I32 I16 I8 U64 U32 "
-                "U16 U8 BOOL)");
-
-    QTUNE_CHECK(v.contains("shape") && v["shape"].is_array(), where,
-                ": \"shape\" must be an array of non-negative integers");
-    uint64_t numel = 1;
-    bool overflow = false;
-    for (size_t d = 0; d < v["shape"].size(); ++d) {
-      uint64_t dim = json_uint(v["shape"][d], where + ": shape[" + std::to_string(d) + "]");
-      QTUNE_CHECK(dim <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), where,
-                  ": shape[", d, "] = ", dim, " is too large");
-      info.shape.push_back(static_cast<int64_t>(dim));
-      if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim) overflow = true;
-      numel *= dim;
-    }
-    QTUNE_CHECK(
-        v.contains("data_offsets") && v["data_offsets"].is_array() && v["data_offsets"].size() == 2,
-        where, ": \"data_offsets\" must be an array [begin, end]");
-    info.data_begin = json_uint(v["data_offsets"][0], where + ": data_offsets[0]");
-    info.data_end = json_uint(v["data_offsets"][1], where + ": data_offsets[1]");
-    QTUNE_CHECK(info.data_begin <= info.data_end, where, ": data_offsets [", info.data_begin, ", ",
-                info.data_end, "] has begin > end");
-    QTUNE_CHECK(info.data_end <= buffer_size, where, ": data_offsets [", info.data_begin, ", ",
-                info.data_end, "] out of bounds: the data buffer is ", buffer_size, " bytes");
-    const uint64_t item = static_cast<uint64_t>(itemsize);
-    QTUNE_CHECK(!overflow && numel <= std::numeric_limits<uint64_t>::max() / item, where,
-                ": shape ", shape_str(info.shape), " is too large");
-    QTUNE_CHECK(info.nbytes() == numel * item, where, ": data_offsets [", info.data_begin, ", ",
-                info.data_end, "] hold ", info.nbytes(), " bytes but dtype ", info.dtype,
-                " with shape ", shape_str(info.shape), " needs ", numel * item, " bytes");
-    f->infos_.emplace(key, std::move(info));
+    f->infos_.emplace(key, parse_tensor_entry(path, key, v, buffer_size));
   }
 
-  // Overlap check. Gaps between tensors (and trailing bytes) are accepted: some writers align
-  // tensors, and nothing is lost by skipping unused bytes. HF's Rust reader is stricter there.
-  std::vector<std::pair<uint64_t, const std::string*>> starts;
-  for (const auto& kv : f->infos_)
-    if (kv.second.nbytes() > 0) starts.emplace_back(kv.second.data_begin, &kv.first);
-  std::sort(starts.begin(), starts.end());
-  for (size_t i = 1; i < starts.size(); ++i) {
-    const auto& prev = f->infos_.at(*starts[i - 1].second);
-    const auto& cur = f->infos_.at(*starts[i].second);
-    QTUNE_CHECK(cur.data_begin >= prev.data_end, "safetensors file ", path, ": tensor \"",
-                *starts[i].second, "\" bytes [", cur.data_begin, ", ", cur.data_end,
-                ") overlap tensor \"", *starts[i - 1].second, "\" bytes [", prev.data_begin, ", ",
-                prev.data_end, "); expected disjoint data_offsets");
-  }
+  check_disjoint(path, f->infos_);
   return f;
 }
 

@@ -14,11 +14,13 @@
 
 #include "qtune/atomic_file.h"
 #include "qtune/checkpoint.h"
+#include "qtune/run_identity.h"
 #include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
+#include "qtune/process.h"
 #include "qtune/recipe.h"
 #include "qtune/tokenizer.h"
 
@@ -32,18 +34,6 @@ std::atomic<bool> g_stop{false};
 
 void Trainer::request_stop() { g_stop.store(true); }
 
-int64_t peak_rss_bytes() {
-  // VmHWM belongs to this process image. getrusage's ru_maxrss survives exec on Linux, so a
-  // trainer started by a large process (a benchmark driver, a notebook) would report its
-  // parent's peak; it is only the fallback where /proc is missing.
-  std::ifstream in("/proc/self/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;  // kB
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB
-}
-
 double lr_at(int64_t step, int64_t total, int64_t warmup, double lr, double min_ratio) {
   if (warmup > 0 && step <= warmup) return lr * static_cast<double>(step) / warmup;
   if (total <= warmup) return lr;
@@ -55,42 +45,23 @@ double lr_at(int64_t step, int64_t total, int64_t warmup, double lr, double min_
 // ---------------------------------------------------------------------------------------------
 // Resolving a recipe
 
-ResolvedRecipe resolve_recipe(const Json& recipe, const Registry& registry) {
-  validate_recipe(recipe);
+ResolvedRecipe resolve_recipe(const Json& tree, const Registry& registry) {
   ResolvedRecipe r;
-  r.recipe = recipe;
-  r.spec.train_type = parse_train_type(recipe.at("train_type").get<std::string>());
-  r.spec.dtype = parse_dtype(recipe.at("dtype").get<std::string>(), "dtype");
-
-  r.model_path = resolve_data_path(recipe["model"]["path"].get<std::string>(), "model.path");
-  const std::string tok = recipe["model"]["tokenizer"].get<std::string>();
-  if (!tok.empty()) r.tokenizer_path = resolve_data_path(tok, "model.tokenizer");
-  r.data_path = resolve_data_path(recipe["data"]["path"].get<std::string>(), "data.path");
-  const std::string val = recipe["data"]["val_path"].get<std::string>();
-  if (!val.empty()) r.val_path = resolve_data_path(val, "data.val_path");
-
-  if (r.spec.train_type == TrainType::kQlora) {
-    r.spec.quant = registry.quant(recipe["quant"]["name"].get<std::string>());
-    r.spec.quant_options =
-        resolve_options(r.spec.quant->option_schema(), recipe["quant"]["options"], "quant.options");
-    r.spec.quant_skip_output = recipe["quant"]["skip_output"].get<bool>();
-    r.recipe["quant"]["options"] = r.spec.quant_options;
-  }
-  if (r.spec.train_type != TrainType::kFull) {
-    r.spec.adapter = registry.adapter(recipe["adapter"]["name"].get<std::string>());
-    r.spec.adapter_options = resolve_options(r.spec.adapter->option_schema(),
-                                             recipe["adapter"]["options"], "adapter.options");
-    r.recipe["adapter"]["options"] = r.spec.adapter_options;
-    r.spec.target_modules =
-        parse_target_modules(recipe["adapter"]["target_modules"].get<std::vector<std::string>>(),
-                             "adapter.target_modules");
-  }
+  r.recipe = Recipe::from_json(tree);
+  Recipe& rc = r.recipe;
+  r.model_path = resolve_data_path(rc.model.path, "model.path");
+  if (!rc.model.tokenizer.empty()) r.tokenizer_path = resolve_data_path(rc.model.tokenizer, "model.tokenizer");
+  r.data_path = resolve_data_path(rc.data.path, "data.path");
+  if (!rc.data.val_path.empty()) r.val_path = resolve_data_path(rc.data.val_path, "data.val_path");
+  r.spec = TuningSpec::for_training(parse_train_type(rc.train_type), parse_dtype(rc.dtype),
+                                    registry, rc.quant.name, rc.quant.options,
+                                    rc.quant.skip_output, rc.adapter.name, rc.adapter.options,
+                                    rc.adapter.target_modules);
+  // The tree records the options in force, defaults included.
+  if (r.spec.quantized_base()) rc.quant.options = r.spec.base.quant_options;
+  if (r.spec.adapter.present()) rc.adapter.options = r.spec.adapter.options;
+  r.tree = rc.to_json();
   return r;
-}
-
-LlamaForCausalLM build_model(const ResolvedRecipe& r) {
-  ModelFiles files = open_model(r.model_path);
-  return LlamaForCausalLM(files.config, *files.weights, r.spec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -140,7 +111,7 @@ struct EvalResult {
   int64_t tokens = 0;
 };
 
-EvalResult evaluate(LlamaForCausalLMImpl& model, const TokenDataset& data, int64_t batch_size,
+EvalResult evaluate_loss(LlamaForCausalLMImpl& model, const TokenDataset& data, int64_t batch_size,
                     int64_t max_batches) {
   torch::NoGradGuard no_grad;
   const bool was_training = model.is_training();
@@ -217,306 +188,343 @@ double null_to_nan(const Json& j, const char* key) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// The loop
+// The run, step by step
 
-Trainer::Trainer(ResolvedRecipe recipe) : r_(std::move(recipe)) {}
-
-bool Trainer::stop_requested() { return g_stop.load(); }
-
-Json Trainer::run() {
+struct Trainer::Run {
   using clock = std::chrono::steady_clock;
-  const Json& rc = r_.recipe;
-  const auto& t = rc["train"];
-  g_stop.store(false);
-
-  const int64_t threads = rc["threads"].get<int64_t>();
-  at::set_num_threads(threads > 0
-                          ? static_cast<int>(threads)
-                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  const uint64_t seed = rc["seed"].get<uint64_t>();
-  torch::manual_seed(seed);
-
-  const std::string out_dir = rc["output_dir"].get<std::string>();
-  const std::string ckpt_root = (fs::path(out_dir) / "checkpoints").string();
-  const int64_t max_steps = t["max_steps"].get<int64_t>();
-
-  // A checkpoint to resume from is read (and its format checked) before anything is loaded.
-  const std::string resume_spec = rc["resume"].get<std::string>();
+  std::string out_dir, ckpt_root, tok_path;
+  ModelConfig config;
+  Json identity;
+  DataSplits data;
+  LlamaForCausalLM model{nullptr};
+  std::vector<torch::Tensor> params;
+  std::unique_ptr<torch::optim::AdamW> opt;
+  std::unique_ptr<DataLoader> loader;
+  std::ofstream metrics;
+  double load_s = 0;
+  // Resume
   std::string resume_dir;
   CheckpointState resumed;
-  if (!resume_spec.empty()) {
-    resume_dir = resolve_checkpoint(resume_spec, ckpt_root);
-    resumed = read_checkpoint_state(resume_dir);
-    QTUNE_CHECK(resumed.step < max_steps, "resume: checkpoint ", resume_dir, " is at step ",
-                resumed.step, ", which already reaches train.max_steps ", max_steps,
-                "; raise --max_steps to train further");
-    for (const auto& change : recipe_changes(resumed.recipe, rc))
-      spdlog::warn("resume: recipe changed since the checkpoint: {}", change);
-  }
-
-  std::error_code ec;
-  fs::create_directories(out_dir, ec);
-  QTUNE_CHECK(!ec, "output_dir: cannot create ", out_dir, ": ", ec.message());
-  atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
-
-  // Model first (it may name its own tokenizer), then data.
-  const auto t_load = clock::now();
-  ModelFiles files = open_model(r_.model_path);
-  std::string tok_path = r_.tokenizer_path.empty() ? files.tokenizer_path : r_.tokenizer_path;
-  QTUNE_CHECK(!tok_path.empty(), "model.tokenizer: ", r_.model_path,
-              " has no tokenizer beside it; set model.tokenizer (--tokenizer)");
-  auto tokenizer = load_tokenizer(tok_path);
-  QTUNE_CHECK(tokenizer->vocab_size() <= files.config.vocab_size, "model.tokenizer: ", tok_path,
-              " has ", tokenizer->vocab_size(), " tokens but the model's vocabulary is ",
-              files.config.vocab_size);
-  if (r_.spec.train_type == TrainType::kQlora) {
-    // A qtune-quantize directory is used as it was quantized: its options are the run's.
-    const Json pq = prequantized_options(*files.weights);
-    if (!pq.is_null()) {
-      QTUNE_CHECK(pq["backend"] == r_.spec.quant->name(), "quant.name: ", r_.model_path,
-                  " is quantized with ", pq["backend"].dump(), ", but quant.name is \"",
-                  r_.spec.quant->name(), "\"");
-      const Json opts =
-          resolve_options(r_.spec.quant->option_schema(), pq["options"], r_.model_path);
-      if (opts != r_.spec.quant_options) {
-        spdlog::info("quant: {} was quantized with options {}; those apply (not {})", r_.model_path,
-                     opts.dump(), r_.spec.quant_options.dump());
-        r_.spec.quant_options = opts;
-        r_.recipe["quant"]["options"] = opts;
-        atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
-      }
-    }
-  }
-  // What checkpoints and adapters are only valid with; a resumed run must match it.
-  const Json identity =
-      run_identity(r_.spec, base_identity(r_.model_path, files.config, *files.weights));
-  if (!resume_dir.empty())
-    check_run_identity(resumed.identity, identity, "cannot resume from " + resume_dir);
-
-  DataConfig dc;
-  dc.path = r_.data_path;
-  dc.format = rc["data"]["format"].get<std::string>();
-  dc.val_path = r_.val_path;
-  dc.val_fraction = r_.val_path.empty() ? rc["data"]["val_fraction"].get<double>() : 0.0;
-  dc.seq_len = rc["data"]["seq_len"].get<int64_t>();
-  dc.seed = seed;
-  DataSplits data = load_data(dc, *tokenizer);
-  spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", data.train->size(),
-               data.train->stats().tokens, dc.path, data.val ? data.val->size() : 0);
-
-  LlamaForCausalLM model(files.config, *files.weights, r_.spec);
-  files.weights.reset();  // drop the mapping: everything the model needs is now its own
-  model->set_activation_checkpointing(t["activation_checkpointing"].get<bool>());
-  model->train();
-  const double load_s = std::chrono::duration<double>(clock::now() - t_load).count();
-
-  auto named = model->trainable_parameters();
-  QTUNE_CHECK(!named.empty(),
-              "nothing to train: no trainable parameter (check adapter.target_modules)");
-  std::vector<torch::Tensor> params;
-  for (auto& [_, p] : named) params.push_back(p);
-  const int64_t trainable = model->num_trainable_parameters();
-  spdlog::info(
-      "model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
-      "built in {:.2f}s",
-      r_.model_path, to_string(r_.spec.train_type), trainable, model->num_total_parameters(),
-      model->linear_weight_bytes() / 1e6, load_s);
-
-  const double lr = t["lr"].get<double>();
-  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(lr)
-                                      .betas({t["beta1"].get<double>(), t["beta2"].get<double>()})
-                                      .eps(t["eps"].get<double>())
-                                      .weight_decay(t["weight_decay"].get<double>()));
-
-  const int64_t batch_size = t["batch_size"].get<int64_t>();
-  const int64_t accum = t["grad_accum"].get<int64_t>();
-  const int64_t warmup = t["warmup_steps"].get<int64_t>();
-  const double min_ratio = t["min_lr_ratio"].get<double>();
-  const double max_norm = t["max_grad_norm"].get<double>();
-  const int64_t eval_every = rc["eval"]["every"].get<int64_t>();
-  const int64_t eval_batches = rc["eval"]["max_batches"].get<int64_t>();
-  const int64_t log_every = rc["log_every"].get<int64_t>();
-  const int64_t ckpt_every = rc["checkpoint"]["every"].get<int64_t>();
-  const int64_t ckpt_keep = rc["checkpoint"]["keep"].get<int64_t>();
-  DataLoader loader(data.train, batch_size, seed, /*shuffle=*/true, /*drop_last=*/true);
-
-  // Progress carried over from earlier sessions of this run.
-  int64_t start_step = 0, tokens_seen = 0;
-  double prior_train_s = 0;
+  // Progress, carried over from earlier sessions of this run
+  int64_t start_step = 0, tokens_seen = 0, session_tokens = 0;
+  double prior_train_s = 0, last_loss = NAN;
   double first_val = NAN, last_val = NAN, best_val = NAN;
-  if (!resume_dir.empty()) {
-    load_checkpoint_tensors(resume_dir, resumed, *model, opt);
-    loader.restore(LoaderState::from_json(resumed.loader));
-    // Last: building the model drew adapter initialisations from this generator.
-    restore_rng_state(resumed.rng);
-    start_step = resumed.step;
-    const Json& p = resumed.progress;
-    tokens_seen = p.value("tokens", int64_t{0});
-    prior_train_s = p.value("train_seconds", 0.0);
-    first_val = null_to_nan(p, "first_val_loss");
-    best_val = null_to_nan(p, "best_val_loss");
-    last_val = null_to_nan(p, "last_val_loss");
-    spdlog::info("resumed from {} at step {}/{}", resume_dir, start_step, max_steps);
-  }
-
-  const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
-  if (!resume_dir.empty()) trim_metrics(metrics_path, start_step);
-  std::ofstream metrics(metrics_path, resume_dir.empty() ? std::ios::trunc : std::ios::app);
-  QTUNE_CHECK(metrics.good(), "output_dir: cannot write ", out_dir, "/metrics.jsonl");
-  auto emit = [&](const Json& j) {
-    metrics << j.dump() << "\n";
-    metrics.flush();
-    if (on_metrics) on_metrics(j);
-  };
-
-  auto run_eval = [&](int64_t step) {
-    if (!data.val) return;
-    auto e = evaluate(*model, *data.val, batch_size, eval_batches);
-    if (std::isnan(first_val)) first_val = e.loss;
-    last_val = e.loss;
-    if (std::isnan(best_val) || e.loss < best_val) best_val = e.loss;
-    emit({{"type", "eval"},
-          {"step", step},
-          {"val_loss", e.loss},
-          {"val_ppl", std::exp(e.loss)},
-          {"val_tokens", e.tokens}});
-    spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
-  };
-
-  const auto t_train = clock::now();
-  auto train_seconds = [&] {
-    return prior_train_s + std::chrono::duration<double>(clock::now() - t_train).count();
-  };
+  clock::time_point t_train;
+  // Checkpoints of this session
   std::string last_checkpoint;
   int64_t checkpoints_saved = 0, checkpoint_bytes = 0;
   double checkpoint_seconds = 0;
-  auto checkpoint = [&](int64_t step) {
-    const auto t0 = clock::now();
-    CheckpointState st;
-    st.step = step;
-    st.loader = loader.state().to_json();
-    st.rng = capture_rng_state();
-    st.progress = {{"tokens", tokens_seen},
-                   {"train_seconds", train_seconds()},
-                   {"first_val_loss", nan_to_null(first_val)},
-                   {"best_val_loss", nan_to_null(best_val)},
-                   {"last_val_loss", nan_to_null(last_val)}};
-    st.recipe = rc;
-    st.identity = identity;
-    st.tokenizer = tok_path;
-    last_checkpoint = save_checkpoint(ckpt_root, *model, opt, st, ckpt_keep, r_.model_path);
-    const double s = std::chrono::duration<double>(clock::now() - t0).count();
-    const int64_t bytes = directory_bytes(last_checkpoint);
-    ++checkpoints_saved;
-    checkpoint_seconds += s;
-    checkpoint_bytes = bytes;
-    spdlog::info("step {}: checkpoint {} ({:.2f} MB, {:.3f}s)", step, last_checkpoint, bytes / 1e6,
-                 s);
-  };
 
-  if (resume_dir.empty()) run_eval(0);
+  double train_seconds() const {
+    return prior_train_s + std::chrono::duration<double>(clock::now() - t_train).count();
+  }
+};
+
+Trainer::Trainer(ResolvedRecipe recipe) : r_(std::move(recipe)) {}
+Trainer::~Trainer() = default;
+
+bool Trainer::stop_requested() { return g_stop.load(); }
+
+void Trainer::emit(const Json& j) {
+  run_->metrics << j.dump() << "\n";
+  run_->metrics.flush();
+  if (on_metrics) on_metrics(j);
+}
+
+namespace {
+
+// A qtune-quantize directory is used as it was quantized: its options are the run's.
+void adopt_prequantized(ResolvedRecipe& r, const WeightSource& weights) {
+  const Json pq = prequantized_options(weights);
+  if (pq.is_null()) return;
+  BaseSpec& base = r.spec.base;
+  QTUNE_CHECK(pq["backend"] == base.quant->name(), "quant.name: ", r.model_path,
+              " is quantized with ", pq["backend"].dump(), ", but quant.name is \"",
+              base.quant->name(), "\"");
+  const Json opts = resolve_options(base.quant->option_schema(), pq["options"], r.model_path);
+  if (opts == base.quant_options) return;
+  spdlog::info("quant: {} was quantized with options {}; those apply (not {})", r.model_path,
+               opts.dump(), base.quant_options.dump());
+  base.quant_options = opts;
+  r.recipe.quant.options = opts;
+  r.tree["quant"]["options"] = opts;
+}
+
+}  // namespace
+
+void Trainer::setup() {
+  Run& s = *run_;
+  const Recipe& rc = r_.recipe;
+  at::set_num_threads(rc.threads > 0
+                          ? static_cast<int>(rc.threads)
+                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  torch::manual_seed(rc.seed);
+  s.out_dir = rc.output_dir;
+  s.ckpt_root = (fs::path(s.out_dir) / "checkpoints").string();
+
+  // A checkpoint to resume from is read (and its format checked) before anything is loaded.
+  if (!rc.resume.empty()) {
+    s.resume_dir = resolve_checkpoint(rc.resume, s.ckpt_root);
+    s.resumed = read_checkpoint_state(s.resume_dir);
+    QTUNE_CHECK(s.resumed.step < rc.train.max_steps, "resume: checkpoint ", s.resume_dir,
+                " is at step ", s.resumed.step, ", which already reaches train.max_steps ",
+                rc.train.max_steps, "; raise --max_steps to train further");
+    for (const auto& change : recipe_changes(s.resumed.recipe, r_.tree))
+      spdlog::warn("resume: recipe changed since the checkpoint: {}", change);
+  }
+  std::error_code ec;
+  fs::create_directories(s.out_dir, ec);
+  QTUNE_CHECK(!ec, "output_dir: cannot create ", s.out_dir, ": ", ec.message());
+
+  // Model first (it may name its own tokenizer), then data.
+  const auto t_load = Run::clock::now();
+  ModelFiles files = open_model(r_.model_path);
+  s.config = files.config;
+  s.tok_path = r_.tokenizer_path.empty() ? files.tokenizer_path : r_.tokenizer_path;
+  QTUNE_CHECK(!s.tok_path.empty(), "model.tokenizer: ", r_.model_path,
+              " has no tokenizer beside it; set model.tokenizer (--tokenizer)");
+  auto tokenizer = load_tokenizer(s.tok_path);
+  QTUNE_CHECK(tokenizer->vocab_size() <= files.config.vocab_size, "model.tokenizer: ", s.tok_path,
+              " has ", tokenizer->vocab_size(), " tokens but the model's vocabulary is ",
+              files.config.vocab_size);
+  if (r_.spec.quantized_base()) adopt_prequantized(r_, *files.weights);
+  atomic_write_string((fs::path(s.out_dir) / "recipe.json").string(), r_.tree.dump(2) + "\n");
+  // What checkpoints and adapters are only valid with; a resumed run must match it.
+  s.identity = run_identity(r_.spec, base_identity(r_.model_path, files.config, *files.weights));
+  if (!s.resume_dir.empty())
+    check_run_identity(s.resumed.identity, s.identity, "cannot resume from " + s.resume_dir);
+
+  DataConfig dc;
+  dc.path = r_.data_path;
+  dc.format = rc.data.format;
+  dc.val_path = r_.val_path;
+  dc.val_fraction = r_.val_path.empty() ? rc.data.val_fraction : 0.0;
+  dc.seq_len = rc.data.seq_len;
+  dc.seed = rc.seed;
+  s.data = load_data(dc, *tokenizer);
+  spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", s.data.train->size(),
+               s.data.train->stats().tokens, dc.path, s.data.val ? s.data.val->size() : 0);
+
+  s.model = LlamaForCausalLM(files.config, *files.weights, r_.spec);
+  files.weights.reset();  // drop the mapping: everything the model needs is now its own
+  s.model->set_activation_checkpointing(rc.train.activation_checkpointing);
+  s.model->train();
+  s.load_s = std::chrono::duration<double>(Run::clock::now() - t_load).count();
+
+  auto named = s.model->trainable_parameters();
+  QTUNE_CHECK(!named.empty(),
+              "nothing to train: no trainable parameter (check adapter.target_modules)");
+  for (auto& [_, p] : named) s.params.push_back(p);
+  spdlog::info(
+      "model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
+      "built in {:.2f}s",
+      r_.model_path, r_.spec.name(), s.model->num_trainable_parameters(),
+      s.model->num_total_parameters(), s.model->linear_weight_bytes() / 1e6, s.load_s);
+
+  const TrainRecipe& t = rc.train;
+  s.opt = std::make_unique<torch::optim::AdamW>(
+      s.params, torch::optim::AdamWOptions(t.lr)
+                    .betas({t.beta1, t.beta2})
+                    .eps(t.eps)
+                    .weight_decay(t.weight_decay));
+  s.loader = std::make_unique<DataLoader>(s.data.train, t.batch_size, rc.seed, /*shuffle=*/true,
+                                          /*drop_last=*/true);
+}
+
+void Trainer::resume() {
+  Run& s = *run_;
+  const std::string metrics_path = (fs::path(s.out_dir) / "metrics.jsonl").string();
+  if (!s.resume_dir.empty()) {
+    load_checkpoint_tensors(s.resume_dir, s.resumed, *s.model, *s.opt);
+    s.loader->restore(LoaderState::from_json(s.resumed.loader));
+    // Last: building the model drew adapter initialisations from this generator.
+    restore_rng_state(s.resumed.rng);
+    s.start_step = s.resumed.step;
+    const Json& p = s.resumed.progress;
+    s.tokens_seen = p.value("tokens", int64_t{0});
+    s.prior_train_s = p.value("train_seconds", 0.0);
+    s.first_val = null_to_nan(p, "first_val_loss");
+    s.best_val = null_to_nan(p, "best_val_loss");
+    s.last_val = null_to_nan(p, "last_val_loss");
+    spdlog::info("resumed from {} at step {}/{}", s.resume_dir, s.start_step,
+                 r_.recipe.train.max_steps);
+    trim_metrics(metrics_path, s.start_step);
+  }
+  s.metrics.open(metrics_path, s.resume_dir.empty() ? std::ios::trunc : std::ios::app);
+  QTUNE_CHECK(s.metrics.good(), "output_dir: cannot write ", s.out_dir, "/metrics.jsonl");
+}
+
+Json Trainer::step(int64_t step) {
+  Run& s = *run_;
+  const TrainRecipe& t = r_.recipe.train;
+  const double step_lr = lr_at(step, t.max_steps, t.warmup_steps, t.lr, t.min_lr_ratio);
+  for (auto& group : s.opt->param_groups())
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(step_lr);
+  const auto t_step = Run::clock::now();
+  s.opt->zero_grad();
+  double loss_sum = 0;
+  int64_t step_tokens = 0;
+  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+    Batch b = s.loader->next();
+    auto [loss, n] = s.model->loss(b.tokens, b.targets);
+    (loss / static_cast<double>(t.grad_accum)).backward();
+    loss_sum += loss.item<double>();
+    step_tokens += b.tokens.numel();
+  }
+  const double grad_norm = torch::nn::utils::clip_grad_norm_(
+      s.params, t.max_grad_norm > 0 ? t.max_grad_norm : INFINITY);
+  QTUNE_CHECK(std::isfinite(loss_sum), "training diverged at step ", step,
+              ": loss is not finite (lower train.lr?)");
+  s.opt->step();
+  s.tokens_seen += step_tokens;
+  s.session_tokens += step_tokens;
+  const double loss = loss_sum / static_cast<double>(t.grad_accum);
+  const double step_s = std::chrono::duration<double>(Run::clock::now() - t_step).count();
+  const Json record = {{"type", "train"},
+                       {"step", step},
+                       {"loss", loss},
+                       {"lr", step_lr},
+                       {"grad_norm", grad_norm},
+                       {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
+                       {"step_s", step_s},
+                       {"epoch", s.loader->epoch()}};
+  emit(record);
+  return record;
+}
+
+void Trainer::evaluate(int64_t step) {
+  Run& s = *run_;
+  if (!s.data.val) return;
+  auto e = evaluate_loss(*s.model, *s.data.val, r_.recipe.train.batch_size,
+                         r_.recipe.eval.max_batches);
+  if (std::isnan(s.first_val)) s.first_val = e.loss;
+  s.last_val = e.loss;
+  if (std::isnan(s.best_val) || e.loss < s.best_val) s.best_val = e.loss;
+  emit({{"type", "eval"},
+        {"step", step},
+        {"val_loss", e.loss},
+        {"val_ppl", std::exp(e.loss)},
+        {"val_tokens", e.tokens}});
+  spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
+}
+
+void Trainer::save(int64_t step) {
+  Run& s = *run_;
+  const auto t0 = Run::clock::now();
+  CheckpointState st;
+  st.step = step;
+  st.loader = s.loader->state().to_json();
+  st.rng = capture_rng_state();
+  st.progress = {{"tokens", s.tokens_seen},
+                 {"train_seconds", s.train_seconds()},
+                 {"first_val_loss", nan_to_null(s.first_val)},
+                 {"best_val_loss", nan_to_null(s.best_val)},
+                 {"last_val_loss", nan_to_null(s.last_val)}};
+  st.recipe = r_.tree;
+  st.identity = s.identity;
+  st.tokenizer = s.tok_path;
+  s.last_checkpoint = save_checkpoint(s.ckpt_root, *s.model, *s.opt, st,
+                                      r_.recipe.checkpoint.keep, r_.model_path);
+  const double sec = std::chrono::duration<double>(Run::clock::now() - t0).count();
+  s.checkpoint_bytes = directory_bytes(s.last_checkpoint);
+  ++s.checkpoints_saved;
+  s.checkpoint_seconds += sec;
+  spdlog::info("step {}: checkpoint {} ({:.2f} MB, {:.3f}s)", step, s.last_checkpoint,
+               s.checkpoint_bytes / 1e6, sec);
+}
+
+// Adapters in PEFT layout, or the full model as an HF directory.
+std::string Trainer::save_outputs(int64_t steps_done) {
+  Run& s = *run_;
+  if (r_.spec.trainable_base()) {
+    const std::string dir = (fs::path(s.out_dir) / "model").string();
+    auto weights = model_weights(*s.model, /*merge_adapters=*/false);
+    save_hf_model(dir, s.config, *weights, torch::kFloat32, s.tok_path);
+    return dir;
+  }
+  const std::string dir = (fs::path(s.out_dir) / "adapter").string();
+  save_peft_adapter(dir, *s.model, r_.model_path,
+                    Json{{"identity", s.identity}, {"tokenizer", s.tok_path}, {"step", steps_done}});
+  return dir;
+}
+
+Json Trainer::summary(int64_t steps_done, const std::string& saved) {
+  Run& s = *run_;
+  const TuningSpec& spec = r_.spec;
+  const double train_s = s.train_seconds();
+  Json summary = {
+      {"train_type", spec.name()},
+      {"dtype", r_.recipe.dtype},
+      {"quant", spec.quantized_base() ? Json(spec.base.quant->name()) : Json(nullptr)},
+      {"quant_options", spec.quantized_base() ? spec.base.quant_options : Json(nullptr)},
+      {"adapter", spec.adapter.present() ? Json(spec.adapter.factory->name()) : Json(nullptr)},
+      {"adapter_options", spec.adapter.present() ? spec.adapter.options : Json(nullptr)},
+      {"model", r_.model_path},
+      {"steps", steps_done},
+      {"trainable_parameters", s.model->num_trainable_parameters()},
+      {"total_parameters", s.model->num_total_parameters()},
+      {"linear_weight_bytes", s.model->linear_weight_bytes()},
+      {"base_weight_bytes", s.model->base_weight_bytes()},
+      {"peak_rss_bytes", peak_rss_bytes()},
+      {"tokens", s.tokens_seen},
+      {"train_seconds", train_s},
+      {"load_seconds", s.load_s},
+      {"tokens_per_s", s.tokens_seen / std::max(1e-9, train_s)},
+      {"final_train_loss", nan_to_null(s.last_loss)},
+      {"first_val_loss", nan_to_null(s.first_val)},
+      {"final_val_loss", nan_to_null(s.last_val)},
+      {"best_val_loss", nan_to_null(s.best_val)},
+      {"saved", saved},
+      {"checkpoint", s.last_checkpoint.empty() ? Json(nullptr) : Json(s.last_checkpoint)},
+      {"checkpoints_saved", s.checkpoints_saved},
+      {"checkpoint_bytes", s.checkpoint_bytes},
+      {"checkpoint_save_seconds", s.checkpoint_seconds},
+      {"resumed_from", s.resume_dir.empty() ? Json(nullptr) : Json(s.resume_dir)},
+      {"stopped_early", steps_done < r_.recipe.train.max_steps},
+  };
+  atomic_write_string((fs::path(s.out_dir) / "summary.json").string(), summary.dump(2) + "\n");
+  return summary;
+}
+
+Json Trainer::run() {
+  g_stop.store(false);
+  run_ = std::make_unique<Run>();
+  setup();
+  resume();
+  Run& s = *run_;
+  const Recipe& rc = r_.recipe;
+  const int64_t max_steps = rc.train.max_steps;
+  if (s.resume_dir.empty()) evaluate(0);
   Progress progress(max_steps);
-  int64_t step = start_step, session_tokens = 0;
-  double last_loss = NAN;
-  for (step = start_step + 1; step <= max_steps; ++step) {
-    const auto t_step = clock::now();
-    const double step_lr = lr_at(step, max_steps, warmup, lr, min_ratio);
-    for (auto& group : opt.param_groups())
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(step_lr);
-    opt.zero_grad();
-    double loss_sum = 0;
-    int64_t step_tokens = 0;
-    for (int64_t micro = 0; micro < accum; ++micro) {
-      Batch b = loader.next();
-      auto [loss, n] = model->loss(b.tokens, b.targets);
-      (loss / static_cast<double>(accum)).backward();
-      loss_sum += loss.item<double>();
-      step_tokens += b.tokens.numel();
-    }
-    const double grad_norm =
-        torch::nn::utils::clip_grad_norm_(params, max_norm > 0 ? max_norm : INFINITY);
-    QTUNE_CHECK(std::isfinite(loss_sum), "training diverged at step ", step,
-                ": loss is not finite (lower train.lr?)");
-    opt.step();
-    tokens_seen += step_tokens;
-    session_tokens += step_tokens;
-    last_loss = loss_sum / static_cast<double>(accum);
-    const double step_s = std::chrono::duration<double>(clock::now() - t_step).count();
-    const double elapsed = std::chrono::duration<double>(clock::now() - t_train).count();
-    const double tok_s = session_tokens / std::max(1e-9, elapsed);
-    emit({{"type", "train"},
-          {"step", step},
-          {"loss", last_loss},
-          {"lr", step_lr},
-          {"grad_norm", grad_norm},
-          {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
-          {"step_s", step_s},
-          {"epoch", loader.epoch()}});
-    progress.update(step, last_loss, tok_s,
-                    elapsed / static_cast<double>(step - start_step) * (max_steps - step));
-    if (!progress.tty() && (step % log_every == 0 || step == start_step + 1))
+  s.t_train = Run::clock::now();
+  int64_t step = s.start_step;
+  for (step = s.start_step + 1; step <= max_steps; ++step) {
+    const Json rec = this->step(step);
+    s.last_loss = rec["loss"].get<double>();
+    const double elapsed = std::chrono::duration<double>(Run::clock::now() - s.t_train).count();
+    const double tok_s = s.session_tokens / std::max(1e-9, elapsed);
+    progress.update(step, s.last_loss, tok_s,
+                    elapsed / static_cast<double>(step - s.start_step) * (max_steps - step));
+    if (!progress.tty() && (step % rc.log_every == 0 || step == s.start_step + 1))
       spdlog::info("step {}/{}: loss {:.4f} lr {:.2e} grad_norm {:.3f} {:.0f} tok/s", step,
-                   max_steps, last_loss, step_lr, grad_norm, tok_s);
-    detail::debug_point("step", step, out_dir, &Trainer::stop_requested);
+                   max_steps, s.last_loss, rec["lr"].get<double>(),
+                   rec["grad_norm"].get<double>(), tok_s);
+    detail::debug_point("step", step, s.out_dir, &Trainer::stop_requested);
     const bool last = step == max_steps || g_stop.load();
-    if ((eval_every > 0 && step % eval_every == 0) || last) {
+    if ((rc.eval.every > 0 && step % rc.eval.every == 0) || last) {
       progress.finish();
-      run_eval(step);
+      evaluate(step);
     }
     // After the eval, so the checkpoint's best/last validation loss includes this step's.
-    if ((ckpt_every > 0 && step % ckpt_every == 0) || last) checkpoint(step);
+    if ((rc.checkpoint.every > 0 && step % rc.checkpoint.every == 0) || last) save(step);
     if (last) break;
   }
   progress.finish();
   const int64_t steps_done = std::min(step, max_steps);
-  const double train_s = train_seconds();
   if (g_stop.load())
-    spdlog::info("stopped at step {} on request; checkpoint {}", steps_done, last_checkpoint);
-
-  // Outputs: adapters in PEFT layout, or the full model as an HF directory.
-  std::string saved;
-  if (r_.spec.train_type == TrainType::kFull) {
-    saved = (fs::path(out_dir) / "model").string();
-    auto weights = model_weights(*model, /*merge_adapters=*/false);
-    save_hf_model(saved, files.config, *weights, torch::kFloat32, tok_path);
-  } else {
-    saved = (fs::path(out_dir) / "adapter").string();
-    save_peft_adapter(saved, *model, r_.model_path,
-                      Json{{"identity", identity}, {"tokenizer", tok_path}, {"step", steps_done}});
-  }
-
-  Json summary = {
-      {"train_type", to_string(r_.spec.train_type)},
-      {"dtype", rc["dtype"]},
-      {"quant", r_.spec.quant ? Json(r_.spec.quant->name()) : Json(nullptr)},
-      {"quant_options", r_.spec.quant ? r_.spec.quant_options : Json(nullptr)},
-      {"adapter", r_.spec.adapter ? Json(r_.spec.adapter->name()) : Json(nullptr)},
-      {"adapter_options", r_.spec.adapter ? r_.spec.adapter_options : Json(nullptr)},
-      {"model", r_.model_path},
-      {"steps", steps_done},
-      {"trainable_parameters", trainable},
-      {"total_parameters", model->num_total_parameters()},
-      {"linear_weight_bytes", model->linear_weight_bytes()},
-      {"base_weight_bytes", model->base_weight_bytes()},
-      {"peak_rss_bytes", peak_rss_bytes()},
-      {"tokens", tokens_seen},
-      {"train_seconds", train_s},
-      {"load_seconds", load_s},
-      {"tokens_per_s", tokens_seen / std::max(1e-9, train_s)},
-      {"final_train_loss", nan_to_null(last_loss)},
-      {"first_val_loss", nan_to_null(first_val)},
-      {"final_val_loss", nan_to_null(last_val)},
-      {"best_val_loss", nan_to_null(best_val)},
-      {"saved", saved},
-      {"checkpoint", last_checkpoint.empty() ? Json(nullptr) : Json(last_checkpoint)},
-      {"checkpoints_saved", checkpoints_saved},
-      {"checkpoint_bytes", checkpoint_bytes},
-      {"checkpoint_save_seconds", checkpoint_seconds},
-      {"resumed_from", resume_dir.empty() ? Json(nullptr) : Json(resume_dir)},
-      {"stopped_early", steps_done < max_steps},
-  };
-  atomic_write_string((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
-  return summary;
+    spdlog::info("stopped at step {} on request; checkpoint {}", steps_done, s.last_checkpoint);
+  const std::string saved = save_outputs(steps_done);
+  return summary(steps_done, saved);
 }
 
 }  // namespace qtune

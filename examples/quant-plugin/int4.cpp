@@ -29,6 +29,7 @@ namespace int4_example {
 
 using qtune::Json;
 using qtune::OptionSpec;
+using qtune::shape_str;
 using qtune::QuantizedWeight;
 using qtune::TensorState;
 
@@ -38,12 +39,6 @@ constexpr double kQMax = 7.0;
 constexpr int64_t kZeroCode = 8;  // the stored nibble of q = 0
 // Rows quantized at a time: about 1M elements of fp32 temporaries whatever the matrix size.
 constexpr int64_t kChunkElems = int64_t{1} << 20;
-
-std::string shape_str(torch::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 // ---- options
 // -------------------------------------------------------------------------------------

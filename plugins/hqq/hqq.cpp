@@ -24,12 +24,6 @@ constexpr int64_t kChunkElems = int64_t{1} << 18;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-std::string shape_str(torch::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // Storage limits of the per-group scale and zero. A zero-point is kept within ±kZeroLimit codes
 // (fp16 resolves 1 code there; fp32 resolves 1/8) by widening the scale of groups that sit far
 // from 0 relative to their width; a group straddling 0 always has |zero| <= 2^nbits - 1 and is

@@ -17,12 +17,6 @@ constexpr const char* kContext = "adapter.options";
 constexpr const char* kKeyA = "lora_A.weight";
 constexpr const char* kKeyB = "lora_B.weight";
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream os;
-  os << sizes;
-  return os.str();
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------

@@ -26,17 +26,9 @@ using qtune::test::plugins;
 using qtune::test::tiny_config;
 
 TuningSpec spec_of(TrainType type, int64_t rank = 4) {
-  TuningSpec s;
-  s.train_type = type;
-  if (type == TrainType::kFull) return s;
-  s.adapter = plugins().adapter("lora");
-  s.adapter_options = resolve_options(s.adapter->option_schema(), Json{{"rank", rank}}, "adapter");
-  s.target_modules = parse_target_modules({"all-linear"}, "targets");
-  if (type == TrainType::kQlora) {
-    s.quant = plugins().quant("nf4");
-    s.quant_options = resolve_options(s.quant->option_schema(), Json{{"block_size", 16}}, "quant");
-  }
-  return s;
+  return TuningSpec::for_training(type, torch::kFloat32, plugins(), "nf4",
+                                  Json{{"block_size", 16}}, false, "lora", Json{{"rank", rank}},
+                                  {"all-linear"});
 }
 
 torch::optim::AdamW make_optimizer(LlamaForCausalLMImpl& m) {
@@ -219,7 +211,7 @@ TEST(Checkpoint, LoadRefusesOtherTargetModules) {
   auto c = tiny_config();
   auto w = random_weights(c, 3);
   auto qv = spec_of(TrainType::kLora);
-  qv.target_modules = parse_target_modules({"q", "v"}, "targets");
+  qv.adapter.target_modules = parse_target_modules({"q", "v"}, "targets");
   LlamaForCausalLM m(c, *w, qv);
   auto opt = make_optimizer(*m);
   train_step(*m, opt, 1);
@@ -232,7 +224,7 @@ TEST(Checkpoint, LoadRefusesOtherTargetModules) {
   EXPECT_NE(msg.find("has no parameter model.layers.0.self_attn.k_proj"), std::string::npos) << msg;
 
   auto q_only = spec_of(TrainType::kLora);
-  q_only.target_modules = parse_target_modules({"q"}, "targets");
+  q_only.adapter.target_modules = parse_target_modules({"q"}, "targets");
   LlamaForCausalLM q(c, *w, q_only);
   auto opt_q = make_optimizer(*q);
   msg = message_of([&] { load_checkpoint_tensors(dir, st, *q, opt_q); });
@@ -279,8 +271,8 @@ TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {
   check_run_identity(nf4, nf4, "X");
 
   auto int8 = spec_of(TrainType::kQlora);
-  int8.quant = plugins().quant("int8");
-  int8.quant_options = resolve_options(int8.quant->option_schema(), Json::object(), "quant");
+  int8.base.quant = plugins().quant("int8");
+  int8.base.quant_options = resolve_options(int8.base.quant->option_schema(), Json::object(), "quant");
   std::string msg = message_of(
       [&] { check_run_identity(nf4, run_identity(int8, base), "cannot resume from D"); });
   EXPECT_NE(msg.find("cannot resume from D"), std::string::npos) << msg;
@@ -288,7 +280,7 @@ TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {
   EXPECT_NE(msg.find("\"int8\""), std::string::npos) << msg;
 
   auto bigger_blocks = spec_of(TrainType::kQlora);
-  bigger_blocks.quant_options["block_size"] = 64;
+  bigger_blocks.base.quant_options["block_size"] = 64;
   msg = message_of([&] { check_run_identity(nf4, run_identity(bigger_blocks, base), "X"); });
   EXPECT_NE(msg.find("quant_options.block_size 16"), std::string::npos) << msg;
   EXPECT_NE(msg.find("64"), std::string::npos) << msg;

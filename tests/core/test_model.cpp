@@ -17,13 +17,8 @@ using qtune::test::plugins;
 using qtune::test::tiny_config;
 
 TuningSpec lora_spec(torch::ScalarType dtype = torch::kFloat32) {
-  TuningSpec s;
-  s.train_type = TrainType::kLora;
-  s.dtype = dtype;
-  s.adapter = plugins().adapter("lora");
-  s.adapter_options = resolve_options(s.adapter->option_schema(), Json{{"rank", 4}}, "adapter");
-  s.target_modules = parse_target_modules({"all-linear", "output"}, "targets");
-  return s;
+  return TuningSpec::for_training(TrainType::kLora, dtype, plugins(), "", {}, false, "lora",
+                                  Json{{"rank", 4}}, {"all-linear", "output"});
 }
 
 }  // namespace
@@ -169,7 +164,10 @@ TEST(Model, ShapeMismatchAndMissingTensorsNamed) {
     EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.gate_proj.weight"), std::string::npos)
         << e.what();
   }
-  TuningSpec bad = lora_spec();
-  bad.adapter = nullptr;
+  TuningSpec bad = lora_spec();  // an adapter beside a trainable base
+  bad.base.kind = BaseSpec::Kind::kTrainable;
   EXPECT_THROW(LlamaForCausalLM(c, *w, bad), UserError);
+  TuningSpec no_backend;  // a quantized base without a backend
+  no_backend.base.kind = BaseSpec::Kind::kQuantized;
+  EXPECT_THROW(LlamaForCausalLM(c, *w, no_backend), UserError);
 }

@@ -29,14 +29,8 @@ ModelConfig config_110m() {
 }
 
 TuningSpec qlora_spec() {
-  TuningSpec s;
-  s.train_type = TrainType::kQlora;
-  s.quant = plugins().quant("nf4");
-  s.quant_options = resolve_options(s.quant->option_schema(), Json::object(), "quant.options");
-  s.adapter = plugins().adapter("lora");
-  s.adapter_options = resolve_options(s.adapter->option_schema(), Json::object(), "adapter.options");
-  s.target_modules = parse_target_modules({"all-linear"}, "targets");
-  return s;
+  return TuningSpec::for_training(TrainType::kQlora, torch::kFloat32, plugins(), "nf4", {}, false,
+                                  "lora", {}, {"all-linear"});
 }
 
 int64_t dense_linear_params(const ModelConfig& c) {
@@ -62,7 +56,7 @@ TEST(QloraMemory, NoDequantizedCopySurvivesForward) {
   // One 4096x4096 quantized projection: its fp32 copy would be 64 MB. After a forward with
   // autograd recording, the heap must hold far less than that beyond the activations.
   TuningSpec s = qlora_spec();
-  auto q = s.quant->quantize(torch::randn({4096, 4096}), s.quant_options);
+  auto q = s.base.quant->quantize(torch::randn({4096, 4096}), s.base.quant_options);
   LinearSlot slot(std::shared_ptr<QuantizedWeight>(std::move(q)));
   auto x = torch::randn({4, 4096}, torch::requires_grad());
   malloc_trim(0);

@@ -15,14 +15,8 @@ namespace {
 using qtune::test::plugins;
 
 TuningSpec qlora(const std::string& backend) {
-  TuningSpec s;
-  s.train_type = TrainType::kQlora;
-  s.quant = plugins().quant(backend);
-  s.quant_options = resolve_options(s.quant->option_schema(), Json::object(), "quant.options");
-  s.adapter = plugins().adapter("lora");
-  s.adapter_options = resolve_options(s.adapter->option_schema(), Json::object(), "adapter.options");
-  s.target_modules = parse_target_modules({"q", "v"}, "targets");
-  return s;
+  return TuningSpec::for_training(TrainType::kQlora, torch::kFloat32, plugins(), backend, {},
+                                  false, "lora", {}, {"q", "v"});
 }
 
 ModelConfig small(bool tied) {
@@ -45,7 +39,7 @@ TEST(QuantizedModel, RoundTripEqualsQuantizingOnTheFly) {
     auto w = random_weights(c, 5);
     const auto spec = qlora("nf4");
     const auto dir = test::temp_dir("quantized");
-    save_quantized_model(dir, c, *w, *spec.quant, spec.quant_options, false, torch::kFloat32);
+    save_quantized_model(dir, c, *w, *spec.base.quant, spec.base.quant_options, false, torch::kFloat32);
     ModelFiles files = open_model(dir);
     EXPECT_TRUE(files.weights->has_quantized("model.layers.0.mlp.down_proj.weight"));
     EXPECT_FALSE(files.weights->has_quantized("model.embed_tokens.weight"));
@@ -67,7 +61,7 @@ TEST(QuantizedModel, OtherBackendAndDenseTrainingAreRefused) {
   auto w = random_weights(c, 6);
   const auto nf4 = qlora("nf4");
   const auto dir = test::temp_dir("quantized");
-  save_quantized_model(dir, c, *w, *nf4.quant, nf4.quant_options, false, torch::kBFloat16);
+  save_quantized_model(dir, c, *w, *nf4.base.quant, nf4.base.quant_options, false, torch::kBFloat16);
   ModelFiles files = open_model(dir);
   try {
     LlamaForCausalLM m(files.config, *files.weights, qlora("int8"));

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "qtune/error.h"
 #include "qtune/recipe.h"
@@ -85,4 +86,42 @@ TEST(Recipe, LearningRateScheduleWarmsUpThenDecays) {
   EXPECT_DOUBLE_EQ(lr_at(10, 100, 10, 1.0, 0.1), 1.0);
   EXPECT_NEAR(lr_at(55, 100, 10, 1.0, 0.1), 0.55, 1e-12);  // halfway down the cosine
   EXPECT_NEAR(lr_at(100, 100, 10, 1.0, 0.1), 0.1, 1e-12);
+}
+
+TEST(Recipe, DocsTableIsTheDeclaredKeys) {
+  // docs/cli.md shows the key table recipe.cpp declares; regenerate it with
+  // `build/bin/trainer --recipe-keys` when a key changes.
+  const std::string doc = test::read_file(test::source_dir() + "/docs/cli.md");
+  const std::string open = "<!-- recipe-keys -->\n", close = "<!-- /recipe-keys -->";
+  const auto a = doc.find(open), b = doc.find(close);
+  ASSERT_NE(a, std::string::npos) << "docs/cli.md lacks " << open;
+  ASSERT_NE(b, std::string::npos) << "docs/cli.md lacks " << close;
+  EXPECT_EQ(doc.substr(a + open.size(), b - a - open.size()), recipe_keys_markdown());
+  // Every key of the defaults is declared once, with a line of documentation.
+  std::set<std::string> seen;
+  for (const auto& k : recipe_keys()) {
+    EXPECT_TRUE(seen.insert(k.path).second) << k.path << " declared twice";
+    EXPECT_FALSE(k.doc.empty()) << k.path;
+  }
+}
+
+TEST(Recipe, TypedRecipeRoundTripsTheTree) {
+  Json r = recipe_defaults();
+  apply_override(r, "train.lr=2e-4");
+  apply_override(r, "adapter.target_modules=all-linear");  // one name where a list goes
+  apply_override(r, "quant.options.block_size=32");
+  const Recipe typed = Recipe::from_json(r);
+  EXPECT_DOUBLE_EQ(typed.train.lr, 2e-4);
+  EXPECT_EQ(typed.adapter.target_modules, std::vector<std::string>{"all-linear"});
+  EXPECT_EQ(typed.quant.options, Json({{"block_size", 32}}));
+  EXPECT_EQ(typed.to_json(), r);
+  r["train"]["beta2"] = 1.5;
+  try {
+    Recipe::from_json(r);
+    FAIL();
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("train.beta2 must be in [0, 1), got 1.5"),
+              std::string::npos)
+        << e.what();
+  }
 }

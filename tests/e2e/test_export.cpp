@@ -10,7 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "qtune/checkpoint.h"
+#include "qtune/trained_model.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
 #include "qtune/registry.h"

@@ -1,5 +1,6 @@
-// Training checkpoints that survive crashes, and rebuilding a trained model from what training
-// wrote (a checkpoint, a PEFT adapter directory, or both at once).
+// Training checkpoints that survive crashes: the state file, atomic save and exact load. What a
+// checkpoint is only valid with is its run identity (run_identity.h); rebuilding a model from a
+// checkpoint or adapter for export and generation is trained_model.h.
 //
 // A checkpoint is a directory <output_dir>/checkpoints/step-<N>/ holding
 //   adapter_config.json + adapter_model.safetensors   adapter runs: the adapters in PEFT layout
@@ -28,7 +29,7 @@
 #include "qtune/export.h"
 #include "qtune/model.h"
 #include "qtune/options.h"
-#include "qtune/registry.h"
+#include "qtune/run_identity.h"
 #include "qtune/weight_source.h"
 
 namespace qtune {
@@ -37,43 +38,6 @@ namespace qtune {
 /// saying what to do.
 inline constexpr const char* kCheckpointFormat = "qtune-checkpoint";
 inline constexpr int kCheckpointVersion = 1;
-
-// ---------------------------------------------------------------------------------------------
-// Identity: what a checkpoint or an adapter is only valid with
-
-/// A fingerprint of a base model that does not depend on the file format or location:
-///   {"path": model_path, "source": weights.describe(),
-///    "config": the architecture fields of config.json (hidden_size, layers, heads, vocab, ...),
-///    "dense_hash": hash of the embedding and norm weights (sampled rows, rounded to bf16),
-///    "linear_hash": hash of sampled rows of every projection, or null when the source holds
-///                   some projection only quantized (a qtune-quantize directory)}
-/// Rounding to bf16 before hashing makes an fp32 model and its bf16 copy the same base; a
-/// llama2.c file and its qtune-convert HF directory are the same base too. Reads a few rows per
-/// tensor (memory-mapped sources are not copied whole).
-QTUNE_API Json base_identity(const std::string& model_path, const ModelConfig& config,
-                             const WeightSource& weights);
-
-/// How a pre-quantized source (a qtune-quantize directory) was quantized: {"backend", "options"}
-/// from the state meta of its first quantized projection; null for a dense source.
-QTUNE_API Json prequantized_options(const WeightSource& weights);
-
-/// The identity of a training run:
-///   {"train_type", "dtype", "quant", "quant_options", "quant_skip_output", "adapter",
-///    "adapter_options", "target_modules", "base": base_identity(...)}
-/// (quant* null unless qlora, adapter* null under full).
-QTUNE_API Json run_identity(const TuningSpec& spec, const Json& base);
-
-/// Throws UserError when `recorded` (from a checkpoint or adapter) and `current` differ in the
-/// base model, train type, quant backend or options, or adapter or options. The message starts
-/// with `what` ("cannot resume from DIR") and names the field and both values. Differences in
-/// "dtype" are allowed (the masters and moments are fp32 either way).
-QTUNE_API void check_run_identity(const Json& recorded, const Json& current,
-                                  const std::string& what);
-
-/// Only the base part of check_run_identity: throws UserError naming both models and the first
-/// difference (architecture field, or which weights differ).
-QTUNE_API void check_base_identity(const Json& recorded, const Json& current,
-                                   const std::string& what);
 
 // ---------------------------------------------------------------------------------------------
 // Saving and loading
@@ -117,6 +81,9 @@ QTUNE_API std::string save_checkpoint(const std::string& root, const LlamaForCau
 /// warning); anything else is a directory path. Throws UserError when there is no checkpoint.
 QTUNE_API std::string resolve_checkpoint(const std::string& spec, const std::string& root);
 
+/// Whether `dir` holds a checkpoint (a trainer_state.json), rather than an adapter alone.
+QTUNE_API bool is_checkpoint_dir(const std::string& dir);
+
 /// Reads dir/trainer_state.json (format and version checked). Throws UserError naming the file.
 QTUNE_API CheckpointState read_checkpoint_state(const std::string& dir);
 
@@ -130,41 +97,6 @@ QTUNE_API void load_checkpoint_tensors(const std::string& dir, const CheckpointS
 /// Only the trainable parameters (for inference and export of a checkpoint).
 QTUNE_API void load_checkpoint_weights(const std::string& dir, const CheckpointState& state,
                                        LlamaForCausalLMImpl& model);
-
-// ---------------------------------------------------------------------------------------------
-// Rebuilding a trained model (qtune-export, qtune-generate)
-
-/// What to rebuild.
-struct QTUNE_API TrainedModelOptions {
-  /// Base model; empty = the one the adapter or checkpoint records.
-  std::string model_path;
-  /// A PEFT adapter directory (qtune's or any HF PEFT LoRA) or a checkpoint directory; empty =
-  /// the base model alone.
-  std::string adapter_dir;
-  /// Quantize the base with this backend. Only for the base alone or a foreign PEFT adapter;
-  /// qtune adapters and checkpoints rebuild the base the way they were trained, and a
-  /// pre-quantized base is used as it was quantized.
-  std::string quant;
-  Json quant_options = Json::object();
-  /// Compute dtype.
-  torch::ScalarType dtype = torch::kFloat32;
-};
-
-/// A model rebuilt for inference or export, with what it was built from.
-struct QTUNE_API TrainedModel {
-  LlamaForCausalLM model{nullptr};
-  ModelConfig config;
-  std::string base_path;       ///< the base model opened
-  std::string tokenizer_path;  ///< recorded by training, else beside the base; may be empty
-  Json identity;               ///< the recorded run identity; null for a foreign PEFT adapter
-};
-
-/// Opens the base, rebuilds its slots as training did (quantized with the recorded backend and
-/// options under qlora), and loads the adapter or checkpoint weights. Refuses (UserError naming
-/// both) a base whose fingerprint differs from the recorded one, or whose shapes do not fit the
-/// adapter. Plugins come from `registry`.
-QTUNE_API TrainedModel load_trained_model(const TrainedModelOptions& options,
-                                          const Registry& registry);
 
 namespace detail {
 /// Test-only fault injection, driven by environment variables (documented in

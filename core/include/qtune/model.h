@@ -18,37 +18,10 @@
 #include "qtune/model_config.h"
 #include "qtune/quantized_linear.h"
 #include "qtune/quantized_weight.h"
+#include "qtune/tuning_spec.h"
 #include "qtune/weight_source.h"
 
 namespace qtune {
-
-enum class TrainType { kFull, kLora, kQlora };
-/// "full" | "lora" | "qlora"; throws UserError naming `train_type` otherwise.
-QTUNE_API TrainType parse_train_type(const std::string& s);
-QTUNE_API std::string to_string(TrainType t);
-/// "fp32" | "bf16" (also "float32", "bfloat16"); throws UserError naming `key` otherwise.
-QTUNE_API torch::ScalarType parse_dtype(const std::string& s, const std::string& key = "dtype");
-
-/// The projection kinds an adapter can target, by short name.
-/// q,k,v,o -> self_attn.{q,k,v,o}_proj; gate,up,down -> mlp.*_proj; output -> lm_head.
-QTUNE_API const std::vector<std::string>& all_target_modules();
-/// Expands "all-linear" and validates names; throws UserError naming `key` for an unknown one.
-QTUNE_API std::set<std::string> parse_target_modules(const std::vector<std::string>& names,
-                                                     const std::string& key);
-
-/// What to put in each projection slot.
-struct QTUNE_API TuningSpec {
-  TrainType train_type = TrainType::kFull;
-  /// Compute dtype: activations and frozen dense weights. Trainable weights are fp32 masters
-  /// (fp64 when the compute dtype is fp64, which only tests use).
-  torch::ScalarType dtype = torch::kFloat32;
-  std::shared_ptr<QuantBackend> quant;  // required for qlora
-  Json quant_options = Json::object();  // resolved
-  bool quant_skip_output = false;       // keep the output head dense under qlora
-  std::shared_ptr<AdapterFactory> adapter;  // required for lora/qlora
-  Json adapter_options = Json::object();    // resolved
-  std::set<std::string> target_modules;     // short names, see all_target_modules()
-};
 
 /// One projection y = x @ W^T (+ adapter(x)). The base is a dense trainable parameter, a dense
 /// frozen buffer, or a QuantizedLinear; an adapter (submodule "adapter") is optional.

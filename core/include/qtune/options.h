@@ -13,6 +13,9 @@ namespace qtune {
 
 using Json = nlohmann::json;
 
+/// The kind of a JSON value as messages say it: "an integer", "a list", "a mapping", ...
+QTUNE_API const char* json_type_name(const Json& v);
+
 /// One option of a plugin. The default's JSON type is the option's type: a user value must have
 /// the same type (an integer is accepted where a float is expected).
 struct OptionSpec {

@@ -2,6 +2,11 @@
 // parameters -> loop with gradient accumulation, clipping, warmup + cosine schedule, periodic
 // evaluation, JSONL metrics, progress, crash-safe checkpoints and exact resume (checkpoint.h),
 // adapter/model export and a run summary.
+//
+// A run is a short list of named steps (train.cpp): setup() opens the model files and the
+// tokenizer, loads the data, builds the model from the tuning spec and the optimizer; resume()
+// restores a checkpoint; then step() per optimizer step, evaluate() and save() when due, and
+// finally the outputs and summary().
 #pragma once
 
 #include <atomic>
@@ -12,7 +17,9 @@
 #include "qtune/export.h"
 #include "qtune/model.h"
 #include "qtune/options.h"
+#include "qtune/recipe.h"
 #include "qtune/registry.h"
+#include "qtune/tuning_spec.h"
 
 namespace qtune {
 
@@ -22,24 +29,23 @@ QTUNE_API double lr_at(int64_t step, int64_t total, int64_t warmup, double lr, d
 
 /// Everything resolved from a recipe before any large allocation: paths, plugins, options.
 struct QTUNE_API ResolvedRecipe {
-  Json recipe;  // the complete, checked recipe (written to output_dir/recipe.json)
+  Recipe recipe;    ///< typed and checked; plugin options resolved
+  Json tree;        ///< the same as a tree (written to output_dir/recipe.json)
   std::string model_path;
   std::string tokenizer_path;
   std::string data_path;
-  std::string val_path;  // empty = split off val_fraction
-  TuningSpec spec;       // plugins looked up and their options resolved
+  std::string val_path;  ///< empty = split off val_fraction
+  TuningSpec spec;       ///< plugins looked up and their options resolved
 };
 
-/// Checks a complete recipe (see recipe.h) and resolves paths and plugins from `registry`.
+/// Checks a complete recipe tree (see recipe.h) and resolves paths and plugins from `registry`.
 /// Throws UserError naming the key for any problem.
 QTUNE_API ResolvedRecipe resolve_recipe(const Json& recipe, const Registry& registry);
-
-/// A model built from a resolved recipe: opens the model files and builds the slots.
-QTUNE_API LlamaForCausalLM build_model(const ResolvedRecipe& r);
 
 class QTUNE_API Trainer {
  public:
   explicit Trainer(ResolvedRecipe recipe);
+  ~Trainer();
   /// Runs to max_steps (or until request_stop()); returns the summary that it also writes to
   /// output_dir/summary.json. Checkpoints go to output_dir/checkpoints every checkpoint.every
   /// steps, at the end and when stopped (summary "checkpoint" names the last one).
@@ -61,11 +67,20 @@ class QTUNE_API Trainer {
   std::function<void(const Json&)> on_metrics;
 
  private:
-  ResolvedRecipe r_;
-};
+  struct Run;  // everything one run holds: model, optimizer, data, progress
+  void setup();
+  void resume();
+  /// One optimizer step (grad_accum micro-batches); returns its metrics record (loss = the
+  /// mean micro-batch loss, lr, grad_norm, ...).
+  Json step(int64_t step);
+  void evaluate(int64_t step);
+  void save(int64_t step);
+  void emit(const Json& record);
+  std::string save_outputs(int64_t steps_done);
+  Json summary(int64_t steps_done, const std::string& saved);
 
-/// Peak resident set size of this process image in bytes (VmHWM of /proc/self/status, which
-/// restarts at exec, unlike getrusage's ru_maxrss).
-QTUNE_API int64_t peak_rss_bytes();
+  ResolvedRecipe r_;
+  std::unique_ptr<Run> run_;
+};
 
 }  // namespace qtune

@@ -1,6 +1,6 @@
 // qtune-bench: compare the quantization backends the registry finds on memory, speed and
 // accuracy, side by side, in one run (quant, ppl, finetune, scale, or all). Writes CSV, markdown
-// and gnuplot PNGs under --out; the measuring logic is in core (qtune/bench.h).
+// and gnuplot PNGs under --out; the measuring logic is beside this file (bench.h).
 #include <spdlog/spdlog.h>
 #include <torch/cuda.h>
 
@@ -14,7 +14,7 @@
 #include <sstream>
 
 #include "app_main.h"
-#include "qtune/bench.h"
+#include "bench.h"
 #include "qtune/error.h"
 #include "qtune/registry.h"
 

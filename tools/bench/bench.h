@@ -35,7 +35,7 @@ struct BenchColumn {
 /// A table of results: rows of JSON scalars (number, string, bool or null = empty cell) under
 /// fixed columns. Written as CSV (RFC 4180 quoting; columns whose values may hold commas are put
 /// last by the producers, so gnuplot's comma separator reads the others) and as markdown.
-class QTUNE_API BenchTable {
+class BenchTable {
  public:
   BenchTable() = default;
   /// `name` is the file stem ("quant" -> quant.csv, quant.md); `title` heads the markdown.
@@ -89,7 +89,7 @@ struct BenchResult {
 // Options
 
 /// One quantization backend with one option set.
-struct QTUNE_API QuantSet {
+struct QuantSet {
   std::string backend;
   Json options = Json::object();  ///< as given (unresolved); the backend's schema fills defaults
   /// Option keys in the order the user wrote them (labels follow it; Json objects are sorted).
@@ -104,24 +104,24 @@ struct QTUNE_API QuantSet {
 
 /// Parses "name:{json};name:{json};..." (a set without ":{...}" means the defaults). Throws
 /// UserError naming `flag`, the entry and what was expected. Backends are not looked up here.
-QTUNE_API std::vector<QuantSet> parse_quant_sets(const std::string& text, const std::string& flag);
+std::vector<QuantSet> parse_quant_sets(const std::string& text, const std::string& flag);
 
 /// The option sets to run: `wanted` whose backends the registry has (others are dropped with a
 /// warning when `from_defaults`, a UserError naming `flag` otherwise), then, when `from_defaults`,
 /// the default set of every quant plugin found that `wanted` does not mention, so a new plugin is
 /// benchmarked with no change to the tool.
-QTUNE_API std::vector<QuantSet> select_quant_sets(const std::vector<QuantSet>& wanted,
+std::vector<QuantSet> select_quant_sets(const std::vector<QuantSet>& wanted,
                                                   const Registry& registry, bool from_defaults,
                                                   const std::string& flag);
 
 /// A synthetic Llama configuration for `scale`: "tiny" (~0.1M, tests), "15M" (llama2.c
 /// stories15M), "60M", "250M", "1B" (TinyLlama-1.1B's shape, GQA 32/4). Throws UserError naming
 /// `flag` and listing the names otherwise.
-QTUNE_API ModelConfig synthetic_config(const std::string& name, const std::string& flag);
+ModelConfig synthetic_config(const std::string& name, const std::string& flag);
 
 /// Everything the sub-commands need. Paths of shared data resolve like recipe paths
 /// (resolve_data_path: absolute, relative to the working directory, $QTUNE_DATA, ../shared/data).
-struct QTUNE_API BenchOptions {
+struct BenchOptions {
   std::string out_dir = "bench-out";
   torch::Device device = torch::kCPU;
   int threads = 0;  ///< intra-op threads; 0 = every core
@@ -179,48 +179,48 @@ struct QTUNE_API BenchOptions {
 /// Checks everything `command` ("quant", "ppl", "finetune", "scale" or "all") will use before
 /// anything runs: matrix specs, sizes, dtypes, counts, data paths, the adapter plugin and its
 /// options. Throws UserError naming the flag, the value and what was expected.
-QTUNE_API void validate_bench_options(const BenchOptions& options, const Registry& registry,
+void validate_bench_options(const BenchOptions& options, const Registry& registry,
                                       const std::string& command);
 
 /// Every (option set, matrix): bits/parameter from nbytes(), relative Frobenius error, NMSE,
 /// max |error|, quantize time, dequantize throughput (GB/s written, and its ratio to a memcpy of
 /// the same bytes), linear forward + input-gradient time as a ratio to dense fp32 / bf16 matmuls.
 /// A set a backend rejects becomes a row with its status.
-QTUNE_API BenchResult bench_quant(const BenchOptions& options, const Registry& registry);
+BenchResult bench_quant(const BenchOptions& options, const Registry& registry);
 /// Perplexity of model_path on ppl_text, unquantized and with every linear quantized by each set.
-QTUNE_API BenchResult bench_ppl(const BenchOptions& options, const Registry& registry);
+BenchResult bench_ppl(const BenchOptions& options, const Registry& registry);
 /// The same short fine-tune (data, seed, steps, batch) for full, lora and qlora with each set.
-QTUNE_API BenchResult bench_finetune(const BenchOptions& options, const Registry& registry);
+BenchResult bench_finetune(const BenchOptions& options, const Registry& registry);
 /// LoRA vs QLoRA (one set per backend) on synthetic configs: peak RSS, base bytes, step time.
-QTUNE_API BenchResult bench_scale(const BenchOptions& options, const Registry& registry);
+BenchResult bench_scale(const BenchOptions& options, const Registry& registry);
 
 /// The hidden sub-commands the child processes run: "__finetune RECIPE.json" (a Trainer run;
 /// writes summary.json and metrics.jsonl), "__synthesize SPEC.json" (writes a random-weight HF
 /// checkpoint for scale) and "__scale SPEC.json RESULT.json". Returns the exit code.
-QTUNE_API int bench_child_main(const std::vector<std::string>& args, const Registry& registry);
+int bench_child_main(const std::vector<std::string>& args, const Registry& registry);
 /// True for the hidden sub-command names.
-QTUNE_API bool is_bench_child_command(const std::string& command);
+bool is_bench_child_command(const std::string& command);
 
 // ---------------------------------------------------------------------------------------------
 // Output
 
 /// The machine and run: cpu, cores, memory, LibTorch version, threads, device, date (UTC),
 /// command.
-QTUNE_API Json bench_machine_info(const BenchOptions& options);
+Json bench_machine_info(const BenchOptions& options);
 
 /// Writes <out>/<table>.csv and .md for every table, <out>/<plot>.gp, and runs gnuplot on each
 /// (PNG next to it). Returns the markdown section for this result (tables, images, notes).
 /// When gnuplot is missing the plots are skipped and the section says so.
-QTUNE_API std::string write_bench_result(const BenchResult& result, const BenchOptions& options);
+std::string write_bench_result(const BenchResult& result, const BenchOptions& options);
 
 /// Writes <out>/report.md: machine, date and command of this run, then every sub-command section
 /// found in <out> (quant, ppl, finetune, scale; each names its own run). When `doc_path` is not
 /// empty, also replaces the text between "<!-- qtune-bench:begin -->" and
 /// "<!-- qtune-bench:end -->" in that file with the same report (links rewritten relative to
 /// it, headings one level down). Throws UserError when the file lacks the markers.
-QTUNE_API void write_bench_report(const BenchOptions& options, const std::string& doc_path);
+void write_bench_report(const BenchOptions& options, const std::string& doc_path);
 
 /// True when a gnuplot executable is on PATH.
-QTUNE_API bool gnuplot_available();
+bool gnuplot_available();
 
 }  // namespace qtune

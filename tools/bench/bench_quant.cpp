@@ -11,7 +11,7 @@
 #include <sstream>
 
 #include "bench_internal.h"
-#include "qtune/bench.h"
+#include "bench.h"
 #include "qtune/error.h"
 #include "qtune/model_files.h"
 #include "qtune/recipe.h"

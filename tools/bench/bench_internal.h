@@ -8,7 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "qtune/bench.h"
+#include "bench.h"
+#include "qtune/process.h"
 
 namespace qtune::bench_detail {
 
@@ -30,14 +31,6 @@ double median(std::vector<double> v);
 
 /// Sets LibTorch's intra-op threads to `threads` (0 = every core) and returns the count in use.
 int apply_threads(int threads);
-
-/// Resident set size of this process now, in bytes (/proc/self/statm).
-int64_t current_rss_bytes();
-
-/// Runs `exe args...` with stdout and stderr appended to `log_path`; returns the exit code, or
-/// 128 + signal number when the child was killed.
-int run_child(const std::string& exe, const std::vector<std::string>& args,
-              const std::string& log_path);
 
 /// The last non-empty line of a file (what a failed child printed last), at most 300 chars.
 std::string last_line(const std::string& path);

@@ -1,7 +1,7 @@
 // qtune-bench, shared parts (see bench.h): result tables, option sets, synthetic configurations,
 // machine information, CSV / markdown / gnuplot output, the report, and the helpers the
 // sub-commands (bench_quant.cpp, bench_train.cpp) share: timing, threads, child processes.
-#include "qtune/bench.h"
+#include "bench.h"
 
 #include <ATen/Parallel.h>
 #include <fcntl.h>
@@ -394,38 +394,6 @@ int apply_threads(int threads) {
   return at::get_num_threads();
 }
 
-int64_t current_rss_bytes() {
-  std::ifstream in("/proc/self/statm");
-  int64_t size = 0, resident = 0;
-  in >> size >> resident;
-  return resident * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
-}
-
-int run_child(const std::string& exe, const std::vector<std::string>& args,
-              const std::string& log_path) {
-  std::vector<std::string> all{exe};
-  all.insert(all.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : all) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log_path.c_str(),
-                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-  pid_t pid = 0;
-  const int rc = posix_spawnp(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  QTUNE_CHECK(rc == 0, "cannot run ", exe, ": ", std::strerror(rc));
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return 127;
-  }
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return 1;
-}
-
 std::string last_line(const std::string& path) {
   std::ifstream in(path);
   std::string line, last;
@@ -763,7 +731,7 @@ std::string write_bench_result(const BenchResult& result, const BenchOptions& op
     const std::string log = (out / (p.name + ".gnuplot.log")).string();
     fs::remove(log, ec);
     const fs::path abs_out = fs::absolute(out);
-    const int rc = bench_detail::run_child(
+    const int rc = run_child(
         "gnuplot",
         {"-e", "cd " + bench_detail::gp_quote(abs_out.string()), fs::absolute(gp).string()}, log);
     if (rc != 0) {

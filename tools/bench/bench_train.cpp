@@ -15,7 +15,7 @@
 
 #include "bench_internal.h"
 #include "qtune/atomic_file.h"
-#include "qtune/bench.h"
+#include "bench.h"
 #include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
@@ -51,25 +51,6 @@ std::string child_status(int rc, const std::string& log) {
   if (rc == 2) return "rejected: " + line;
   if (rc > 128) return "failed: killed by signal " + std::to_string(rc - 128) + " (" + line + ")";
   return "failed (exit " + std::to_string(rc) + "): " + line;
-}
-
-// Builds quantized-only models for ppl: the builder needs an adapter factory for any
-// non-full train type, but no slot is targeted, so create() is never called.
-class NoAdapterFactory : public AdapterFactory {
- public:
-  std::string name() const override { return "none"; }
-  std::vector<OptionSpec> option_schema() const override { return {}; }
-  std::shared_ptr<Adapter> create(int64_t, int64_t, const Json&) const override {
-    throw std::logic_error("bench: no adapter is created for a perplexity model");
-  }
-};
-
-// Restarts VmHWM at the current RSS (Linux >= 4.0: "5" to clear_refs); false when refused.
-bool reset_hwm() {
-  std::ofstream out("/proc/self/clear_refs");
-  out << "5";
-  out.flush();
-  return out.good();
 }
 
 int64_t linear_params(const LlamaForCausalLMImpl& m) {
@@ -158,7 +139,6 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
                     {"status", 4, true},
                     {"options", 4, false}});
 
-  auto no_adapter = std::make_shared<NoAdapterFactory>();
   double base_loss = NAN;
   auto run = [&](const QuantSet* set) {
     Json row = {{"set", set ? set->label() : "none (fp32)"},
@@ -167,17 +147,12 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
                 {"seq_len", seq},
                 {"threads", threads},
                 {"options", set ? set->options.dump() : "{}"}};
-    TuningSpec spec;
-    spec.dtype = torch::kFloat32;
-    spec.adapter = no_adapter;
-    spec.train_type = set ? TrainType::kQlora : TrainType::kLora;
     try {
-      if (set) {
-        spec.quant = registry.quant(set->backend);
-        spec.quant_options =
-            resolve_options(spec.quant->option_schema(), set->options, set->backend);
-        row["options"] = spec.quant_options.dump();
-      }
+      // The base alone: frozen fp32, or quantized by the set's backend.
+      const TuningSpec spec =
+          set ? TuningSpec::for_base(torch::kFloat32, registry.quant(set->backend), set->options)
+              : TuningSpec::for_base(torch::kFloat32);
+      if (set) row["options"] = spec.base.quant_options.dump();
       auto t0 = clock_type::now();
       LlamaForCausalLM model(files.config, *files.weights, spec);
       model->to(o.device);
@@ -279,33 +254,33 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
   WorkDir work(o);
 
   auto make_recipe = [&](const RunConfig& c, const std::string& out) {
-    Json r = recipe_defaults();
-    r["model"]["path"] = model_path;
-    r["model"]["tokenizer"] = tok_path;
-    r["train_type"] = to_string(c.type);
-    r["dtype"] = o.finetune_dtype;
+    Recipe r = Recipe::from_json(recipe_defaults());
+    r.model.path = model_path;
+    r.model.tokenizer = tok_path;
+    r.train_type = to_string(c.type);
+    r.dtype = o.finetune_dtype;
     if (c.set) {
-      r["quant"]["name"] = c.set->backend;
-      r["quant"]["options"] = c.set->options;
+      r.quant.name = c.set->backend;
+      r.quant.options = c.set->options;
     }
-    r["adapter"]["name"] = adapter->name();
-    r["adapter"]["options"] = o.adapter_options;
-    r["data"]["path"] = data_path;
-    r["data"]["format"] = "auto";
-    r["data"]["val_fraction"] = 0.05;
-    r["data"]["seq_len"] = o.finetune_seq_len;
-    r["train"]["max_steps"] = o.finetune_steps;
-    r["train"]["batch_size"] = o.finetune_batch;
-    r["train"]["lr"] = c.type == TrainType::kFull ? o.finetune_full_lr : o.finetune_lr;
-    r["train"]["warmup_steps"] = std::max<int64_t>(1, o.finetune_steps / 10);
-    r["eval"]["every"] = o.finetune_eval_every;
-    r["eval"]["max_batches"] = 8;
-    r["log_every"] = std::max<int64_t>(1, o.finetune_steps / 5);
-    r["seed"] = static_cast<int64_t>(o.seed);
-    r["threads"] = threads;
-    r["output_dir"] = out;
-    r["plugin_dir"] = o.plugin_dir;
-    return r;
+    r.adapter.name = adapter->name();
+    r.adapter.options = o.adapter_options;
+    r.data.path = data_path;
+    r.data.format = "auto";
+    r.data.val_fraction = 0.05;
+    r.data.seq_len = o.finetune_seq_len;
+    r.train.max_steps = o.finetune_steps;
+    r.train.batch_size = o.finetune_batch;
+    r.train.lr = c.type == TrainType::kFull ? o.finetune_full_lr : o.finetune_lr;
+    r.train.warmup_steps = std::max<int64_t>(1, o.finetune_steps / 10);
+    r.eval.every = o.finetune_eval_every;
+    r.eval.max_batches = 8;
+    r.log_every = std::max<int64_t>(1, o.finetune_steps / 5);
+    r.seed = o.seed;
+    r.threads = threads;
+    r.output_dir = out;
+    r.plugin_dir = o.plugin_dir;
+    return r.to_json();
   };
 
   const auto configs = run_configs(true, o.quant_sets);
@@ -366,7 +341,7 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
     fs::create_directories(dir);
     const Json recipe = make_recipe(c, dir);
     try {
-      row["options"] = c.set ? resolve_recipe(recipe, registry).spec.quant_options.dump() : "";
+      row["options"] = c.set ? resolve_recipe(recipe, registry).spec.base.quant_options.dump() : "";
     } catch (const UserError& e) {
       row["status"] = std::string("rejected: ") + e.what();
       table.add(row);
@@ -511,18 +486,11 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   const int threads = apply_threads(s.at("threads").get<int>());
   const torch::Device device(s.at("device").get<std::string>());
   const ModelConfig config = ModelConfig::from_hf_json(s.at("config"), spec_path);
-  TuningSpec spec;
-  spec.train_type = parse_train_type(s.at("train_type").get<std::string>());
-  spec.dtype = parse_dtype(s.at("dtype").get<std::string>(), "dtype");
-  if (spec.train_type == TrainType::kQlora) {
-    spec.quant = registry.quant(s.at("quant").get<std::string>());
-    spec.quant_options =
-        resolve_options(spec.quant->option_schema(), s.at("quant_options"), "quant.options");
-  }
-  spec.adapter = registry.adapter(s.at("adapter").get<std::string>());
-  spec.adapter_options =
-      resolve_options(spec.adapter->option_schema(), s.at("adapter_options"), "adapter.options");
-  spec.target_modules = parse_target_modules({"all-linear"}, "targets");
+  const TuningSpec spec = TuningSpec::for_training(
+      parse_train_type(s.at("train_type").get<std::string>()),
+      parse_dtype(s.at("dtype").get<std::string>(), "dtype"), registry,
+      s.value("quant", std::string()), s.value("quant_options", Json::object()), false,
+      s.at("adapter").get<std::string>(), s.at("adapter_options"), {"all-linear"});
 
   const uint64_t seed = s.at("seed").get<uint64_t>();
   torch::manual_seed(seed);
@@ -541,7 +509,7 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   const int64_t build_peak = peak_rss_bytes();
   malloc_trim(0);
   const int64_t rss_built = current_rss_bytes();
-  const bool hwm_reset = reset_hwm();
+  const bool hwm_reset = reset_peak_rss();
 
   std::vector<torch::Tensor> params;
   for (auto& [_, p] : model->trainable_parameters()) params.push_back(p);
