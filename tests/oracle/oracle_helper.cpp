@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "qtune/checkpoint.h"
+#include "qtune/trained_model.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/options.h"
