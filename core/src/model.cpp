@@ -3,7 +3,6 @@
 
 #include <cmath>
 #include <functional>
-#include <mutex>
 #include <unordered_set>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -11,6 +10,7 @@
 
 #include "qtune/error.h"
 #include "qtune/options.h"
+#include "qtune/recompute.h"
 #include "process.h"
 
 namespace F = torch::nn::functional;
@@ -239,56 +239,6 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Ten
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activation checkpointing: a reentrant autograd function that runs a decoder layer without
-// recording a graph and replays it (same RNG state, so dropout matches) during backward.
-
-namespace {
-
-struct LayerCheckpoint : public torch::autograd::Function<LayerCheckpoint> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& cos, const torch::Tensor& sin,
-                               int64_t layer_handle) {
-    auto* layer = reinterpret_cast<DecoderLayerImpl*>(layer_handle);
-    ctx->saved_data["layer"] = layer_handle;
-    {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      ctx->saved_data["rng"] = gen.get_state();
-    }
-    ctx->save_for_backward({x, cos, sin});
-    torch::NoGradGuard no_grad;
-    return layer->forward(x, cos, sin, nullptr, 0);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_out) {
-    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
-    auto saved = ctx->get_saved_variables();
-    auto x = saved[0].detach().requires_grad_(true);
-    torch::Tensor rng_now;
-    auto gen = at::detail::getDefaultCPUGenerator();
-    {
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      rng_now = gen.get_state();
-      gen.set_state(ctx->saved_data["rng"].toTensor());
-    }
-    torch::Tensor y;
-    {
-      torch::AutoGradMode enable(true);
-      y = layer->forward(x, saved[1], saved[2], nullptr, 0);
-    }
-    {
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(rng_now);
-    }
-    torch::autograd::backward({y}, {grad_out[0]});
-    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
-  }
-};
-
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------
 // The model and its builder
 
 namespace {
@@ -430,7 +380,14 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& tokens, KVCache
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto layer = model->layers->ptr<DecoderLayerImpl>(i);
     if (checkpointing_ && cache == nullptr && torch::GradMode::is_enabled()) {
-      h = LayerCheckpoint::apply(h, cos, sin, reinterpret_cast<int64_t>(layer.get()));
+      // The layer's trainable parameters go in as inputs of the checkpoint: under lora/qlora the
+      // first layer's input does not require grad, and its adapters are all that trains.
+      DecoderLayerImpl* l = layer.get();
+      h = recompute_in_backward(
+          [l, cos, sin](const std::vector<torch::Tensor>& in) {
+            return l->forward(in[0], cos, sin, nullptr, 0);
+          },
+          {h}, l->parameters());
     } else {
       h = layer->forward(h, cos, sin, cache, static_cast<int64_t>(i));
     }
