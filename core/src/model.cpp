@@ -3,15 +3,17 @@
 
 #include <cmath>
 #include <functional>
-#include <mutex>
 #include <unordered_set>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <spdlog/spdlog.h>
 
+#include "qtune/attention.h"
+#include "qtune/cross_entropy.h"
 #include "qtune/error.h"
 #include "qtune/options.h"
 #include "qtune/process.h"
+#include "qtune/recompute.h"
 
 namespace F = torch::nn::functional;
 
@@ -114,7 +116,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, LinearSlot q, LinearSlot k, L
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                     const torch::Tensor& sin, KVCache* cache, int64_t layer) {
+                                     const torch::Tensor& sin, KVCache* cache, int64_t layer,
+                                     const torch::Tensor& segments) {
   const int64_t B = x.size(0), T = x.size(1);
   auto q = q_proj->forward(x).view({B, T, heads_, head_dim_}).transpose(1, 2);
   auto k = k_proj->forward(x).view({B, T, kv_heads_, head_dim_}).transpose(1, 2);
@@ -132,32 +135,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     k = cache->k[layer].narrow(2, 0, start + T);
     v = cache->v[layer].narrow(2, 0, start + T);
   }
-  const int64_t S = k.size(2);
-  if (kv_heads_ != heads_) {
-    // Grouped-query attention: each kv head serves heads/kv_heads consecutive query heads.
-    k = k.repeat_interleave(heads_ / kv_heads_, 1);
-    v = v.repeat_interleave(heads_ / kv_heads_, 1);
-  }
-  torch::Tensor out;
-#if TORCH_VERSION_MAJOR >= 2
-  if (start == 0) {
-    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-  }
-#endif
-  if (!out.defined()) {
-    // The [B, H, T, S] score tensor is the largest activation: scale q before the product and
-    // mask in place, so only the product and the softmax allocate at that size.
-    auto scores = torch::matmul(q * (1.0 / std::sqrt(static_cast<double>(head_dim_))),
-                                k.transpose(-2, -1));
-    if (T > 1) {
-      // query i (absolute position start+i) may see keys 0..start+i
-      auto qi = torch::arange(start, start + T, torch::kLong).unsqueeze(1);
-      auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
-      scores.masked_fill_(kj > qi, -std::numeric_limits<float>::infinity());
-    }
-    const auto softmax_dtype = torch::promote_types(q.scalar_type(), torch::kFloat32);
-    out = torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(q.scalar_type()), v);
-  }
+  // Grouped-query, causal, within segments; never the [T, T] score matrix (attention.h).
+  auto out = causal_attention(q, k, v, segments, start);
   out = out.transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj->forward(out);
 }
@@ -180,60 +159,11 @@ DecoderLayerImpl::DecoderLayerImpl(RMSNorm in_norm, Attention attn, RMSNorm post
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                        const torch::Tensor& sin, KVCache* cache, int64_t layer) {
-  auto h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer);
+                                        const torch::Tensor& sin, KVCache* cache, int64_t layer,
+                                        const torch::Tensor& segments) {
+  auto h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer, segments);
   return h + mlp->forward(post_attention_layernorm->forward(h));
 }
-
-// ---------------------------------------------------------------------------------------------
-// Activation checkpointing: a reentrant autograd function that runs a decoder layer without
-// recording a graph and replays it (same RNG state, so dropout matches) during backward.
-
-namespace {
-
-struct LayerCheckpoint : public torch::autograd::Function<LayerCheckpoint> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& cos, const torch::Tensor& sin,
-                               int64_t layer_handle) {
-    auto* layer = reinterpret_cast<DecoderLayerImpl*>(layer_handle);
-    ctx->saved_data["layer"] = layer_handle;
-    {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      ctx->saved_data["rng"] = gen.get_state();
-    }
-    ctx->save_for_backward({x, cos, sin});
-    torch::NoGradGuard no_grad;
-    return layer->forward(x, cos, sin, nullptr, 0);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_out) {
-    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
-    auto saved = ctx->get_saved_variables();
-    auto x = saved[0].detach().requires_grad_(true);
-    torch::Tensor rng_now;
-    auto gen = at::detail::getDefaultCPUGenerator();
-    {
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      rng_now = gen.get_state();
-      gen.set_state(ctx->saved_data["rng"].toTensor());
-    }
-    torch::Tensor y;
-    {
-      torch::AutoGradMode enable(true);
-      y = layer->forward(x, saved[1], saved[2], nullptr, 0);
-    }
-    {
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(rng_now);
-    }
-    torch::autograd::backward({y}, {grad_out[0]});
-    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
-  }
-};
-
-}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // The model and its builder
@@ -403,38 +333,93 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
 }
 
 std::pair<torch::Tensor, torch::Tensor> LlamaForCausalLMImpl::rope(int64_t start, int64_t length,
+                                                                   const torch::Tensor& positions,
                                                                    torch::ScalarType dtype) const {
-  auto pos = torch::arange(start, start + length, torch::kFloat64);
-  auto freqs = torch::outer(pos, inv_freq_);
+  // fp64 angles either way, so positions 0, 1, ... given explicitly give the default's values.
+  torch::Tensor freqs;
+  if (positions.defined()) {
+    freqs = (positions.to(torch::kFloat64).unsqueeze(-1) * inv_freq_).unsqueeze(1);  // [B,1,T,hd/2]
+  } else {
+    freqs = torch::outer(torch::arange(start, start + length, torch::kFloat64), inv_freq_);
+  }
   auto emb = torch::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
-torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
+namespace {
+
+// positions / segments: int64 [B, T] like the tokens, or undefined.
+void check_layout(const torch::Tensor& tokens, const torch::Tensor& t, const char* name) {
+  if (!t.defined()) return;
+  QTUNE_CHECK(t.scalar_type() == torch::kLong && t.sizes() == tokens.sizes(), name,
+              " must be int64 [batch, time] like the tokens ", tokens.sizes(), ", got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+}  // namespace
+
+torch::Tensor LlamaForCausalLMImpl::hidden_states(const torch::Tensor& tokens, KVCache* cache,
+                                                  const torch::Tensor& positions,
+                                                  const torch::Tensor& segments) {
   QTUNE_CHECK(tokens.dim() == 2, "tokens must be [batch, time], got ", tokens.sizes());
+  check_layout(tokens, positions, "positions");
+  check_layout(tokens, segments, "segments");
+  QTUNE_CHECK(!positions.defined() || tokens.numel() == 0 || positions.min().item<int64_t>() >= 0,
+              "positions must be >= 0");
+  QTUNE_CHECK(!(segments.defined() && cache),
+              "segments (packed sequences) cannot be used with a KV cache");
   const int64_t start = cache ? cache->length : 0;
-  auto [cos, sin] = rope(start, tokens.size(1), spec_.dtype);
+  auto [cos, sin] = rope(start, tokens.size(1), positions, spec_.dtype);
   auto h = model->embed_tokens->forward(tokens).to(spec_.dtype);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto layer = model->layers->ptr<DecoderLayerImpl>(i);
     if (checkpointing_ && cache == nullptr && torch::GradMode::is_enabled()) {
-      h = LayerCheckpoint::apply(h, cos, sin, reinterpret_cast<int64_t>(layer.get()));
+      // The layer's trainable parameters go in as inputs of the checkpoint: under lora/qlora the
+      // first layer's input does not require grad, and its adapters are all that trains.
+      DecoderLayerImpl* l = layer.get();
+      h = recompute_in_backward(
+          [l, cos = cos, sin = sin, segments](const std::vector<torch::Tensor>& in) {
+            return l->forward(in[0], cos, sin, nullptr, 0, segments);
+          },
+          {h}, l->parameters());
     } else {
-      h = layer->forward(h, cos, sin, cache, static_cast<int64_t>(i));
+      h = layer->forward(h, cos, sin, cache, static_cast<int64_t>(i), segments);
     }
   }
   if (cache) cache->length += tokens.size(1);
-  h = model->norm->forward(h);
-  return lm_head->forward(h).to(master_dtype());
+  return model->norm->forward(h);
 }
 
+torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& tokens, KVCache* cache,
+                                            const torch::Tensor& positions,
+                                            const torch::Tensor& segments) {
+  return lm_head->forward(hidden_states(tokens, cache, positions, segments)).to(master_dtype());
+}
+
+namespace {
+// Tokens per chunk of the loss: about 8M logits (32 MB in fp32) at a time: 262 tokens of
+// Llama-2's 32000-word vocabulary, 65 of Llama-3's 128256, the whole batch of a small model.
+constexpr int64_t kLossChunkLogits = int64_t{1} << 23;
+}  // namespace
+
 std::pair<torch::Tensor, int64_t> LlamaForCausalLMImpl::loss(const torch::Tensor& tokens,
-                                                             const torch::Tensor& targets) {
-  auto logits = forward(tokens);
+                                                             const torch::Tensor& targets,
+                                                             const torch::Tensor& positions,
+                                                             const torch::Tensor& segments) {
+  QTUNE_CHECK(targets.sizes() == tokens.sizes(), "targets ", targets.sizes(),
+              " must have the tokens' shape ", tokens.sizes());
+  auto h = hidden_states(tokens, nullptr, positions, segments);
   auto flat_targets = targets.reshape({-1});
   const int64_t count = flat_targets.ne(-100).sum().item<int64_t>();
-  auto l = F::cross_entropy(logits.view({-1, logits.size(-1)}), flat_targets,
-                            F::CrossEntropyFuncOptions().ignore_index(-100));
+  // What the head reads besides its input: its adapter's parameters and, under full, its
+  // weight (when tied, the embedding's: not a parameter of the slot).
+  std::vector<torch::Tensor> head_params = lm_head->parameters();
+  if (lm_head->dense().defined()) head_params.push_back(lm_head->dense());
+  LinearSlotImpl* head = lm_head.get();
+  auto l = chunked_cross_entropy(
+      h.reshape({-1, h.size(-1)}), flat_targets,
+      [head](const torch::Tensor& x) { return head->forward(x); }, head_params,
+      std::max<int64_t>(1, kLossChunkLogits / config_.vocab_size), master_dtype());
   return {l, count};
 }
 

@@ -289,7 +289,8 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
   const auto names = quant_plugins();
   auto args = bench("scale", out);
   for (const char* a :
-       {"--scale_sizes", "tiny", "--scale_steps", "1", "--scale_seq_len", "16", "--warmup", "0"})
+       {"--scale_sizes", "tiny", "--scale_steps", "1", "--scale_seq_len", "16", "--warmup", "0",
+        "--scale_checkpointing"})
     args.push_back(a);
   auto r = run_program(args);
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -306,6 +307,7 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
                      "batch",
                      "seq_len",
                      "steps",
+                     "checkpointing",
                      "build_s",
                      "rss_start_mb",
                      "build_peak_mb",
@@ -327,6 +329,7 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
   for (size_t i = 0; i < c.rows.size(); ++i) {
     EXPECT_EQ(c.at(i, "status"), "ok") << c.at(i, "config");
     EXPECT_EQ(c.at(i, "dtype"), "bf16");
+    EXPECT_EQ(c.at(i, "checkpointing"), "true");  // lora and qlora train with it
     EXPECT_GE(std::stod(c.at(i, "peak_rss_mb")), std::stod(c.at(i, "rss_built_mb")));
     EXPECT_GE(std::stod(c.at(i, "build_peak_mb")), std::stod(c.at(i, "rss_built_mb")));
     EXPECT_GT(std::stod(c.at(i, "train_peak_mb")), 0.0);

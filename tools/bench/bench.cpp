@@ -327,9 +327,13 @@ ModelConfig synthetic_config(const std::string& name, const std::string& flag) {
   } else if (name == "1B") {
     set(2048, 22, 32, 4, 5632);  // TinyLlama-1.1B: GQA, untied head
     c.tie_word_embeddings = false;
+  } else if (name == "7B") {
+    set(4096, 32, 32, 32, 11008);  // Llama-2-7B: multi-head attention, untied head
+    c.tie_word_embeddings = false;
+    c.max_position_embeddings = 4096;
   } else {
     throw UserError(flag + ": unknown synthetic model size '" + name +
-                    "', expected one of tiny, 15M, 60M, 250M, 1B");
+                    "', expected one of tiny, 15M, 60M, 250M, 1B, 7B");
   }
   c.validate(flag + " " + name);
   return c;

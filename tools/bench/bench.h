@@ -115,7 +115,8 @@ std::vector<QuantSet> select_quant_sets(const std::vector<QuantSet>& wanted,
                                                   const std::string& flag);
 
 /// A synthetic Llama configuration for `scale`: "tiny" (~0.1M, tests), "15M" (llama2.c
-/// stories15M), "60M", "250M", "1B" (TinyLlama-1.1B's shape, GQA 32/4). Throws UserError naming
+/// stories15M), "60M", "250M", "1B" (TinyLlama-1.1B's shape, GQA 32/4), "7B" (Llama-2-7B's
+/// shape: 32 layers, hidden 4096, intermediate 11008, 32 heads, untied head). Throws UserError naming
 /// `flag` and listing the names otherwise.
 ModelConfig synthetic_config(const std::string& name, const std::string& flag);
 
@@ -171,6 +172,7 @@ struct BenchOptions {
   int64_t scale_steps = 4;  ///< timed steps (after `warmup` untimed ones)
   int64_t scale_batch = 1;
   int64_t scale_seq_len = 512;
+  bool scale_checkpointing = false;  ///< activation checkpointing in the timed steps
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -501,6 +501,7 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   LlamaForCausalLM model(config, *files.weights, spec);
   files.weights.reset();
   model->to(device);
+  model->set_activation_checkpointing(s.value("checkpointing", false));
   const double build_s = seconds_since(t0);
   // Building leaves freed transients (full-precision copies of each matrix, quantizer scratch)
   // in the heap, which core's allocator policy keeps (core/src/process.cpp). Returning them
@@ -617,6 +618,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"batch", 4, false},
                     {"seq_len", 4, false},
                     {"steps", 4, false},
+                    {"checkpointing", 4, true},
                     {"build_s", 3, true},
                     {"rss_start_mb", 4, false},
                     {"build_peak_mb", 4, true},
@@ -668,6 +670,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"batch", o.scale_batch},
                     {"seq_len", o.scale_seq_len},
                     {"steps", o.scale_steps},
+                    {"checkpointing", o.scale_checkpointing},
                     {"threads", threads},
                     {"options", c.set ? c.set->options.dump() : ""}};
         const std::string dir = work.path() + "/scale_" + std::to_string(index++) + "_" +
@@ -684,6 +687,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                            {"batch", o.scale_batch},
                            {"seq_len", o.scale_seq_len},
                            {"steps", o.scale_steps},
+                           {"checkpointing", o.scale_checkpointing},
                            {"warmup", std::max(1, o.warmup)},
                            {"threads", threads},
                            {"seed", static_cast<int64_t>(o.seed)},

@@ -109,11 +109,12 @@ int run(int argc, char** argv) {
      "finetune: threads per run (0 = --threads; 1 is fastest and steadiest at stories260K size)")
     ("adapter", po::value<std::string>(), "adapter plugin (default: the first found)")
     ("adapter_options", po::value<std::string>(), "adapter options as JSON, e.g. '{\"rank\":16}'")
-    ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B (all but tiny; quick 15M,60M)")
+    ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B, 7B (15M..1B; quick 15M,60M)")
     ("scale_dtypes", po::value<std::string>(), "scale: comma list of compute dtypes (bf16)")
     ("scale_steps", po::value<int64_t>(), "scale: timed steps per configuration (4, quick 2)")
     ("scale_batch", po::value<int64_t>(), "scale: sequences per step (1)")
     ("scale_seq_len", po::value<int64_t>(), "scale: tokens per sequence (512, quick 128)")
+    ("scale_checkpointing", "scale: activation checkpointing (each decoder layer recomputed in backward)")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first")
     ("work_dir", po::value<std::string>(), "folder for the fine-tune/scale runs (default: a temp folder)")
     ("keep_runs", "keep the run folders (logs, metrics, adapters)")
@@ -228,6 +229,7 @@ int run(int argc, char** argv) {
   if (vm.count("scale_dtypes")) o.scale_dtypes = split_list(vm["scale_dtypes"].as<std::string>());
   o.scale_steps = vm.count("scale_steps") ? vm["scale_steps"].as<int64_t>() : (quick ? 2 : 4);
   if (vm.count("scale_batch")) o.scale_batch = vm["scale_batch"].as<int64_t>();
+  o.scale_checkpointing = vm.count("scale_checkpointing") > 0;
   o.scale_seq_len =
       vm.count("scale_seq_len") ? vm["scale_seq_len"].as<int64_t>() : (quick ? 128 : 512);
 

@@ -79,9 +79,10 @@ struct QTUNE_API KVCache {
 class QTUNE_API AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const ModelConfig& c, LinearSlot q, LinearSlot k, LinearSlot v, LinearSlot o);
-  /// x [B, T, dim]; cos/sin [T, head_dim] for the positions of x; cache may be null.
+  /// x [B, T, dim]; cos/sin [T, head_dim] (or [B, 1, T, head_dim], per token) for the positions
+  /// of x; cache may be null; segments [B, T] int64 or undefined (see LlamaForCausalLM::forward).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        KVCache* cache, int64_t layer);
+                        KVCache* cache, int64_t layer, const torch::Tensor& segments = {});
   LinearSlot q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
@@ -101,7 +102,7 @@ class QTUNE_API DecoderLayerImpl : public torch::nn::Module {
  public:
   DecoderLayerImpl(RMSNorm in_norm, Attention attn, RMSNorm post_norm, Mlp mlp);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        KVCache* cache, int64_t layer);
+                        KVCache* cache, int64_t layer, const torch::Tensor& segments = {});
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   Mlp mlp{nullptr};
@@ -140,11 +141,20 @@ class QTUNE_API LlamaForCausalLMImpl : public torch::nn::Module {
   torch::ScalarType master_dtype() const {
     return torch::promote_types(spec_.dtype, torch::kFloat32);
   }
-  /// tokens [B, T] int64 -> logits [B, T, vocab] in master_dtype() (fp32 unless fp64). With a cache, tokens continue at
-  /// position cache->length and the cache is extended.
-  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
-  /// Mean cross-entropy over targets != -100 (fp32 scalar), and the number of such targets.
-  std::pair<torch::Tensor, int64_t> loss(const torch::Tensor& tokens, const torch::Tensor& targets);
+  /// tokens [B, T] int64 -> logits [B, T, vocab] in master_dtype() (fp32 unless fp64). With a
+  /// cache, tokens continue at position cache->length and the cache is extended.
+  /// Packed sequences (several examples in one row), both undefined by default:
+  /// `positions` [B, T] int64 >= 0 are the RoPE positions of the tokens (restarting at 0 for
+  /// each packed example; default cache->length + 0, 1, ...); `segments` [B, T] int64 restricts
+  /// attention to keys of the query's own segment id (causal and block-diagonal), not with a cache.
+  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr,
+                        const torch::Tensor& positions = {}, const torch::Tensor& segments = {});
+  /// Mean cross-entropy over targets != -100 (master_dtype() scalar), and the number of such
+  /// targets; `positions` and `segments` as for forward(). The vocabulary-sized logits exist
+  /// only a chunk of tokens at a time (see chunked_cross_entropy).
+  std::pair<torch::Tensor, int64_t> loss(const torch::Tensor& tokens, const torch::Tensor& targets,
+                                         const torch::Tensor& positions = {},
+                                         const torch::Tensor& segments = {});
 
   /// A cache sized for `batch` sequences of up to `capacity` positions.
   KVCache new_cache(int64_t batch, int64_t capacity) const;
@@ -176,8 +186,13 @@ class QTUNE_API LlamaForCausalLMImpl : public torch::nn::Module {
   std::vector<std::pair<std::string, LinearSlot>> slots_;
   torch::Tensor inv_freq_;
   bool checkpointing_ = false;
+  // cos/sin [T, head_dim] for positions start.., or [B, 1, T, head_dim] for given positions.
   std::pair<torch::Tensor, torch::Tensor> rope(int64_t start, int64_t length,
+                                               const torch::Tensor& positions,
                                                torch::ScalarType dtype) const;
+  // The final-norm hidden states [B, T, dim] in the compute dtype (what the head reads).
+  torch::Tensor hidden_states(const torch::Tensor& tokens, KVCache* cache,
+                              const torch::Tensor& positions, const torch::Tensor& segments);
 };
 TORCH_MODULE(LlamaForCausalLM);
 
