@@ -7,6 +7,7 @@
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <yaml-cpp/yaml.h>
 
+#include "qtune/chat_template.h"
 #include "qtune/error.h"
 
 namespace fs = std::filesystem;
@@ -22,7 +23,9 @@ Json recipe_defaults() {
     "adapter": {"name": "lora", "target_modules": ["q", "k", "v", "o", "gate", "up", "down"],
                 "options": {}},
     "data": {"path": "tinyshakespeare.txt", "format": "auto", "val_path": "",
-             "val_fraction": 0.05, "seq_len": 256},
+             "val_fraction": 0.05, "seq_len": 256, "template": "auto", "messages_field": "",
+             "role_field": "", "content_field": "", "role_system": [], "role_user": [],
+             "role_assistant": [], "train_on_prompt": false, "overlong": "truncate"},
     "train": {"max_steps": 300, "batch_size": 16, "grad_accum": 1, "lr": 0.003,
               "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
               "warmup_steps": 20, "min_lr_ratio": 0.1, "max_grad_norm": 1.0,
@@ -211,8 +214,18 @@ void validate_recipe(const Json& r) {
   QTUNE_CHECK(!r.at("data").at("val_path").get<std::string>().empty() || (vf > 0 && vf < 1),
               "data.val_fraction must be in (0, 1) when data.val_path is empty, got ", vf);
   const auto fmt = r.at("data").at("format").get<std::string>();
-  QTUNE_CHECK(fmt == "auto" || fmt == "text" || fmt == "alpaca",
-              "data.format must be auto, text or alpaca, got '", fmt, "'");
+  QTUNE_CHECK(fmt == "auto" || fmt == "text" || fmt == "alpaca" || fmt == "messages" ||
+                  fmt == "sharegpt",
+              "data.format must be auto, text, alpaca, messages or sharegpt, got '", fmt, "'");
+  const auto tmpl = r.at("data").at("template").get<std::string>();
+  if (tmpl != "auto") ChatTemplate::builtin(tmpl, "data.template");
+  const auto overlong = r.at("data").at("overlong").get<std::string>();
+  QTUNE_CHECK(overlong == "truncate" || overlong == "drop",
+              "data.overlong must be truncate or drop, got '", overlong, "'");
+  for (const char* key : {"role_system", "role_user", "role_assistant"})
+    for (const auto& name : r.at("data").at(key))
+      QTUNE_CHECK(name.is_string(), "data.", key, " must be a list of role names, got ",
+                  r.at("data").at(key).dump());
   QTUNE_CHECK(r.at("eval").at("every").get<int64_t>() >= 0, "eval.every must be >= 0, got ",
               r.at("eval").at("every").dump());
   QTUNE_CHECK(r.at("eval").at("max_batches").get<int64_t>() > 0, "eval.max_batches must be > 0");

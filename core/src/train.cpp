@@ -300,6 +300,7 @@ Json Trainer::run() {
   dc.val_fraction = r_.val_path.empty() ? rc["data"]["val_fraction"].get<double>() : 0.0;
   dc.seq_len = rc["data"]["seq_len"].get<int64_t>();
   dc.seed = seed;
+  set_chat_options(rc["data"], dc);
   DataSplits data = load_data(dc, *tokenizer);
   spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", data.train->size(),
                data.train->stats().tokens, dc.path, data.val ? data.val->size() : 0);
