@@ -11,6 +11,7 @@
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <yaml-cpp/yaml.h>
 
+#include "qtune/chat_template.h"
 #include "qtune/error.h"
 
 namespace fs = std::filesystem;
@@ -57,6 +58,13 @@ Check<std::string> one_of(std::vector<std::string> allowed) {
     return "must be " + list;
   };
 }
+// A built-in chat template's name, or "auto".
+Check<std::string> chat_template_name() {
+  return [](const std::string& v) {
+    if (v != "auto") ChatTemplate::builtin(v, "data.template");  // throws naming the built-ins
+    return std::string();
+  };
+}
 Check<std::string> not_empty() {
   return [](const std::string& v) { return v.empty() ? std::string("must not be empty") : ""; };
 }
@@ -77,10 +85,19 @@ void declare_keys(V& v, Recipe& r) {
   v("adapter.target_modules", r.adapter.target_modules, std::vector<std::string>{"q", "k", "v", "o", "gate", "up", "down"}, "", "any of q, k, v, o, gate, up, down, output (HF names like `q_proj`, `lm_head` work too), or `all-linear`; a list, or one name");
   v("adapter.options", r.adapter.options, Json::object(), "", "lora: `rank` 8, `alpha` 16.0, `dropout` 0.0, `use_rslora` false, `init` kaiming or gaussian");
   v("data.path", r.data.path, "tinyshakespeare.txt", "data", "training file (also looked up in the data folder)");
-  v("data.format", r.data.format, "auto", "data_format", "`text` (documents split at blank lines, packed into blocks), `alpaca` (JSON array or JSONL with instruction/input/output; loss on the response only) or `auto`", one_of({"auto", "text", "alpaca"}));
+  v("data.format", r.data.format, "auto", "data_format", "`text`, `alpaca`, `messages`, `sharegpt` or `auto` (see [Data formats](#data-formats))", one_of({"auto", "text", "alpaca", "messages", "sharegpt"}));
   v("data.val_path", r.data.val_path, "", "val_data", "validation file; else `data.val_fraction` of the documents is held out");
   v("data.val_fraction", r.data.val_fraction, 0.05, "", "held-out fraction (documents chosen by seed)");
   v("data.seq_len", r.data.seq_len, int64_t{256}, "seq_len", "tokens per sequence", above<int64_t>(0));
+  v("data.template", r.data.chat_template, "auto", "", "chat template: `llama2`, `llama3`, `chatml`, `qwen2`, `mistral`, `mistral_v1`, `zephyr`, `alpaca`, or `auto` = the model's own (see [Chat templates](#chat-templates))", chat_template_name());
+  v("data.messages_field", r.data.messages_field, "", "", "key of a record's message list (`\"\"` = `messages`, for sharegpt `conversations`)");
+  v("data.role_field", r.data.role_field, "", "", "key of a message's role (`\"\"` = `role`, for sharegpt `from`)");
+  v("data.content_field", r.data.content_field, "", "", "key of a message's text (`\"\"` = `content`, for sharegpt `value`)");
+  v("data.role_system", r.data.role_system, std::vector<std::string>{}, "", "the data set's names for the system role (`[]` = `system`)");
+  v("data.role_user", r.data.role_user, std::vector<std::string>{}, "", "the data set's names for the user role (`[]` = messages: `user`; sharegpt: `human`, `user`)");
+  v("data.role_assistant", r.data.role_assistant, std::vector<std::string>{}, "", "the data set's names for the assistant role (`[]` = messages: `assistant`; sharegpt: `gpt`, `assistant`)");
+  v("data.train_on_prompt", r.data.train_on_prompt, false, "", "`false`: the loss counts the assistant's tokens (answers and their end of turn) only; `true`: every token but padding");
+  v("data.overlong", r.data.overlong, "truncate", "", "a record longer than `data.seq_len + 1` tokens: `truncate` (keep the first `seq_len + 1`, drop the record if no target is left) or `drop`; both counted in the log", one_of({"truncate", "drop"}));
   v("train.max_steps", r.train.max_steps, int64_t{300}, "max_steps", "optimizer steps", above<int64_t>(0));
   v("train.batch_size", r.train.batch_size, int64_t{16}, "batch_size", "sequences per micro-batch", above<int64_t>(0));
   v("train.grad_accum", r.train.grad_accum, int64_t{1}, "", "micro-batches per optimizer step", above<int64_t>(0));

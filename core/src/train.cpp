@@ -301,6 +301,15 @@ void Trainer::setup() {
   dc.val_fraction = r_.val_path.empty() ? rc.data.val_fraction : 0.0;
   dc.seq_len = rc.data.seq_len;
   dc.seed = rc.seed;
+  dc.chat_template = rc.data.chat_template;
+  dc.messages_field = rc.data.messages_field;
+  dc.role_field = rc.data.role_field;
+  dc.content_field = rc.data.content_field;
+  dc.role_system = rc.data.role_system;
+  dc.role_user = rc.data.role_user;
+  dc.role_assistant = rc.data.role_assistant;
+  dc.train_on_prompt = rc.data.train_on_prompt;
+  dc.overlong = rc.data.overlong;
   s.data = load_data(dc, *tokenizer);
   spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", s.data.train->size(),
                s.data.train->stats().tokens, dc.path, s.data.val ? s.data.val->size() : 0);

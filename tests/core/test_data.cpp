@@ -9,38 +9,16 @@
 #include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/tokenizer.h"
+#include "char_tokenizer.h"
 #include "test_util.h"
 
 using qtune::DataConfig;
 using qtune::DataLoader;
 using qtune::kIgnoreIndex;
+using qtune::test::chars;
+using qtune::test::CharTokenizer;
 
 namespace {
-
-// One token per byte (id = byte + 3), BOS = 1, EOS = 2, no dummy prefix: token streams can be
-// written down by hand.
-class CharTokenizer : public qtune::Tokenizer {
- public:
-  int64_t vocab_size() const override { return 259; }
-  int bos_id() const override { return 1; }
-  int eos_id() const override { return 2; }
-  std::vector<int> encode(const std::string& text, bool bos, bool eos) const override {
-    std::vector<int> ids;
-    if (bos) ids.push_back(1);
-    for (unsigned char c : text) ids.push_back(c + 3);
-    if (eos) ids.push_back(2);
-    return ids;
-  }
-  std::string decode_token(int, int token) const override {
-    return token >= 3 ? std::string(1, static_cast<char>(token - 3)) : std::string();
-  }
-};
-
-std::string chars(const std::vector<int64_t>& ids) {
-  std::string s;
-  for (int64_t id : ids) s += id >= 3 ? static_cast<char>(id - 3) : (id == 1 ? '^' : '$');
-  return s;
-}
 
 std::string write_file(const std::string& name, const std::string& content) {
   static const std::string dir = qtune::test::temp_dir("data");

@@ -35,6 +35,10 @@ struct QTUNE_API DataRecipe {
   std::string path, format, val_path;
   double val_fraction = 0;
   int64_t seq_len = 0;
+  // Chat and instruction records (data.h's DataConfig says what each does).
+  std::string chat_template, messages_field, role_field, content_field, overlong;
+  std::vector<std::string> role_system, role_user, role_assistant;
+  bool train_on_prompt = false;
 };
 struct QTUNE_API TrainRecipe {
   int64_t max_steps = 0, batch_size = 0, grad_accum = 0, warmup_steps = 0;
