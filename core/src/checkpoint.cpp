@@ -174,6 +174,8 @@ Json run_identity(const TuningSpec& spec, const Json& base) {
       {"quant", qlora && spec.quant ? Json(spec.quant->name()) : Json(nullptr)},
       {"quant_options", qlora ? spec.quant_options : Json(nullptr)},
       {"quant_skip_output", qlora ? Json(spec.quant_skip_output) : Json(nullptr)},
+      {"quant_skip_modules",
+       qlora && !spec.quant_skip_modules.empty() ? Json(spec.quant_skip_modules) : Json(nullptr)},
       {"adapter", adapters && spec.adapter ? Json(spec.adapter->name()) : Json(nullptr)},
       {"adapter_options", adapters ? spec.adapter_options : Json(nullptr)},
       {"target_modules", targets},
@@ -208,8 +210,8 @@ void check_base_identity(const Json& recorded, const Json& current, const std::s
 
 void check_run_identity(const Json& recorded, const Json& current, const std::string& what) {
   QTUNE_CHECK(recorded.is_object(), what, ": the run identity is missing or malformed");
-  for (const char* field : {"train_type", "quant", "quant_skip_output", "quant_options", "adapter",
-                            "adapter_options", "target_modules"}) {
+  for (const char* field : {"train_type", "quant", "quant_skip_output", "quant_skip_modules",
+                            "quant_options", "adapter", "adapter_options", "target_modules"}) {
     const Json r = recorded.value(field, Json(nullptr));
     const Json c = current.value(field, Json(nullptr));
     if (r == c) continue;
@@ -730,6 +732,8 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
     if (spec.train_type == TrainType::kQlora) {
       use_quant(id.at("quant").get<std::string>(), id.at("quant_options"), "quant.options");
       spec.quant_skip_output = id.value("quant_skip_output", false);
+      if (id.value("quant_skip_modules", Json()).is_array())
+        spec.quant_skip_modules = id["quant_skip_modules"].get<std::vector<std::string>>();
       if (!pq.is_null()) {
         // A qtune-quantize directory of the right base: it must also be quantized the same way.
         const Json pq_options =

@@ -1,6 +1,8 @@
 // Llama decoder and the slot builder (see model.h).
 #include "qtune/model.h"
 
+#include <fnmatch.h>
+
 #include <cmath>
 #include <functional>
 #include <mutex>
@@ -11,6 +13,7 @@
 
 #include "qtune/error.h"
 #include "qtune/options.h"
+#include "qtune/rope.h"
 #include "process.h"
 
 namespace F = torch::nn::functional;
@@ -70,6 +73,18 @@ std::set<std::string> parse_target_modules(const std::vector<std::string>& names
   return out;
 }
 
+bool module_matches(const std::string& path, const std::vector<std::string>& patterns) {
+  const std::string dotted = "." + path + ".";
+  for (const auto& p : patterns) {
+    if (p.find_first_of("*?[") != std::string::npos) {
+      if (fnmatch(p.c_str(), path.c_str(), 0) == 0) return true;
+    } else if (!p.empty() && dotted.find("." + p + ".") != std::string::npos) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------------------------------------
 // LinearSlot
 
@@ -91,20 +106,35 @@ LinearSlotImpl::LinearSlotImpl(std::shared_ptr<QuantizedWeight> weight)
   base_ = register_module("base", QuantizedLinear(std::move(weight)));
 }
 
+torch::Tensor LinearSlotImpl::base_forward(const torch::Tensor& x) {
+  if (kind_ == Kind::kQuantized) return base_->forward(x);
+  // Trainable masters are fp32; the cast is differentiable, so bf16 compute still trains them.
+  return F::linear(
+      x, weight_.scalar_type() == x.scalar_type() ? weight_ : weight_.to(x.scalar_type()));
+}
+
 torch::Tensor LinearSlotImpl::forward(const torch::Tensor& x) {
-  torch::Tensor y;
-  if (kind_ == Kind::kQuantized) {
-    y = base_->forward(x);
-  } else {
-    // Trainable masters are fp32; the cast is differentiable, so bf16 compute still trains them.
-    y = F::linear(x, weight_.scalar_type() == x.scalar_type() ? weight_ : weight_.to(x.scalar_type()));
-  }
-  if (adapter_ && adapter_->enabled()) y = y + adapter_->forward(x);
+  torch::Tensor y = base_forward(x);
+  if (adapter_ && adapter_->enabled()) y = adapter_->apply(x, y);
+  if (bias_.defined())
+    y = y + (bias_.scalar_type() == y.scalar_type() ? bias_ : bias_.to(y.scalar_type()));
   return y;
+}
+
+void LinearSlotImpl::set_bias(torch::Tensor bias, bool trainable) {
+  QTUNE_CHECK(bias.dim() == 1 && bias.size(0) == out_, "a projection with ", out_,
+              " outputs needs a bias of shape [", out_, "], got ", bias.sizes());
+  bias_ = trainable ? register_parameter("bias", bias, /*requires_grad=*/true)
+                    : register_buffer("bias", bias);
 }
 
 void LinearSlotImpl::attach_adapter(std::shared_ptr<Adapter> adapter) {
   adapter_ = register_module("adapter", std::move(adapter));
+  // The slot owns the adapter, so the adapter never outlives `this`.
+  AdapterBase base;
+  base.weight = [this](torch::ScalarType dtype) { return base_weight(dtype); };
+  base.linear = [this](const torch::Tensor& x) { return base_forward(x); };
+  adapter_->bind_base(base);
 }
 
 std::shared_ptr<QuantizedWeight> LinearSlotImpl::quantized() const {
@@ -192,8 +222,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     v = v.repeat_interleave(heads_ / kv_heads_, 1);
   }
   torch::Tensor out;
+  // Beyond the window a key is masked (transformers' sliding_window_overlay: kv > q - window).
+  const bool windowed = window_ > 0 && S > window_;
 #if TORCH_VERSION_MAJOR >= 2
-  if (start == 0) {
+  if (start == 0 && !windowed) {
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
   }
 #endif
@@ -202,11 +234,13 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     // mask in place, so only the product and the softmax allocate at that size.
     auto scores = torch::matmul(q * (1.0 / std::sqrt(static_cast<double>(head_dim_))),
                                 k.transpose(-2, -1));
-    if (T > 1) {
+    if (T > 1 || windowed) {
       // query i (absolute position start+i) may see keys 0..start+i
       auto qi = torch::arange(start, start + T, torch::kLong).unsqueeze(1);
       auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
-      scores.masked_fill_(kj > qi, -std::numeric_limits<float>::infinity());
+      auto masked = kj > qi;
+      if (windowed) masked = masked.logical_or(kj <= qi - window_);
+      scores.masked_fill_(masked, -std::numeric_limits<float>::infinity());
     }
     const auto softmax_dtype = torch::promote_types(q.scalar_type(), torch::kFloat32);
     out = torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(q.scalar_type()), v);
@@ -336,10 +370,25 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
     return q;
   };
 
+  // A pre-quantized directory is used as it was quantized: what it stores dense stays dense
+  // (bitsandbytes' llm_int8_skip_modules, a skipped head).
+  bool prequantized = false;
+  if (qlora)
+    for (const auto& n : weights.names())
+      if (weights.has_quantized(n)) {
+        prequantized = true;
+        break;
+      }
+  auto keep_dense = [&](const std::string& path) {
+    return module_matches(path, spec.quant_skip_modules) ||
+           (prequantized && !weights.has_quantized(path + ".weight"));
+  };
+
   // Builds one projection slot: the heart of "QLoRA = LoRA with a quantized base".
   auto make_slot = [&](const std::string& path, const std::string& short_name, int64_t out,
                        int64_t in, bool quantize) -> LinearSlot {
     const std::string name = path + ".weight";
+    quantize = quantize && !keep_dense(path);
     expect_shape(name, {out, in});
     LinearSlot slot{nullptr};
     if (quantize) {
@@ -349,9 +398,15 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
       slot = LinearSlot(std::move(q));
     } else {
       if (weights.has_quantized(name) && !weights.has(name))
-        throw UserError(weights.describe() + ": " + name +
-                        " is only stored quantized; use --train_type qlora with its backend");
+        throw UserError(weights.describe() + ": " + name + " is only stored quantized; " +
+                        (qlora ? "quant.skip_modules cannot keep it dense"
+                               : "use --train_type qlora with its backend"));
       slot = LinearSlot(weights.get(name, dense_dtype), /*trainable=*/full);
+    }
+    if (config.has_bias(short_name)) {
+      // Biases stay dense: trained under full, frozen beside any (quantized) base otherwise.
+      expect_shape(path + ".bias", {out});
+      slot->set_bias(weights.get(path + ".bias", dense_dtype), full);
     }
     if (!full && spec.target_modules.count(short_name))
       slot->attach_adapter(spec.adapter->create(in, out, spec.adapter_options));
@@ -384,14 +439,15 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
     auto gate = make_slot(p + "mlp.gate_proj", "gate", config.intermediate_size, dim, qlora);
     auto up = make_slot(p + "mlp.up_proj", "up", config.intermediate_size, dim, qlora);
     auto down = make_slot(p + "mlp.down_proj", "down", dim, config.intermediate_size, qlora);
-    model->layers->push_back(
-        DecoderLayer(in_norm, Attention(config, q, k, v, o), post_norm, Mlp(gate, up, down)));
+    auto attn = Attention(config, q, k, v, o);
+    attn->set_window(config.attention_window(i));
+    model->layers->push_back(DecoderLayer(in_norm, attn, post_norm, Mlp(gate, up, down)));
     spdlog::debug("built layer {}/{}", i + 1, config.num_hidden_layers);
   }
   model->norm = model->register_module(
       "norm", RMSNorm(norm_weight("model.norm.weight"), config.rms_norm_eps, full));
 
-  const bool quantize_head = qlora && !spec.quant_skip_output;
+  const bool quantize_head = qlora && !spec.quant_skip_output && !keep_dense("lm_head");
   if (config.tie_word_embeddings && !quantize_head) {
     // The head is the embedding matrix itself (trained through it under full).
     lm_head = LinearSlot(model->embed_tokens->weight, full, /*shared=*/true);
@@ -409,15 +465,15 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
   }
   register_module("lm_head", lm_head);
 
-  const int64_t half = hd / 2;
-  inv_freq_ = 1.0 / torch::pow(config.rope_theta,
-                               torch::arange(0, half, torch::kFloat64) * 2.0 / static_cast<double>(hd));
+  inv_freq_ = rope_inv_freq(config, config.max_position_embeddings);
 }
 
 std::pair<torch::Tensor, torch::Tensor> LlamaForCausalLMImpl::rope(int64_t start, int64_t length,
                                                                    torch::ScalarType dtype) const {
   auto pos = torch::arange(start, start + length, torch::kFloat64);
-  auto freqs = torch::outer(pos, inv_freq_);
+  auto freqs = torch::outer(pos, rope_depends_on_length(config_)
+                                     ? rope_inv_freq(config_, start + length)
+                                     : inv_freq_);
   auto emb = torch::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
@@ -495,6 +551,7 @@ struct ByteCounter {
     } else {
       add(slot.dense());
     }
+    add(slot.bias());
   }
 };
 }  // namespace
@@ -544,6 +601,14 @@ class RandomWeights : public WeightSource {
       shapes_[p + "mlp.down_proj.weight"] = {dim, c.intermediate_size};
       shapes_[p + "input_layernorm.weight"] = {dim};
       shapes_[p + "post_attention_layernorm.weight"] = {dim};
+      const int64_t outs[] = {c.num_attention_heads * hd, c.num_key_value_heads * hd,
+                              c.num_key_value_heads * hd, dim, c.intermediate_size,
+                              c.intermediate_size, dim};
+      const char* names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+      const char* shorts[] = {"q", "k", "v", "o", "gate", "up", "down"};
+      for (int s = 0; s < 7; ++s)
+        if (c.has_bias(shorts[s])) shapes_[p + names[s] + ".bias"] = {outs[s]};
     }
     shapes_["model.norm.weight"] = {dim};
     if (!c.tie_word_embeddings) shapes_["lm_head.weight"] = {c.vocab_size, dim};
@@ -556,7 +621,8 @@ class RandomWeights : public WeightSource {
   }
   torch::Tensor get(const std::string& n, torch::ScalarType dtype) const override {
     const auto s = shape(n);
-    if (s.size() == 1) return torch::ones(s, torch::TensorOptions().dtype(dtype));
+    const bool bias = n.size() > 5 && n.compare(n.size() - 5, 5, ".bias") == 0;
+    if (s.size() == 1 && !bias) return torch::ones(s, torch::TensorOptions().dtype(dtype));
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed_ ^ std::hash<std::string>{}(n));
     return (torch::randn(s, gen, torch::TensorOptions()) * 0.02).to(dtype);
   }
@@ -581,6 +647,8 @@ class ModelWeights : public WeightSource {
   ModelWeights(const LlamaForCausalLMImpl& m, bool merge) : m_(m), merge_(merge) {
     for (const auto& [path, slot] : m.slots()) slots_[path + ".weight"] = slot.get();
     auto add = [&](const std::string& n, const torch::Tensor& t) { dense_[n] = t; };
+    for (const auto& [path, slot] : m.slots())
+      if (slot->bias().defined()) add(path + ".bias", slot->bias());
     add("model.embed_tokens.weight", m.model->embed_tokens->weight);
     add("model.norm.weight", m.model->norm->weight);
     for (size_t i = 0; i < m.model->layers->size(); ++i) {

@@ -18,7 +18,7 @@ Json recipe_defaults() {
     "model": {"path": "stories260K.bin", "tokenizer": ""},
     "train_type": "lora",
     "dtype": "fp32",
-    "quant": {"name": "nf4", "skip_output": false, "options": {}},
+    "quant": {"name": "nf4", "skip_output": false, "skip_modules": [], "options": {}},
     "adapter": {"name": "lora", "target_modules": ["q", "k", "v", "o", "gate", "up", "down"],
                 "options": {}},
     "data": {"path": "tinyshakespeare.txt", "format": "auto", "val_path": "",
@@ -223,6 +223,9 @@ void validate_recipe(const Json& r) {
   QTUNE_CHECK(!r.at("output_dir").get<std::string>().empty(), "output_dir must not be empty");
   for (const auto& m : r.at("adapter").at("target_modules"))
     QTUNE_CHECK(m.is_string(), "adapter.target_modules must be a list of names, got ", m.dump());
+  for (const auto& m : r.at("quant").at("skip_modules"))
+    QTUNE_CHECK(m.is_string() && !m.get<std::string>().empty(),
+                "quant.skip_modules must be a list of module patterns, got ", m.dump());
 }
 
 std::string resolve_data_path(const std::string& path, const std::string& key) {

@@ -74,6 +74,7 @@ ResolvedRecipe resolve_recipe(const Json& recipe, const Registry& registry) {
     r.spec.quant_options =
         resolve_options(r.spec.quant->option_schema(), recipe["quant"]["options"], "quant.options");
     r.spec.quant_skip_output = recipe["quant"]["skip_output"].get<bool>();
+    r.spec.quant_skip_modules = recipe["quant"]["skip_modules"].get<std::vector<std::string>>();
     r.recipe["quant"]["options"] = r.spec.quant_options;
   }
   if (r.spec.train_type != TrainType::kFull) {

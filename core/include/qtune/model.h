@@ -36,6 +36,12 @@ QTUNE_API const std::vector<std::string>& all_target_modules();
 QTUNE_API std::set<std::string> parse_target_modules(const std::vector<std::string>& names,
                                                      const std::string& key);
 
+/// Whether module path `path` ("model.layers.0.mlp.down_proj", "lm_head") matches one of
+/// `patterns`: a pattern with * or ? is a glob over the whole path; any other pattern matches
+/// when it equals a run of whole dot-separated components ("lm_head", "down_proj", "mlp",
+/// "layers.0", the full path), as bitsandbytes' skip lists are written.
+QTUNE_API bool module_matches(const std::string& path, const std::vector<std::string>& patterns);
+
 /// What to put in each projection slot.
 struct QTUNE_API TuningSpec {
   TrainType train_type = TrainType::kFull;
@@ -45,6 +51,9 @@ struct QTUNE_API TuningSpec {
   std::shared_ptr<QuantBackend> quant;  // required for qlora
   Json quant_options = Json::object();  // resolved
   bool quant_skip_output = false;       // keep the output head dense under qlora
+  /// Module patterns kept dense under qlora (bitsandbytes' llm_int8_skip_modules; see
+  /// module_matches). A pre-quantized model also keeps dense what it stores dense.
+  std::vector<std::string> quant_skip_modules;
   std::shared_ptr<AdapterFactory> adapter;  // required for lora/qlora
   Json adapter_options = Json::object();    // resolved
   std::set<std::string> target_modules;     // short names, see all_target_modules()
@@ -62,7 +71,12 @@ class QTUNE_API LinearSlotImpl : public torch::nn::Module {
   explicit LinearSlotImpl(std::shared_ptr<QuantizedWeight> weight);
 
   torch::Tensor forward(const torch::Tensor& x);
+  /// x @ W^T through the base alone (no bias, no adapter).
+  torch::Tensor base_forward(const torch::Tensor& x);
   void attach_adapter(std::shared_ptr<Adapter> adapter);
+  /// Adds a bias [out] (Qwen2's q/k/v): parameter "bias" when trainable, else buffer "bias".
+  /// It stays dense whatever the base is, and adapters never see it.
+  void set_bias(torch::Tensor bias, bool trainable);
 
   Kind kind() const { return kind_; }
   int64_t in_features() const { return in_; }
@@ -71,6 +85,8 @@ class QTUNE_API LinearSlotImpl : public torch::nn::Module {
   std::shared_ptr<QuantizedWeight> quantized() const;
   /// The dense base weight tensor (undefined for quantized slots).
   const torch::Tensor& dense() const { return weight_; }
+  /// The bias [out], undefined when the projection has none.
+  const torch::Tensor& bias() const { return bias_; }
   /// The base as a dense [out, in] matrix (dequantized if needed), adapter not included.
   torch::Tensor base_weight(torch::ScalarType dtype) const;
   /// Bytes the base really holds (quantized: nbytes(); dense: numel * element size).
@@ -80,6 +96,7 @@ class QTUNE_API LinearSlotImpl : public torch::nn::Module {
   Kind kind_;
   int64_t in_ = 0, out_ = 0;
   torch::Tensor weight_;
+  torch::Tensor bias_;
   QuantizedLinear base_{nullptr};
   std::shared_ptr<Adapter> adapter_;
 };
@@ -109,10 +126,14 @@ class QTUNE_API AttentionImpl : public torch::nn::Module {
   /// x [B, T, dim]; cos/sin [T, head_dim] for the positions of x; cache may be null.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         KVCache* cache, int64_t layer);
+  /// Sliding-window attention: a query sees itself and the `window` - 1 keys before it; 0 (the
+  /// default) is full causal attention.
+  void set_window(int64_t window) { window_ = window; }
   LinearSlot q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
   int64_t heads_, kv_heads_, head_dim_;
+  int64_t window_ = 0;
 };
 TORCH_MODULE(Attention);
 
