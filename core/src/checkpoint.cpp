@@ -769,6 +769,8 @@ TrainedModel load_trained_model(const TrainedModelOptions& o, const Registry& re
       const std::string cfg_file = (fs::path(o.adapter_dir) / "adapter_config.json").string();
       std::string type = peft_config["peft_type"].get<std::string>();
       std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+      // PEFT spells DoRA as a LoRA config with use_dora; the adapter plugin is named "dora".
+      if (type == "lora" && peft_config.value("use_dora", Json(false)) == Json(true)) type = "dora";
       spec.adapter = registry.adapter(type);
       spec.adapter_options = resolve_options(
           spec.adapter->option_schema(), peft_lora_options(peft_config, *spec.adapter), cfg_file);

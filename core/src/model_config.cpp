@@ -276,6 +276,9 @@ ModelConfig ModelConfig::from_hf_json(const Json& j, const std::string& origin) 
                   " is not supported (expected \"full_attention\" or \"sliding_attention\")");
       sliding.push_back(t == "sliding_attention");
     }
+    QTUNE_CHECK(static_cast<int64_t>(sliding.size()) == c.num_hidden_layers, origin,
+                ": layer_types must have one entry per layer (", c.num_hidden_layers, "), got ",
+                sliding.size());
     const bool any = std::find(sliding.begin(), sliding.end(), true) != sliding.end();
     QTUNE_CHECK(!any || c.sliding_window > 0, origin,
                 ": layer_types has sliding_attention layers but no sliding window is set",

@@ -260,6 +260,17 @@ ModelFiles open_model(const std::string& path) {
 // ---------------------------------------------------------------------------------------------
 // save_hf_model
 
+void copy_tokenizer(const std::string& tokenizer_path, const std::string& dir) {
+  std::error_code ec;
+  const auto ext = fs::path(tokenizer_path).extension().string();
+  const auto dst = fs::path(dir) / (ext == ".model" ? "tokenizer.model" : "tokenizer.bin");
+  fs::remove(dst, ec);  // the source may be read-only, and so its earlier copy
+  fs::copy_file(tokenizer_path, dst, ec);
+  QTUNE_CHECK(!ec, "cannot copy tokenizer ", tokenizer_path, " to ", dst.string(), ": ",
+              ec.message());
+  fs::permissions(dst, fs::perms::owner_write, fs::perm_options::add, ec);
+}
+
 std::string hf_torch_dtype_name(torch::ScalarType dtype) {
   switch (dtype) {
     case torch::kFloat32:

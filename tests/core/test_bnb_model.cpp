@@ -57,19 +57,6 @@ TuningSpec qlora_spec(std::vector<std::string> skip = {}, bool skip_output = fal
   return s;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-void expect_has(const std::string& msg, const std::string& part) {
-  EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-}
-
 void write_config(const std::string& dir, const Json& j) {
   std::ofstream(dir + "/config.json") << j.dump(2);
 }
@@ -182,16 +169,17 @@ TEST(BnbModel, ReadsTheLayoutTransformersSaves) {
     Json bad = cfg;
     bad["quantization_config"].merge_patch(patch);
     write_config(dir, bad);
-    return error_of([&] { open_model(dir); });
+    return test::user_error_of([&] { open_model(dir); });
   };
-  expect_has(refused({{"bnb_4bit_quant_type", "fp4"}}),
-             "quantization_config.bnb_4bit_quant_type = \"fp4\" is not supported");
-  expect_has(refused({{"load_in_8bit", true}, {"load_in_4bit", false}}),
-             "quantization_config.load_in_8bit = true: 8-bit bitsandbytes (LLM.int8)");
-  expect_has(refused({{"bnb_4bit_quant_storage", "int4"}}), "bnb_4bit_quant_storage = \"int4\"");
-  expect_has(refused({{"quant_method", "gptq"}}),
-             "quantization_config with quant_method \"gptq\" "
-             "is not supported");
+  test::expect_contains(refused({{"bnb_4bit_quant_type", "fp4"}}),
+                        "quantization_config.bnb_4bit_quant_type = \"fp4\" is not supported");
+  test::expect_contains(refused({{"load_in_8bit", true}, {"load_in_4bit", false}}),
+                        "quantization_config.load_in_8bit = true: 8-bit bitsandbytes (LLM.int8)");
+  test::expect_contains(refused({{"bnb_4bit_quant_storage", "int4"}}),
+                        "bnb_4bit_quant_storage = \"int4\"");
+  test::expect_contains(refused({{"quant_method", "gptq"}}),
+                        "quantization_config with quant_method \"gptq\" "
+                        "is not supported");
   // A double-quantization flag that the tensors contradict is a corrupt file, said so when read.
   write_config(dir, [&] {
     Json bad = cfg;
@@ -199,16 +187,17 @@ TEST(BnbModel, ReadsTheLayoutTransformersSaves) {
     return bad;
   }());
   ModelFiles g = open_model(dir);
-  expect_has(error_of([&] { g.weights->quantized("model.layers.0.self_attn.q_proj.weight"); }),
-             "has no weight.nested_absmax but quantization_config.bnb_4bit_use_double_quant is "
-             "true");
+  test::expect_contains(
+      test::user_error_of([&] { g.weights->quantized("model.layers.0.self_attn.q_proj.weight"); }),
+      "has no weight.nested_absmax but quantization_config.bnb_4bit_use_double_quant is "
+      "true");
   write_config(dir, cfg);
   // A backend whose state is not bitsandbytes' cannot write this format.
   auto hqq = plugins().quant("hqq");
-  expect_has(error_of([&] {
-               save_bnb_model(test::temp_dir("bnb-hqq"), c, w, *hqq,
-                              resolve_options(hqq->option_schema(), Json::object(), "q"), {},
-                              torch::kBFloat16);
-             }),
-             "the hqq backend does not store bitsandbytes' layout");
+  test::expect_contains(test::user_error_of([&] {
+                          save_bnb_model(test::temp_dir("bnb-hqq"), c, w, *hqq,
+                                         resolve_options(hqq->option_schema(), Json::object(), "q"),
+                                         {}, torch::kBFloat16);
+                        }),
+                        "the hqq backend does not store bitsandbytes' layout");
 }

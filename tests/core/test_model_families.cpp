@@ -20,19 +20,6 @@ namespace {
 using qtune::test::plugins;
 using qtune::test::tiny_config;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-void expect_has(const std::string& msg, const std::string& part) {
-  EXPECT_NE(msg.find(part), std::string::npos) << "'" << part << "' not in: " << msg;
-}
-
 // Every tensor of a model in memory, editable: the tests change one family-specific tensor and
 // keep the rest.
 class TensorMap : public WeightSource {
@@ -173,45 +160,51 @@ TEST(Families, ConfigsParseAsTransformersWritesThem) {
 TEST(Families, UnsupportedOptionsAreRefusedByName) {
   auto err = [](Json base, const Json& patch) {
     base.merge_patch(patch);
-    return error_of([&] { ModelConfig::from_hf_json(base, "cfg.json"); });
+    return test::user_error_of([&] { ModelConfig::from_hf_json(base, "cfg.json"); });
   };
   const Json l = llama32_config();
   auto rope = [&](const Json& r) {
     Json j = l;
     j["rope_scaling"] = r;  // replaced, not merged into the llama3 object
-    return error_of([&] { ModelConfig::from_hf_json(j, "cfg.json"); });
+    return test::user_error_of([&] { ModelConfig::from_hf_json(j, "cfg.json"); });
   };
-  expect_has(err(l, {{"model_type", "qwen3"}}), "cfg.json: model_type \"qwen3\" is not supported");
-  expect_has(rope({{"rope_type", "yarn"}, {"factor", 4.0}}),
-             "cfg.json: rope_scaling.rope_type \"yarn\" is not supported");
-  expect_has(rope({{"type", "linear"}, {"factor", 2.0}, {"beta_fast", 32}}),
-             "rope_scaling.beta_fast = 32 is not supported for rope_type \"linear\"");
-  expect_has(rope({{"rope_type", "llama3"},
-                   {"factor", 8.0},
-                   {"high_freq_factor", 4.0},
-                   {"original_max_position_embeddings", 8192}}),
-             "rope_type \"llama3\" needs \"low_freq_factor\"");
-  expect_has(rope({{"rope_type", "linear"}}), "rope_type \"linear\" needs \"factor\"");
-  expect_has(rope({{"rope_type", "dynamic"}, {"factor", -1.0}}), "rope_scaling.factor must be > 0");
-  expect_has(rope({{"rope_type", "llama3"},
-                   {"factor", 8.0},
-                   {"low_freq_factor", 4.0},
-                   {"high_freq_factor", 4.0},
-                   {"original_max_position_embeddings", 8192}}),
-             "low_freq_factor < high_freq_factor");
-  expect_has(err(l, {{"partial_rotary_factor", 0.5}}), "\"partial_rotary_factor\" = 0.5");
-  expect_has(err(l, {{"attention_dropout", 0.1}}), "\"attention_dropout\" = 0.1 is not supported");
-  expect_has(err(l, {{"hidden_act", "gelu"}}), "\"hidden_act\" = \"gelu\" is not supported");
-  expect_has(err(l, {{"sliding_window", 16}}),
-             "\"sliding_window\" = 16 is not supported for model_type \"llama\"");
-  expect_has(err(l, {{"head_dim", 7}}), "head dimension 7 must be even");
-  expect_has(err(l, {{"layer_types", Json::array({"full_attention", "chunked_attention"})}}),
-             "layer_types entry \"chunked_attention\" is not supported");
-  expect_has(
+  test::expect_contains(err(l, {{"model_type", "qwen3"}}),
+                        "cfg.json: model_type \"qwen3\" is not supported");
+  test::expect_contains(rope({{"rope_type", "yarn"}, {"factor", 4.0}}),
+                        "cfg.json: rope_scaling.rope_type \"yarn\" is not supported");
+  test::expect_contains(rope({{"type", "linear"}, {"factor", 2.0}, {"beta_fast", 32}}),
+                        "rope_scaling.beta_fast = 32 is not supported for rope_type \"linear\"");
+  test::expect_contains(rope({{"rope_type", "llama3"},
+                              {"factor", 8.0},
+                              {"high_freq_factor", 4.0},
+                              {"original_max_position_embeddings", 8192}}),
+                        "rope_type \"llama3\" needs \"low_freq_factor\"");
+  test::expect_contains(rope({{"rope_type", "linear"}}), "rope_type \"linear\" needs \"factor\"");
+  test::expect_contains(rope({{"rope_type", "dynamic"}, {"factor", -1.0}}),
+                        "rope_scaling.factor must be > 0");
+  test::expect_contains(rope({{"rope_type", "llama3"},
+                              {"factor", 8.0},
+                              {"low_freq_factor", 4.0},
+                              {"high_freq_factor", 4.0},
+                              {"original_max_position_embeddings", 8192}}),
+                        "low_freq_factor < high_freq_factor");
+  test::expect_contains(err(l, {{"partial_rotary_factor", 0.5}}),
+                        "\"partial_rotary_factor\" = 0.5");
+  test::expect_contains(err(l, {{"attention_dropout", 0.1}}),
+                        "\"attention_dropout\" = 0.1 is not supported");
+  test::expect_contains(err(l, {{"hidden_act", "gelu"}}),
+                        "\"hidden_act\" = \"gelu\" is not supported");
+  test::expect_contains(err(l, {{"sliding_window", 16}}),
+                        "\"sliding_window\" = 16 is not supported for model_type \"llama\"");
+  test::expect_contains(err(l, {{"head_dim", 7}}), "head dimension 7 must be even");
+  test::expect_contains(
+      err(l, {{"layer_types", Json::array({"full_attention", "chunked_attention"})}}),
+      "layer_types entry \"chunked_attention\" is not supported");
+  test::expect_contains(
       err(qwen25_config(), {{"layer_types", Json::array({"full_attention", "sliding_attention"})}}),
       "sliding_attention layers but no sliding window is set");
-  expect_has(err(l, {{"layer_types", Json::array({"full_attention"})}}),
-             "layer_types must have one entry per layer (2), got 1");
+  test::expect_contains(err(l, {{"layer_types", Json::array({"full_attention"})}}),
+                        "layer_types must have one entry per layer (2), got 1");
 }
 
 // ---------------------------------------------------------------------------------------------

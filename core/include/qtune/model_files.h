@@ -97,6 +97,10 @@ QTUNE_API void save_hf_model(const std::string& dir, const ModelConfig& config,
                              const std::string& tokenizer_path = "",
                              int64_t max_shard_bytes = 5'000'000'000);
 
+/// Copies the tokenizer file `tokenizer_path` into `dir` as tokenizer.model (a .model file) or
+/// tokenizer.bin, replacing an earlier copy (even a read-only one). Throws UserError on failure.
+QTUNE_API void copy_tokenizer(const std::string& tokenizer_path, const std::string& dir);
+
 /// "float32" / "bfloat16" / "float16" (HF's torch_dtype strings); throws UserError otherwise.
 QTUNE_API std::string hf_torch_dtype_name(torch::ScalarType dtype);
 

@@ -5,6 +5,7 @@
 
 #include "dora.h"
 #include "qtune/error.h"
+#include "test_util.h"
 
 using qtune::AdapterBase;
 using qtune::Json;
@@ -37,15 +38,6 @@ void randomize(DoraAdapter& a, uint64_t seed) {
       .mul_(1.0 + 0.2 * torch::rand({a.magnitude().size(0)}, gen));
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const qtune::UserError& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 }  // namespace
 
 TEST(Dora, ParametersNamedAsPeftAndMagnitudeIsTheRowNorm) {
@@ -62,7 +54,9 @@ TEST(Dora, ParametersNamedAsPeftAndMagnitudeIsTheRowNorm) {
   EXPECT_EQ(a->lora_B().abs().sum().item<float>(), 0.0f);
   // Unbound, it says what is missing instead of computing with nothing.
   auto unbound = DoraFactory().create(10, 6, Json{{"rank", 2}});
-  auto msg = error_of([&] { unbound->apply(torch::randn({2, 10}), torch::randn({2, 6})); });
+  auto msg = qtune::test::user_error_of([&] {
+    unbound->apply(torch::randn({2, 10}), torch::randn({2, 6}));
+  });
   EXPECT_NE(msg.find("not bound to a base projection"), std::string::npos) << msg;
 }
 
@@ -185,12 +179,12 @@ TEST(Dora, StateRoundTripAndPeftConfig) {
   auto lora_like = st;
   lora_like.tensors.erase("lora_magnitude_vector");
   lora_like.meta.erase("adapter");
-  auto msg = error_of([&] { b->load(lora_like); });
+  auto msg = qtune::test::user_error_of([&] { b->load(lora_like); });
   EXPECT_NE(msg.find("missing tensor 'lora_magnitude_vector' (a LoRA adapter, not DoRA?)"),
             std::string::npos)
       << msg;
   auto other_alpha = make(w, {{"rank", 2}, {"alpha", 8.0}});
-  msg = error_of([&] { other_alpha->load(st); });
+  msg = qtune::test::user_error_of([&] { other_alpha->load(st); });
   EXPECT_NE(msg.find("saved with alpha 4"), std::string::npos) << msg;
 
   const Json c = a->peft_config();
@@ -198,6 +192,6 @@ TEST(Dora, StateRoundTripAndPeftConfig) {
   EXPECT_EQ(c["use_dora"], true);
   EXPECT_EQ(c["r"], 2);
   EXPECT_EQ(c["lora_alpha"], 4);
-  msg = error_of([] { DoraFactory().create(8, 6, Json{{"rank", 0}}); });
+  msg = qtune::test::user_error_of([] { DoraFactory().create(8, 6, Json{{"rank", 0}}); });
   EXPECT_NE(msg.find("adapter.options.rank must be > 0, got 0"), std::string::npos) << msg;
 }
