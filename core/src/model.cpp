@@ -185,6 +185,26 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
   return x * cos + rotate_half(x) * sin;
 }
 
+// Causal attention where query i (absolute position q_offset + i) sees keys j with
+// q_offset + i - window < j <= q_offset + i, as transformers' sliding_window_overlay
+// (kv_idx > q_idx - window). q [B, H, T, D], k/v [B, KV, S, D] -> [B, H, T, D].
+torch::Tensor sliding_window_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
+                                       int64_t q_offset, int64_t window) {
+  const int64_t H = q.size(1), KV = k.size(1), T = q.size(2), S = k.size(2);
+  if (KV != H) {
+    k = k.repeat_interleave(H / KV, 1);
+    v = v.repeat_interleave(H / KV, 1);
+  }
+  auto scores = torch::matmul(q * (1.0 / std::sqrt(static_cast<double>(q.size(3)))),
+                              k.transpose(-2, -1));
+  auto qi = torch::arange(q_offset, q_offset + T, torch::kLong).unsqueeze(1);
+  auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
+  scores.masked_fill_((kj > qi).logical_or(kj <= qi - window),
+                      -std::numeric_limits<float>::infinity());
+  const auto softmax_dtype = torch::promote_types(q.scalar_type(), torch::kFloat32);
+  return torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(q.scalar_type()), v);
+}
+
 }  // namespace
 
 AttentionImpl::AttentionImpl(const ModelConfig& c, LinearSlot q, LinearSlot k, LinearSlot v,
@@ -215,6 +235,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     k = cache->k[layer].narrow(2, 0, start + T);
     v = cache->v[layer].narrow(2, 0, start + T);
   }
+  // Mistral / Qwen2 sliding window: only once the keys reach beyond it.
+  if (window_ > 0 && k.size(2) > window_) {
+    auto out = sliding_window_attention(q, k, v, start, window_);
+    return o_proj->forward(out.transpose(1, 2).reshape({B, T, heads_ * head_dim_}));
+  }
   const int64_t S = k.size(2);
   if (kv_heads_ != heads_) {
     // Grouped-query attention: each kv head serves heads/kv_heads consecutive query heads.
@@ -222,10 +247,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     v = v.repeat_interleave(heads_ / kv_heads_, 1);
   }
   torch::Tensor out;
-  // Beyond the window a key is masked (transformers' sliding_window_overlay: kv > q - window).
-  const bool windowed = window_ > 0 && S > window_;
 #if TORCH_VERSION_MAJOR >= 2
-  if (start == 0 && !windowed) {
+  if (start == 0) {
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
   }
 #endif
@@ -234,13 +257,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     // mask in place, so only the product and the softmax allocate at that size.
     auto scores = torch::matmul(q * (1.0 / std::sqrt(static_cast<double>(head_dim_))),
                                 k.transpose(-2, -1));
-    if (T > 1 || windowed) {
+    if (T > 1) {
       // query i (absolute position start+i) may see keys 0..start+i
       auto qi = torch::arange(start, start + T, torch::kLong).unsqueeze(1);
       auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
-      auto masked = kj > qi;
-      if (windowed) masked = masked.logical_or(kj <= qi - window_);
-      scores.masked_fill_(masked, -std::numeric_limits<float>::infinity());
+      scores.masked_fill_(kj > qi, -std::numeric_limits<float>::infinity());
     }
     const auto softmax_dtype = torch::promote_types(q.scalar_type(), torch::kFloat32);
     out = torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(q.scalar_type()), v);

@@ -2,6 +2,9 @@
 // forward, merging, state and PEFT config. The math follows the DoRA paper (arXiv 2402.09353,
 // eq. 5 and section 4.3) in HF PEFT's arrangement (peft/tuners/lora/dora.py,
 // DoraLinearLayer.forward), so results and saved adapters agree with PEFT's use_dora = true.
+//
+// The options, the state checks and the PEFT config fields repeat the LoRA plugin's on purpose:
+// DoRA is PEFT's LoraConfig with use_dora, and plugins never include each other (DESIGN.md).
 #include "dora.h"
 
 #include <cmath>
