@@ -15,6 +15,12 @@ AdapterFactory::~AdapterFactory() = default;
 WeightSource::~WeightSource() = default;
 Tokenizer::~Tokenizer() = default;
 
+void Adapter::bind_base(const AdapterBase&) {}
+
+torch::Tensor Adapter::apply(const torch::Tensor& x, const torch::Tensor& base_out) {
+  return base_out + forward(x);
+}
+
 TensorState WeightSource::quantized(const std::string& name) const {
   throw UserError("no pre-quantized state for " + name + " in " + describe());
 }

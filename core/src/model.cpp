@@ -1,6 +1,7 @@
 // Llama decoder and the slot builder (see model.h).
 #include "qtune/model.h"
 
+
 #include <cmath>
 #include <functional>
 #include <unordered_set>
@@ -14,6 +15,7 @@
 #include "qtune/options.h"
 #include "qtune/process.h"
 #include "qtune/recompute.h"
+#include "qtune/rope.h"
 
 namespace F = torch::nn::functional;
 
@@ -40,20 +42,35 @@ LinearSlotImpl::LinearSlotImpl(std::shared_ptr<QuantizedWeight> weight)
   base_ = register_module("base", QuantizedLinear(std::move(weight)));
 }
 
+torch::Tensor LinearSlotImpl::base_forward(const torch::Tensor& x) {
+  if (kind_ == Kind::kQuantized) return base_->forward(x);
+  // Trainable masters are fp32; the cast is differentiable, so bf16 compute still trains them.
+  return F::linear(
+      x, weight_.scalar_type() == x.scalar_type() ? weight_ : weight_.to(x.scalar_type()));
+}
+
 torch::Tensor LinearSlotImpl::forward(const torch::Tensor& x) {
-  torch::Tensor y;
-  if (kind_ == Kind::kQuantized) {
-    y = base_->forward(x);
-  } else {
-    // Trainable masters are fp32; the cast is differentiable, so bf16 compute still trains them.
-    y = F::linear(x, weight_.scalar_type() == x.scalar_type() ? weight_ : weight_.to(x.scalar_type()));
-  }
-  if (adapter_ && adapter_->enabled()) y = y + adapter_->forward(x);
+  torch::Tensor y = base_forward(x);
+  if (adapter_ && adapter_->enabled()) y = adapter_->apply(x, y);
+  if (bias_.defined())
+    y = y + (bias_.scalar_type() == y.scalar_type() ? bias_ : bias_.to(y.scalar_type()));
   return y;
+}
+
+void LinearSlotImpl::set_bias(torch::Tensor bias, bool trainable) {
+  QTUNE_CHECK(bias.dim() == 1 && bias.size(0) == out_, "a projection with ", out_,
+              " outputs needs a bias of shape [", out_, "], got ", bias.sizes());
+  bias_ = trainable ? register_parameter("bias", bias, /*requires_grad=*/true)
+                    : register_buffer("bias", bias);
 }
 
 void LinearSlotImpl::attach_adapter(std::shared_ptr<Adapter> adapter) {
   adapter_ = register_module("adapter", std::move(adapter));
+  // The slot owns the adapter, so the adapter never outlives `this`.
+  AdapterBase base;
+  base.weight = [this](torch::ScalarType dtype) { return base_weight(dtype); };
+  base.linear = [this](const torch::Tensor& x) { return base_forward(x); };
+  adapter_->bind_base(base);
 }
 
 std::shared_ptr<QuantizedWeight> LinearSlotImpl::quantized() const {
@@ -104,6 +121,26 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
   return x * cos + rotate_half(x) * sin;
 }
 
+// Causal attention where query i (absolute position q_offset + i) sees keys j with
+// q_offset + i - window < j <= q_offset + i, as transformers' sliding_window_overlay
+// (kv_idx > q_idx - window). q [B, H, T, D], k/v [B, KV, S, D] -> [B, H, T, D].
+torch::Tensor sliding_window_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
+                                       int64_t q_offset, int64_t window) {
+  const int64_t H = q.size(1), KV = k.size(1), T = q.size(2), S = k.size(2);
+  if (KV != H) {
+    k = k.repeat_interleave(H / KV, 1);
+    v = v.repeat_interleave(H / KV, 1);
+  }
+  auto scores = torch::matmul(q * (1.0 / std::sqrt(static_cast<double>(q.size(3)))),
+                              k.transpose(-2, -1));
+  auto qi = torch::arange(q_offset, q_offset + T, torch::kLong).unsqueeze(1);
+  auto kj = torch::arange(S, torch::kLong).unsqueeze(0);
+  scores.masked_fill_((kj > qi).logical_or(kj <= qi - window),
+                      -std::numeric_limits<float>::infinity());
+  const auto softmax_dtype = torch::promote_types(q.scalar_type(), torch::kFloat32);
+  return torch::matmul(torch::softmax(scores, -1, softmax_dtype).to(q.scalar_type()), v);
+}
+
 }  // namespace
 
 AttentionImpl::AttentionImpl(const ModelConfig& c, LinearSlot q, LinearSlot k, LinearSlot v,
@@ -135,8 +172,16 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     k = cache->k[layer].narrow(2, 0, start + T);
     v = cache->v[layer].narrow(2, 0, start + T);
   }
-  // Grouped-query, causal, within segments; never the [T, T] score matrix (attention.h).
-  auto out = causal_attention(q, k, v, segments, start);
+  torch::Tensor out;
+  if (window_ > 0 && k.size(2) > window_) {
+    // Mistral / Qwen2 sliding window: only once the keys reach beyond it.
+    QTUNE_CHECK(!segments.defined(), "packed sequences (data.pack) longer than the model's "
+                "sliding window (", window_, " tokens) are not supported; lower data.seq_len");
+    out = sliding_window_attention(q, k, v, start, window_);
+  } else {
+    // Grouped-query, causal, within segments; never the [T, T] score matrix (attention.h).
+    out = causal_attention(q, k, v, segments, start);
+  }
   out = out.transpose(1, 2).reshape({B, T, heads_ * head_dim_});
   return o_proj->forward(out);
 }
@@ -184,7 +229,22 @@ class SlotBuilder {
         spec_(spec),
         master_dtype_(master_dtype),
         // Frozen dense tensors live in the compute dtype; trainable ones are fp32 masters.
-        dense_dtype_(spec.trainable_base() ? master_dtype : spec.dtype) {}
+        dense_dtype_(spec.trainable_base() ? master_dtype : spec.dtype) {
+    // A pre-quantized directory is used as it was quantized: what it stores dense stays dense
+    // (bitsandbytes' llm_int8_skip_modules, a skipped head).
+    if (spec.quantized_base())
+      for (const auto& n : weights.names())
+        if (weights.has_quantized(n)) {
+          prequantized_ = true;
+          break;
+        }
+  }
+
+  /// Whether projection `path` stays dense under a quantized base.
+  bool keep_dense(const std::string& path) const {
+    return module_matches(path, spec_.base.quant_skip_modules) ||
+           (prequantized_ && !weights_.has_quantized(path + ".weight"));
+  }
 
   /// Checks that `name` exists with `shape` (a quantized-only tensor is checked when loaded).
   void expect_shape(const std::string& name, const std::vector<int64_t>& shape) const {
@@ -222,6 +282,7 @@ class SlotBuilder {
                   bool quantize) {
     const std::string name = path + ".weight";
     expect_shape(name, {out, in});
+    quantize = quantize && !keep_dense(path);
     LinearSlot s{nullptr};
     if (quantize) {
       auto q = load_or_quantize(name, name);
@@ -232,9 +293,15 @@ class SlotBuilder {
       s = LinearSlot(std::move(q));
     } else {
       if (weights_.has_quantized(name) && !weights_.has(name))
-        throw UserError(weights_.describe() + ": " + name +
-                        " is only stored quantized; use --train_type qlora with its backend");
+        throw UserError(weights_.describe() + ": " + name + " is only stored quantized; " +
+                        (spec_.quantized_base() ? "quant.skip_modules cannot keep it dense"
+                                                : "use --train_type qlora with its backend"));
       s = LinearSlot(weights_.get(name, dense_dtype_), spec_.trainable_base());
+    }
+    if (config_.has_bias(short_name)) {
+      // Biases stay dense: trained under full, frozen beside any (quantized) base otherwise.
+      expect_shape(path + ".bias", {out});
+      s->set_bias(weights_.get(path + ".bias", dense_dtype_), spec_.trainable_base());
     }
     attach(s, short_name, in, out);
     slots.emplace_back(path, s);
@@ -278,14 +345,17 @@ class SlotBuilder {
     auto gate = slot(p + "mlp.gate_proj", "gate", ffn, dim, qz);
     auto up = slot(p + "mlp.up_proj", "up", ffn, dim, qz);
     auto down = slot(p + "mlp.down_proj", "down", dim, ffn, qz);
-    return DecoderLayer(in_norm, Attention(config_, q, k, v, o), post_norm, Mlp(gate, up, down));
+    auto attn = Attention(config_, q, k, v, o);
+    attn->set_window(config_.attention_window(i));
+    return DecoderLayer(in_norm, attn, post_norm, Mlp(gate, up, down));
   }
 
   /// The output head. Tied and kept dense, it is the embedding matrix itself (trained through
   /// it under full); tied and quantized, it is a quantized copy (the lookup keeps the dense one).
   LinearSlot head(const torch::Tensor& embedding) {
     const int64_t dim = config_.hidden_size, vocab = config_.vocab_size;
-    const bool quantize = spec_.quantized_base() && !spec_.base.quant_skip_output;
+    const bool quantize =
+        spec_.quantized_base() && !spec_.base.quant_skip_output && !keep_dense("lm_head");
     if (!config_.tie_word_embeddings) return slot("lm_head", "output", vocab, dim, quantize);
     LinearSlot h = quantize
                        ? LinearSlot(load_or_quantize("lm_head.weight", "model.embed_tokens.weight"))
@@ -302,6 +372,7 @@ class SlotBuilder {
   const WeightSource& weights_;
   const TuningSpec& spec_;
   torch::ScalarType master_dtype_, dense_dtype_;
+  bool prequantized_ = false;
 };
 
 }  // namespace
@@ -327,20 +398,24 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
   lm_head = register_module("lm_head", b.head(model->embed_tokens->weight));
   slots_ = std::move(b.slots);
 
-  const int64_t hd = config.head_dim(), half = hd / 2;
-  inv_freq_ = 1.0 / torch::pow(config.rope_theta,
-                               torch::arange(0, half, torch::kFloat64) * 2.0 / static_cast<double>(hd));
+  inv_freq_ = rope_inv_freq(config, config.max_position_embeddings);
 }
 
 std::pair<torch::Tensor, torch::Tensor> LlamaForCausalLMImpl::rope(int64_t start, int64_t length,
                                                                    const torch::Tensor& positions,
                                                                    torch::ScalarType dtype) const {
   // fp64 angles either way, so positions 0, 1, ... given explicitly give the default's values.
+  // Dynamic NTK scaling stretches the frequencies with the sequence's length (rope.h).
+  const torch::Tensor inv_freq = rope_depends_on_length(config_)
+                                     ? rope_inv_freq(config_, positions.defined()
+                                                                  ? positions.max().item<int64_t>() + 1
+                                                                  : start + length)
+                                     : inv_freq_;
   torch::Tensor freqs;
   if (positions.defined()) {
-    freqs = (positions.to(torch::kFloat64).unsqueeze(-1) * inv_freq_).unsqueeze(1);  // [B,1,T,hd/2]
+    freqs = (positions.to(torch::kFloat64).unsqueeze(-1) * inv_freq).unsqueeze(1);  // [B,1,T,hd/2]
   } else {
-    freqs = torch::outer(torch::arange(start, start + length, torch::kFloat64), inv_freq_);
+    freqs = torch::outer(torch::arange(start, start + length, torch::kFloat64), inv_freq);
   }
   auto emb = torch::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
@@ -468,6 +543,7 @@ struct ByteCounter {
     } else {
       add(slot.dense());
     }
+    add(slot.bias());
   }
 };
 }  // namespace
@@ -517,6 +593,14 @@ class RandomWeights : public WeightSource {
       shapes_[p + "mlp.down_proj.weight"] = {dim, c.intermediate_size};
       shapes_[p + "input_layernorm.weight"] = {dim};
       shapes_[p + "post_attention_layernorm.weight"] = {dim};
+      const int64_t outs[] = {c.num_attention_heads * hd, c.num_key_value_heads * hd,
+                              c.num_key_value_heads * hd, dim, c.intermediate_size,
+                              c.intermediate_size, dim};
+      const char* names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+      const char* shorts[] = {"q", "k", "v", "o", "gate", "up", "down"};
+      for (int s = 0; s < 7; ++s)
+        if (c.has_bias(shorts[s])) shapes_[p + names[s] + ".bias"] = {outs[s]};
     }
     shapes_["model.norm.weight"] = {dim};
     if (!c.tie_word_embeddings) shapes_["lm_head.weight"] = {c.vocab_size, dim};
@@ -529,7 +613,8 @@ class RandomWeights : public WeightSource {
   }
   torch::Tensor get(const std::string& n, torch::ScalarType dtype) const override {
     const auto s = shape(n);
-    if (s.size() == 1) return torch::ones(s, torch::TensorOptions().dtype(dtype));
+    const bool bias = n.size() > 5 && n.compare(n.size() - 5, 5, ".bias") == 0;
+    if (s.size() == 1 && !bias) return torch::ones(s, torch::TensorOptions().dtype(dtype));
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed_ ^ std::hash<std::string>{}(n));
     return (torch::randn(s, gen, torch::TensorOptions()) * 0.02).to(dtype);
   }
@@ -554,6 +639,8 @@ class ModelWeights : public WeightSource {
   ModelWeights(const LlamaForCausalLMImpl& m, bool merge) : m_(m), merge_(merge) {
     for (const auto& [path, slot] : m.slots()) slots_[path + ".weight"] = slot.get();
     auto add = [&](const std::string& n, const torch::Tensor& t) { dense_[n] = t; };
+    for (const auto& [path, slot] : m.slots())
+      if (slot->bias().defined()) add(path + ".bias", slot->bias());
     add("model.embed_tokens.weight", m.model->embed_tokens->weight);
     add("model.norm.weight", m.model->norm->weight);
     for (size_t i = 0; i < m.model->layers->size(); ++i) {

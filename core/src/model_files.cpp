@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "qtune/atomic_file.h"
+#include "qtune/bnb_model.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/llama2c.h"
@@ -32,21 +33,25 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> llama_weight_shapes(
     const ModelConfig& c) {
-  const int64_t h = c.hidden_size, kv = c.num_key_value_heads * c.head_dim();
-  const int64_t inter = c.intermediate_size;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim(),
+                kv = c.num_key_value_heads * c.head_dim(), inter = c.intermediate_size;
   std::vector<std::pair<std::string, std::vector<int64_t>>> out;
   out.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
+    auto proj = [&](const char* path, const char* short_name, int64_t rows, int64_t cols) {
+      out.push_back({p + path + ".weight", {rows, cols}});
+      if (c.has_bias(short_name)) out.push_back({p + path + ".bias", {rows}});
+    };
     out.push_back({p + "input_layernorm.weight", {h}});
-    out.push_back({p + "self_attn.q_proj.weight", {h, h}});
-    out.push_back({p + "self_attn.k_proj.weight", {kv, h}});
-    out.push_back({p + "self_attn.v_proj.weight", {kv, h}});
-    out.push_back({p + "self_attn.o_proj.weight", {h, h}});
+    proj("self_attn.q_proj", "q", q, h);
+    proj("self_attn.k_proj", "k", kv, h);
+    proj("self_attn.v_proj", "v", kv, h);
+    proj("self_attn.o_proj", "o", h, q);
     out.push_back({p + "post_attention_layernorm.weight", {h}});
-    out.push_back({p + "mlp.gate_proj.weight", {inter, h}});
-    out.push_back({p + "mlp.up_proj.weight", {inter, h}});
-    out.push_back({p + "mlp.down_proj.weight", {h, inter}});
+    proj("mlp.gate_proj", "gate", inter, h);
+    proj("mlp.up_proj", "up", inter, h);
+    proj("mlp.down_proj", "down", h, inter);
   }
   out.push_back({"model.norm.weight", {h}});
   if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, h}});
@@ -185,7 +190,18 @@ ModelFiles open_hf_dir(const std::string& dir) {
   m.config = ModelConfig::from_hf_json(config_json, config_path);
   if (is_quantized_config(config_json))
     m.weights = open_quantized_dir(dir, config_json);  // written by qtune-quantize
-  else
+  else if (is_bnb_config(config_json))
+    m.weights = open_bnb_dir(dir, config_json);  // transformers' bitsandbytes 4-bit layout
+  else if (config_json.contains("quantization_config") &&
+           !config_json["quantization_config"].is_null()) {
+    const Json& qc = config_json["quantization_config"];
+    throw UserError(config_path + ": quantization_config " +
+                    (qc.is_object() && qc.contains("quant_method")
+                         ? "with quant_method " + qc["quant_method"].dump()
+                         : qc.dump()) +
+                    " is not supported (expected quant_method \"bitsandbytes\" (4-bit) or "
+                    "\"qtune\")");
+  } else
     m.weights = SafetensorsWeightSource::open_dir(dir);
   check_llama_weights(m.config, *m.weights, dir);
   for (const char* tok : {"tokenizer.model", "tokenizer.bin", "tokenizer.json"}) {

@@ -7,6 +7,7 @@
 
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
+#include "qtune/model.h"
 #include "qtune/model_files.h"
 #include "qtune/safetensors.h"
 #include "qtune/process.h"
@@ -89,7 +90,8 @@ std::unique_ptr<WeightSource> open_quantized_dir(const std::string& dir, const J
 int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
                              const WeightSource& weights, const QuantBackend& backend,
                              const Json& options, bool skip_output, torch::ScalarType dense_dtype,
-                             const std::string& tokenizer_path) {
+                             const std::string& tokenizer_path,
+                             const std::vector<std::string>& skip_modules) {
   config.validate(weights.describe());
   check_llama_weights(config, weights, weights.describe());
   std::error_code ec;
@@ -118,7 +120,8 @@ int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
   };
   for (const auto& [name, shape] : llama_weight_shapes(config)) {
     const bool head = name == "lm_head.weight";
-    if (is_projection(name, shape) && !(head && skip_output)) {
+    if (is_projection(name, shape) && !(head && skip_output) &&
+        !module_matches(module_of(name), skip_modules)) {
       add_quantized(name, weights.get(name, torch::kFloat32));
       spdlog::debug("quantized {}", name);
       continue;
@@ -132,7 +135,7 @@ int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
     e.make = [src, n, dense_dtype] { return src->get(n, dense_dtype); };
     entries.push_back(std::move(e));
   }
-  if (config.tie_word_embeddings && !skip_output)
+  if (config.tie_word_embeddings && !skip_output && !module_matches("lm_head", skip_modules))
     add_quantized("lm_head.weight", weights.get("model.embed_tokens.weight", torch::kFloat32));
 
   write_safetensors((fs::path(dir) / "model.safetensors").string(), std::move(entries), metadata);
@@ -142,6 +145,7 @@ int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
                                 {"backend", backend.name()},
                                 {"options", options},
                                 {"skip_output", skip_output},
+                                {"skip_modules", skip_modules},
                                 {"format_version", kFormatVersion}};
   atomic_write_string((fs::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
   if (!tokenizer_path.empty()) save_tokenizer_files(tokenizer_path, dir);

@@ -74,16 +74,17 @@ Check<std::string> not_empty() {
 template <typename V>
 void declare_keys(V& v, Recipe& r) {
   // clang-format off
-  v("model.path", r.model.path, "stories260K.bin", "model", "HF directory (config.json + safetensors, sharded or not, or a `qtune-quantize` output) or llama2.c `.bin` (also looked up in the data folder)");
+  v("model.path", r.model.path, "stories260K.bin", "model", "HF directory of model_type llama / mistral / qwen2 (config.json + safetensors, sharded or not; a `qtune-quantize` output; a bitsandbytes 4-bit directory, qlora only) or llama2.c `.bin` (also looked up in the data folder)");
   v("model.tokenizer", r.model.tokenizer, "", "tokenizer", "any format of [formats.md](formats.md#tokenizers): `tokenizer.json`, GPT-2 `vocab.json` (+ `merges.txt`), `.model` (sentencepiece or tiktoken), `.tiktoken`, `tok*.bin` (llama2.c); empty = `tokenizer.model`, else `tokenizer.bin`, else `tokenizer.json` beside an HF model");
   v("train_type", r.train_type, "lora", "train_type", "`full`, `lora` or `qlora`", one_of({"full", "lora", "qlora"}));
   v("dtype", r.dtype, "fp32", "dtype", "compute dtype `fp32` or `bf16`; trainable weights are always fp32 masters", one_of({"fp32", "float32", "bf16", "bfloat16"}));
   v("quant.name", r.quant.name, "nf4", "quant", "quantization plugin (qlora only)");
   v("quant.skip_output", r.quant.skip_output, false, "", "keep the output head dense under qlora");
+  v("quant.skip_modules", r.quant.skip_modules, std::vector<std::string>{}, "", "module patterns kept dense under qlora, like bitsandbytes' `llm_int8_skip_modules`: a name matches whole path components (`lm_head`, `down_proj`, `layers.0`), `*`/`?` glob the full path");
   v("quant.options", r.quant.options, Json::object(), "", "the plugin's options (`trainer --list-plugins`; docs per plugin)");
-  v("adapter.name", r.adapter.name, "lora", "adapter", "adapter plugin (lora and qlora)");
+  v("adapter.name", r.adapter.name, "lora", "adapter", "adapter plugin (lora and qlora): `lora`, or `dora` (weight-decomposed LoRA; with qlora this is QDoRA)");
   v("adapter.target_modules", r.adapter.target_modules, std::vector<std::string>{"q", "k", "v", "o", "gate", "up", "down"}, "", "any of q, k, v, o, gate, up, down, output (HF names like `q_proj`, `lm_head` work too), or `all-linear`; a list, or one name");
-  v("adapter.options", r.adapter.options, Json::object(), "", "lora: `rank` 8, `alpha` 16.0, `dropout` 0.0, `use_rslora` false, `init` kaiming or gaussian");
+  v("adapter.options", r.adapter.options, Json::object(), "", "lora and dora: `rank` 8, `alpha` 16.0, `dropout` 0.0, `use_rslora` false, `init` kaiming or gaussian (dora's magnitude starts at the base's row norms)");
   v("data.path", r.data.path, "tinyshakespeare.txt", "data", "training file (also looked up in the data folder)");
   v("data.format", r.data.format, "auto", "data_format", "`text`, `alpaca`, `messages`, `sharegpt` or `auto` (see [Data formats](#data-formats))", one_of({"auto", "text", "alpaca", "messages", "sharegpt"}));
   v("data.val_path", r.data.val_path, "", "val_data", "validation file; else `data.val_fraction` of the documents is held out");

@@ -145,6 +145,9 @@ Json run_identity(const TuningSpec& spec, const Json& base) {
       {"quant", quantized ? Json(spec.base.quant->name()) : Json(nullptr)},
       {"quant_options", quantized ? spec.base.quant_options : Json(nullptr)},
       {"quant_skip_output", quantized ? Json(spec.base.quant_skip_output) : Json(nullptr)},
+      {"quant_skip_modules", quantized && !spec.base.quant_skip_modules.empty()
+                                 ? Json(spec.base.quant_skip_modules)
+                                 : Json(nullptr)},
       {"adapter", a.present() ? Json(a.factory->name()) : Json(nullptr)},
       {"adapter_options", a.present() ? a.options : Json(nullptr)},
       {"target_modules", targets},
@@ -179,8 +182,8 @@ void check_base_identity(const Json& recorded, const Json& current, const std::s
 
 void check_run_identity(const Json& recorded, const Json& current, const std::string& what) {
   QTUNE_CHECK(recorded.is_object(), what, ": the run identity is missing or malformed");
-  for (const char* field : {"train_type", "quant", "quant_skip_output", "quant_options", "adapter",
-                            "adapter_options", "target_modules"}) {
+  for (const char* field : {"train_type", "quant", "quant_skip_output", "quant_skip_modules",
+                            "quant_options", "adapter", "adapter_options", "target_modules"}) {
     const Json r = recorded.value(field, Json(nullptr));
     const Json c = current.value(field, Json(nullptr));
     if (r == c) continue;

@@ -56,7 +56,7 @@ ResolvedRecipe resolve_recipe(const Json& tree, const Registry& registry) {
   r.spec = TuningSpec::for_training(parse_train_type(rc.train_type), parse_dtype(rc.dtype),
                                     registry, rc.quant.name, rc.quant.options,
                                     rc.quant.skip_output, rc.adapter.name, rc.adapter.options,
-                                    rc.adapter.target_modules);
+                                    rc.adapter.target_modules, rc.quant.skip_modules);
   // The tree records the options in force, defaults included.
   if (r.spec.quantized_base()) rc.quant.options = r.spec.base.quant_options;
   if (r.spec.adapter.present()) rc.adapter.options = r.spec.adapter.options;

@@ -122,6 +122,8 @@ TuningSpec untracked_spec(const TrainedModelOptions& o, const Recorded& r,
   const Json& peft = r.peft_config;
   std::string type = peft["peft_type"].get<std::string>();
   std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+  // PEFT spells DoRA as a LoRA config with use_dora; the adapter plugin is named "dora".
+  if (type == "lora" && peft.value("use_dora", Json(false)) == Json(true)) type = "dora";
   AdapterSpec& a = spec.adapter;
   a.factory = registry.adapter(type);
   a.options = resolve_options(a.factory->option_schema(), peft_lora_options(peft, *a.factory),

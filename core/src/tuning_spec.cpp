@@ -1,6 +1,8 @@
 // The tuning spec and its parsers (see tuning_spec.h).
 #include "qtune/tuning_spec.h"
 
+#include <fnmatch.h>
+
 #include <algorithm>
 
 #include "qtune/error.h"
@@ -58,6 +60,18 @@ std::set<std::string> parse_target_modules(const std::vector<std::string>& names
   return out;
 }
 
+bool module_matches(const std::string& path, const std::vector<std::string>& patterns) {
+  const std::string dotted = "." + path + ".";
+  for (const auto& p : patterns) {
+    if (p.find_first_of("*?[") != std::string::npos) {
+      if (fnmatch(p.c_str(), path.c_str(), 0) == 0) return true;
+    } else if (!p.empty() && dotted.find("." + p + ".") != std::string::npos) {
+      return true;
+    }
+  }
+  return false;
+}
+
 std::string TuningSpec::name() const {
   switch (base.kind) {
     case BaseSpec::Kind::kTrainable: return "full";
@@ -100,12 +114,15 @@ TuningSpec TuningSpec::for_training(TrainType type, torch::ScalarType dtype,
                                     const Registry& registry, const std::string& quant_name,
                                     const Json& quant_options, bool quant_skip_output,
                                     const std::string& adapter_name, const Json& adapter_options,
-                                    const std::vector<std::string>& targets) {
+                                    const std::vector<std::string>& targets,
+                                    const std::vector<std::string>& quant_skip_modules) {
   TuningSpec s;
   s.dtype = dtype;
   s.base.kind = type == TrainType::kFull ? BaseSpec::Kind::kTrainable : BaseSpec::Kind::kFrozen;
-  if (type == TrainType::kQlora)
+  if (type == TrainType::kQlora) {
     set_quant(s.base, registry, quant_name, quant_options, quant_skip_output, "quant.options");
+    s.base.quant_skip_modules = quant_skip_modules;
+  }
   if (type != TrainType::kFull)
     set_adapter(s.adapter, registry, adapter_name, adapter_options, targets, "adapter.");
   s.validate();
@@ -117,9 +134,12 @@ TuningSpec TuningSpec::from_identity(const Json& id, const Registry& registry) {
   TuningSpec s;
   s.dtype = parse_dtype(id.value("dtype", "fp32"), "dtype");
   s.base.kind = type == TrainType::kFull ? BaseSpec::Kind::kTrainable : BaseSpec::Kind::kFrozen;
-  if (type == TrainType::kQlora)
+  if (type == TrainType::kQlora) {
     set_quant(s.base, registry, id.at("quant").get<std::string>(), id.at("quant_options"),
               id.value("quant_skip_output", false), "quant.options");
+    if (id.value("quant_skip_modules", Json()).is_array())
+      s.base.quant_skip_modules = id["quant_skip_modules"].get<std::vector<std::string>>();
+  }
   if (type != TrainType::kFull)
     set_adapter(s.adapter, registry, id.at("adapter").get<std::string>(), id.at("adapter_options"),
                 id.at("target_modules").get<std::vector<std::string>>(), "");

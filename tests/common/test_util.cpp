@@ -11,6 +11,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "qtune/error.h"
 #include "qtune/registry.h"
 
 namespace fs = std::filesystem;
@@ -118,6 +119,19 @@ ModelConfig tiny_config(int64_t hidden, bool tied) {
   c.max_position_embeddings = 64;
   c.tie_word_embeddings = tied;
   return c;
+}
+
+std::string user_error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+void expect_contains(const std::string& text, const std::string& part) {
+  EXPECT_NE(text.find(part), std::string::npos) << "'" << part << "' not in: " << text;
 }
 
 }  // namespace qtune::test

@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,11 @@ RunResult run_program(const std::vector<std::string>& args,
                       const std::vector<std::string>& env = {});
 
 std::string read_file(const std::string& path);
+
+/// The message of the qtune::UserError `f` throws, or "(no error)".
+std::string user_error_of(const std::function<void()>& f);
+/// A non-fatal gtest failure when `part` is not in `text` (both are printed).
+void expect_contains(const std::string& text, const std::string& part);
 
 /// A 2-layer Llama small enough for exact checks: `hidden` wide (16: 4 query / 2 key-value
 /// heads), MLP 40, vocabulary 32, context 64.

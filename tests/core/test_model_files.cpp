@@ -339,19 +339,19 @@ TEST(HfDir, ConfigErrorsNameTheKey) {
   has(err({{"rms_norm_eps", "small"}}), "\"rms_norm_eps\" must be a number");
   has(err({{"tie_word_embeddings", 1}}), "\"tie_word_embeddings\" must be true or false");
   has(err({{"model_type", "gpt2"}}), "model_type \"gpt2\" is not supported");
-  has(err({{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}), "\"rope_scaling\"");
-  has(err({{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}), "not supported");
+  has(err({{"rope_scaling", {{"type", "yarn"}, {"factor", 2.0}}}}), "rope_scaling.rope_type");
+  has(err({{"rope_scaling", {{"type", "yarn"}, {"factor", 2.0}}}}), "not supported");
   // transformers >= 5: RoPE settings in "rope_parameters".
   nlohmann::json v5 = good;
   v5["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 500000.0}};
   EXPECT_DOUBLE_EQ(ModelConfig::from_hf_json(v5, "v5").rope_theta, 500000.0);
-  has(err({{"rope_parameters", {{"rope_type", "llama3"}, {"rope_theta", 5e5}}}}),
-      "\"rope_parameters\".rope_type = \"llama3\" is not supported");
+  has(err({{"rope_parameters", {{"rope_type", "yarn"}, {"rope_theta", 5e5}}}}),
+      "rope_parameters.rope_type \"yarn\" is not supported");
   has(err({{"rope_parameters", {{"rope_theta", "big"}}}}), "\"rope_theta\" must be a number");
   has(err({{"num_key_value_heads", 3}}),
       "num_attention_heads (8) must be divisible by num_key_value_heads (3)");
   has(err({{"hidden_act", "gelu"}}), "\"hidden_act\"");
-  has(err({{"model_type", "mistral"}, {"sliding_window", 16}}), "sliding_window");
+  has(err({{"sliding_window", 16}}), "sliding_window");
   nlohmann::json mistral = good;
   mistral.merge_patch({{"model_type", "mistral"}, {"sliding_window", nullptr}});
   EXPECT_NO_THROW(ModelConfig::from_hf_json(mistral, "m"));

@@ -2,6 +2,7 @@
 // projection (Adapter), and the plugin-side factory that makes them (AdapterFactory).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,15 @@
 #include "qtune/tensor_state.h"
 
 namespace qtune {
+
+/// What an adapter may use of the frozen base projection W [out, in] it sits beside.
+struct QTUNE_API AdapterBase {
+  /// W in the requested dtype on the base's device (dequantized for a quantized base; allocates).
+  std::function<torch::Tensor(torch::ScalarType)> weight;
+  /// x [..., in] -> x @ W^T [..., out] in x's dtype, without the bias, tile by tile for a
+  /// quantized base (never all of W at once). Differentiable in x only.
+  std::function<torch::Tensor(const torch::Tensor&)> linear;
+};
 
 /// Trainable parameters beside one base projection W[out, in]. A torch Module: its registered
 /// parameters are what the optimizer trains; parameter names follow PEFT (lora_A.weight ...).
@@ -33,6 +43,17 @@ class QTUNE_API Adapter : public torch::nn::Module {
   virtual void load(const TensorState& state) = 0;
   /// The adapter-specific fields of a PEFT adapter_config.json (peft_type, r, lora_alpha, ...).
   virtual Json peft_config() const = 0;
+
+  /// The frozen base beside this adapter, for adapters whose update depends on it (DoRA's
+  /// magnitude and weight norm). The model builder calls it once, right after create() and
+  /// before any load(); the functions in `base` stay valid as long as the model. The default
+  /// ignores it.
+  virtual void bind_base(const AdapterBase& base);
+  /// The projection's output for input x [..., in] given the base output y = x @ W^T [..., out]
+  /// (without the base's bias, which the slot adds afterwards), in x's dtype. Called only while
+  /// enabled. The default is y + forward(x); an adapter that rescales the base output (DoRA)
+  /// overrides it.
+  virtual torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& base_out);
 
   /// A disabled adapter adds nothing (the reference model for KL terms, A/B evaluation).
   void set_enabled(bool enabled) { enabled_ = enabled; }

@@ -35,7 +35,12 @@ class QTUNE_API LinearSlotImpl : public torch::nn::Module {
   explicit LinearSlotImpl(std::shared_ptr<QuantizedWeight> weight);
 
   torch::Tensor forward(const torch::Tensor& x);
+  /// x @ W^T through the base alone (no bias, no adapter).
+  torch::Tensor base_forward(const torch::Tensor& x);
   void attach_adapter(std::shared_ptr<Adapter> adapter);
+  /// Adds a bias [out] (Qwen2's q/k/v): parameter "bias" when trainable, else buffer "bias".
+  /// It stays dense whatever the base is, and adapters never see it.
+  void set_bias(torch::Tensor bias, bool trainable);
 
   Kind kind() const { return kind_; }
   int64_t in_features() const { return in_; }
@@ -44,6 +49,8 @@ class QTUNE_API LinearSlotImpl : public torch::nn::Module {
   std::shared_ptr<QuantizedWeight> quantized() const;
   /// The dense base weight tensor (undefined for quantized slots).
   const torch::Tensor& dense() const { return weight_; }
+  /// The bias [out], undefined when the projection has none.
+  const torch::Tensor& bias() const { return bias_; }
   /// The base as a dense [out, in] matrix (dequantized if needed), adapter not included.
   torch::Tensor base_weight(torch::ScalarType dtype) const;
   /// Bytes the base really holds (quantized: nbytes(); dense: numel * element size).
@@ -53,6 +60,7 @@ class QTUNE_API LinearSlotImpl : public torch::nn::Module {
   Kind kind_;
   int64_t in_ = 0, out_ = 0;
   torch::Tensor weight_;
+  torch::Tensor bias_;
   QuantizedLinear base_{nullptr};
   std::shared_ptr<Adapter> adapter_;
 };
@@ -83,10 +91,14 @@ class QTUNE_API AttentionImpl : public torch::nn::Module {
   /// of x; cache may be null; segments [B, T] int64 or undefined (see LlamaForCausalLM::forward).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         KVCache* cache, int64_t layer, const torch::Tensor& segments = {});
+  /// Sliding-window attention: a query sees itself and the `window` - 1 keys before it; 0 (the
+  /// default) is full causal attention.
+  void set_window(int64_t window) { window_ = window; }
   LinearSlot q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
   int64_t heads_, kv_heads_, head_dim_;
+  int64_t window_ = 0;
 };
 TORCH_MODULE(Attention);
 

@@ -27,7 +27,9 @@ namespace qtune {
 /// [hidden, hidden] with kv = num_key_value_heads * head_dim), post_attention_layernorm.weight
 /// [hidden], mlp.{gate,up}_proj.weight [intermediate, hidden], mlp.down_proj.weight
 /// [hidden, intermediate]; model.norm.weight [hidden]; lm_head.weight [vocab, hidden] unless
-/// tie_word_embeddings.
+/// tie_word_embeddings. With an explicit head_dim, q is [heads * head_dim, hidden] and o
+/// [hidden, heads * head_dim]; a projection with a bias (config.has_bias) is followed by its
+/// <P>.bias [rows].
 QTUNE_API std::vector<std::pair<std::string, std::vector<int64_t>>> llama_weight_shapes(
     const ModelConfig& config);
 

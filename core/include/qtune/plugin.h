@@ -15,7 +15,7 @@ namespace qtune {
 
 /// Bump whenever a change to an exported interface (QuantizedWeight, QuantBackend, Adapter,
 /// AdapterFactory, TensorState, OptionSpec, PluginInfo) would break a plugin built before it.
-constexpr uint32_t kPluginAbiVersion = 1;
+constexpr uint32_t kPluginAbiVersion = 2;  // 2: Adapter::bind_base and Adapter::apply
 
 // Overridable for tests only (a plugin that claims another ABI or LibTorch must be refused).
 #ifndef QTUNE_PLUGIN_ABI_VERSION

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "qtune/export.h"
 #include "qtune/model_config.h"
@@ -22,13 +23,15 @@ namespace qtune {
 /// Quantizes every projection of `weights` (layer by layer: one full-precision matrix in memory
 /// at a time) with `backend` and resolved `options`, and writes the directory described above
 /// to `dir` (atomically per file). Dense tensors are stored in `dense_dtype`. A tied model's
-/// head is stored quantized too (as lm_head.*) unless `skip_output`. Returns bytes of the
-/// quantized projections.
+/// head is stored quantized too (as lm_head.*) unless `skip_output`. Projections matching
+/// `skip_modules` (module_matches) are stored dense, and stay dense when trained. Returns bytes
+/// of the quantized projections.
 QTUNE_API int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
                                        const WeightSource& weights, const QuantBackend& backend,
                                        const Json& options, bool skip_output,
                                        torch::ScalarType dense_dtype,
-                                       const std::string& tokenizer_path = "");
+                                       const std::string& tokenizer_path = "",
+                                       const std::vector<std::string>& skip_modules = {});
 
 /// True when config.json `config` describes a qtune pre-quantized directory.
 QTUNE_API bool is_quantized_config(const Json& config);

@@ -24,6 +24,7 @@ struct QTUNE_API ModelRecipe {
 struct QTUNE_API QuantRecipe {
   std::string name;
   bool skip_output = false;
+  std::vector<std::string> skip_modules;
   Json options = Json::object();  ///< checked by the backend's schema
 };
 struct QTUNE_API AdapterRecipe {

@@ -42,6 +42,12 @@ QTUNE_API const std::vector<std::string>& all_target_modules();
 QTUNE_API std::set<std::string> parse_target_modules(const std::vector<std::string>& names,
                                                      const std::string& key);
 
+/// Whether module path `path` ("model.layers.0.mlp.down_proj", "lm_head") matches one of
+/// `patterns`: a pattern with * or ? is a glob over the whole path; any other pattern matches
+/// when it equals a run of whole dot-separated components ("lm_head", "down_proj", "mlp",
+/// "layers.0", the full path), as bitsandbytes' skip lists are written.
+QTUNE_API bool module_matches(const std::string& path, const std::vector<std::string>& patterns);
+
 /// The base weights of the projections.
 struct QTUNE_API BaseSpec {
   enum class Kind {
@@ -53,6 +59,9 @@ struct QTUNE_API BaseSpec {
   std::shared_ptr<QuantBackend> quant;  ///< kQuantized only
   Json quant_options = Json::object();  ///< resolved against the backend's schema
   bool quant_skip_output = false;       ///< kQuantized: keep the output head dense
+  /// kQuantized: module patterns kept dense (bitsandbytes' llm_int8_skip_modules; see
+  /// module_matches). A pre-quantized model also keeps dense what it stores dense.
+  std::vector<std::string> quant_skip_modules;
 };
 
 /// The trainable adapter beside the (frozen) base projections; absent when `factory` is null.
@@ -94,7 +103,8 @@ struct QTUNE_API TuningSpec {
                                  const Registry& registry, const std::string& quant_name,
                                  const Json& quant_options, bool quant_skip_output,
                                  const std::string& adapter_name, const Json& adapter_options,
-                                 const std::vector<std::string>& targets);
+                                 const std::vector<std::string>& targets,
+                                 const std::vector<std::string>& quant_skip_modules = {});
   /// The spec a run identity (run_identity.h) records, with plugins from `registry`; what the
   /// identity names must be registered (UserError naming it otherwise).
   static TuningSpec from_identity(const Json& identity, const Registry& registry);
