@@ -1,15 +1,15 @@
 // qtune-quantize: write a pre-quantized HF-style directory that `trainer --train_type qlora`
 // loads without requantizing (see core/include/qtune/quantized_model.h for the layout).
+#include <boost/program_options.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-
-#include <boost/program_options.hpp>
 
 #include "app_main.h"
 #include "qtune/error.h"
 #include "qtune/model.h"
 #include "qtune/quantized_model.h"
+#include "qtune/recipe.h"
 #include "qtune/registry.h"
 
 namespace po = boost::program_options;
@@ -40,13 +40,14 @@ int run(int argc, char** argv) {
   auto& registry = qtune::Registry::global();
   registry.scan(qtune::Registry::default_dirs(vm["plugin_dir"].as<std::string>()));
   auto backend = registry.quant(vm["quant"].as<std::string>());
-  const auto options = qtune::resolve_options(
-      backend->option_schema(), qtune::app::json_flag(vm, "quant_options"), "quant.options");
+  const auto options =
+      backend->check_options(qtune::app::json_flag(vm, "quant_options"), "quant.options");
   const auto dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
 
-  qtune::ModelFiles files = qtune::open_model(vm["model"].as<std::string>());
+  qtune::ModelFiles files =
+      qtune::open_model(qtune::resolve_data_path(vm["model"].as<std::string>(), "--model"));
   std::string tok = vm["tokenizer"].as<std::string>();
-  if (tok.empty()) tok = files.tokenizer_path;
+  tok = tok.empty() ? files.tokenizer_path : qtune::resolve_data_path(tok, "--tokenizer");
   const std::string out = vm["out"].as<std::string>();
   const int64_t bytes = qtune::save_quantized_model(out, files.config, *files.weights, *backend,
                                                     options, vm["skip_output"].as<bool>(), dtype, tok);

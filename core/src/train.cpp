@@ -71,15 +71,14 @@ ResolvedRecipe resolve_recipe(const Json& recipe, const Registry& registry) {
 
   if (r.spec.train_type == TrainType::kQlora) {
     r.spec.quant = registry.quant(recipe["quant"]["name"].get<std::string>());
-    r.spec.quant_options =
-        resolve_options(r.spec.quant->option_schema(), recipe["quant"]["options"], "quant.options");
+    r.spec.quant_options = r.spec.quant->check_options(recipe["quant"]["options"], "quant.options");
     r.spec.quant_skip_output = recipe["quant"]["skip_output"].get<bool>();
     r.recipe["quant"]["options"] = r.spec.quant_options;
   }
   if (r.spec.train_type != TrainType::kFull) {
     r.spec.adapter = registry.adapter(recipe["adapter"]["name"].get<std::string>());
-    r.spec.adapter_options = resolve_options(r.spec.adapter->option_schema(),
-                                             recipe["adapter"]["options"], "adapter.options");
+    r.spec.adapter_options =
+        r.spec.adapter->check_options(recipe["adapter"]["options"], "adapter.options");
     r.recipe["adapter"]["options"] = r.spec.adapter_options;
     r.spec.target_modules =
         parse_target_modules(recipe["adapter"]["target_modules"].get<std::vector<std::string>>(),
@@ -276,8 +275,7 @@ Json Trainer::run() {
       QTUNE_CHECK(pq["backend"] == r_.spec.quant->name(), "quant.name: ", r_.model_path,
                   " is quantized with ", pq["backend"].dump(), ", but quant.name is \"",
                   r_.spec.quant->name(), "\"");
-      const Json opts =
-          resolve_options(r_.spec.quant->option_schema(), pq["options"], r_.model_path);
+      const Json opts = r_.spec.quant->check_options(pq["options"], r_.model_path);
       if (opts != r_.spec.quant_options) {
         spdlog::info("quant: {} was quantized with options {}; those apply (not {})", r_.model_path,
                      opts.dump(), r_.spec.quant_options.dump());

@@ -15,7 +15,8 @@ namespace qtune {
 
 /// Bump whenever a change to an exported interface (QuantizedWeight, QuantBackend, Adapter,
 /// AdapterFactory, TensorState, OptionSpec, PluginInfo) would break a plugin built before it.
-constexpr uint32_t kPluginAbiVersion = 1;
+// 2: OptionSpec min/max/choices; QuantBackend::check_options and AdapterFactory::check_options.
+constexpr uint32_t kPluginAbiVersion = 2;
 
 // Overridable for tests only (a plugin that claims another ABI or LibTorch must be refused).
 #ifndef QTUNE_PLUGIN_ABI_VERSION
