@@ -34,7 +34,7 @@ TuningSpec spec_of(TrainType type, int64_t rank = 4) {
   s.target_modules = parse_target_modules({"all-linear"}, "targets");
   if (type == TrainType::kQlora) {
     s.quant = plugins().quant("nf4");
-    s.quant_options = resolve_options(s.quant->option_schema(), Json{{"block_size", 16}}, "quant");
+    s.quant_options = resolve_options(s.quant->option_schema(), Json{{"block_size", 32}}, "quant");
   }
   return s;
 }
@@ -290,7 +290,7 @@ TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {
   auto bigger_blocks = spec_of(TrainType::kQlora);
   bigger_blocks.quant_options["block_size"] = 64;
   msg = message_of([&] { check_run_identity(nf4, run_identity(bigger_blocks, base), "X"); });
-  EXPECT_NE(msg.find("quant_options.block_size 16"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("quant_options.block_size 32"), std::string::npos) << msg;
   EXPECT_NE(msg.find("64"), std::string::npos) << msg;
 
   msg = message_of([&] {

@@ -27,11 +27,13 @@
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <set>
+#include <sstream>
 
 #include "qtune/error.h"
 #include "qtune/options.h"
