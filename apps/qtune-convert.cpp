@@ -10,6 +10,7 @@
 #include "qtune/error.h"
 #include "qtune/model_files.h"
 #include "qtune/tokenizer.h"
+#include "qtune/recipe.h"
 #include "qtune/weight_source.h"
 
 namespace po = boost::program_options;
@@ -54,9 +55,12 @@ int run(int argc, char** argv) {
   const double shard_gb = vm["max-shard-gb"].as<double>();
   QTUNE_CHECK(shard_gb > 0, "--max-shard-gb must be > 0, got ", shard_gb);
 
-  qtune::ModelFiles model = qtune::open_model(vm["model"].as<std::string>());
+  qtune::ModelFiles model =
+      qtune::open_model(qtune::resolve_data_path(vm["model"].as<std::string>(), "--model"));
   const std::string tokenizer =
-      vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : model.tokenizer_path;
+      vm.count("tokenizer")
+          ? qtune::resolve_data_path(vm["tokenizer"].as<std::string>(), "--tokenizer")
+          : model.tokenizer_path;
   const std::string out = vm["out"].as<std::string>();
   if (!tokenizer.empty()) qtune::load_tokenizer(tokenizer);  // a bad one fails before any write
   qtune::save_hf_model(out, model.config, *model.weights, dtype, tokenizer,

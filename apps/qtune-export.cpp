@@ -15,6 +15,7 @@
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
 #include "qtune/quantized_model.h"
+#include "qtune/recipe.h"
 #include "qtune/registry.h"
 
 namespace fs = std::filesystem;
@@ -66,11 +67,14 @@ int run(int argc, char** argv) {
 
   qtune::TrainedModelOptions o;
   o.adapter_dir = vm["adapter"].as<std::string>();
-  if (vm.count("model")) o.model_path = vm["model"].as<std::string>();
+  if (vm.count("model"))
+    o.model_path = qtune::resolve_data_path(vm["model"].as<std::string>(), "--model");
   if (vm.count("base_quant")) o.quant = vm["base_quant"].as<std::string>();
   o.quant_options = qtune::app::json_flag(vm, "base_quant_options");
   qtune::TrainedModel tm = qtune::load_trained_model(o, registry);
-  std::string tok = vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : tm.tokenizer_path;
+  std::string tok = vm.count("tokenizer")
+                        ? qtune::resolve_data_path(vm["tokenizer"].as<std::string>(), "--tokenizer")
+                        : tm.tokenizer_path;
   QTUNE_CHECK(tok.empty() || fs::exists(tok), "--tokenizer: file not found: ", tok);
 
   const qtune::TuningSpec& spec = tm.model->spec();
@@ -98,8 +102,8 @@ int run(int argc, char** argv) {
   auto weights = qtune::model_weights(*tm.model, /*merge_adapters=*/true);
   if (requantize) {
     auto backend = registry.quant(vm["requantize"].as<std::string>());
-    const auto options = qtune::resolve_options(
-        backend->option_schema(), qtune::app::json_flag(vm, "quant_options"), "--quant_options");
+    const auto options =
+        backend->check_options(qtune::app::json_flag(vm, "quant_options"), "--quant_options");
     const int64_t bytes = qtune::save_quantized_model(out, tm.config, *weights, *backend, options,
                                                       vm["skip_output"].as<bool>(), dtype, tok);
     std::printf("wrote %s: merged %s requantized with %s %s (projections %.3f MB, dense %s)\n",

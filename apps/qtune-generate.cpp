@@ -15,6 +15,7 @@
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/generate.h"
+#include "qtune/recipe.h"
 #include "qtune/registry.h"
 #include "qtune/tokenizer.h"
 
@@ -89,7 +90,8 @@ int run(int argc, char** argv) {
   registry.scan(qtune::Registry::default_dirs(plugin_dir));
 
   qtune::TrainedModelOptions o;
-  if (vm.count("model")) o.model_path = vm["model"].as<std::string>();
+  if (vm.count("model"))
+    o.model_path = qtune::resolve_data_path(vm["model"].as<std::string>(), "--model");
   if (vm.count("adapter")) o.adapter_dir = vm["adapter"].as<std::string>();
   if (vm.count("base_quant")) o.quant = vm["base_quant"].as<std::string>();
   o.quant_options = qtune::app::json_flag(vm, "base_quant_options");
@@ -97,7 +99,9 @@ int run(int argc, char** argv) {
   qtune::TrainedModel tm = qtune::load_trained_model(o, registry);
 
   const std::string tok_path =
-      vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : tm.tokenizer_path;
+      vm.count("tokenizer")
+          ? qtune::resolve_data_path(vm["tokenizer"].as<std::string>(), "--tokenizer")
+          : tm.tokenizer_path;
   QTUNE_CHECK(!tok_path.empty(), tm.base_path, " has no tokenizer beside it; give --tokenizer");
   auto tok = qtune::load_tokenizer(tok_path);
   QTUNE_CHECK(tok->vocab_size() <= tm.config.vocab_size, "--tokenizer: ", tok_path, " has ",

@@ -12,6 +12,7 @@
 #include "qtune/error.h"
 #include "qtune/model.h"
 #include "qtune/quantized_model.h"
+#include "qtune/recipe.h"
 #include "qtune/registry.h"
 
 namespace po = boost::program_options;
@@ -64,13 +65,14 @@ int run(int argc, char** argv) {
   auto& registry = qtune::Registry::global();
   registry.scan(qtune::Registry::default_dirs(vm["plugin_dir"].as<std::string>()));
   auto backend = registry.quant(vm["quant"].as<std::string>());
-  const auto options = qtune::resolve_options(
-      backend->option_schema(), qtune::app::json_flag(vm, "quant_options"), "quant.options");
+  const auto options =
+      backend->check_options(qtune::app::json_flag(vm, "quant_options"), "quant.options");
   const auto dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
 
-  qtune::ModelFiles files = qtune::open_model(vm["model"].as<std::string>());
+  qtune::ModelFiles files =
+      qtune::open_model(qtune::resolve_data_path(vm["model"].as<std::string>(), "--model"));
   std::string tok = vm["tokenizer"].as<std::string>();
-  if (tok.empty()) tok = files.tokenizer_path;
+  tok = tok.empty() ? files.tokenizer_path : qtune::resolve_data_path(tok, "--tokenizer");
   const std::string out = vm["out"].as<std::string>();
   const int64_t bytes = format == "bnb" ? qtune::save_bnb_model(out, files.config, *files.weights,
                                                                 *backend, options, skip, dtype, tok)

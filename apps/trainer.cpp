@@ -111,11 +111,7 @@ int run(int argc, char** argv) {
   registry.scan(qtune::Registry::default_dirs(plugin_dir));
 
   if (vm.count("list-plugins")) {
-    std::printf("%-8s %-10s %-10s %s\n", "kind", "name", "version", "path");
-    for (const auto& p : registry.plugins())
-      std::printf("%-8s %-10s %-10s %s\n", p.kind.c_str(), p.name.c_str(), p.version.c_str(),
-                  p.path.c_str());
-    for (const auto& e : registry.errors()) std::printf("failed   %s\n", e.c_str());
+    std::fputs(qtune::plugin_listing(registry).c_str(), stdout);
     return 0;
   }
 

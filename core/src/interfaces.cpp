@@ -1,5 +1,5 @@
-// Out-of-line destructors of the exported interface classes, so their vtables and type info live
-// in libqtune_core (one copy shared by every plugin).
+// Out-of-line destructors (and default methods) of the exported interface classes, so their vtables
+// and type info live in libqtune_core (one copy shared by every plugin).
 #include "qtune/adapter.h"
 #include "qtune/error.h"
 #include "qtune/quantized_weight.h"
@@ -12,6 +12,12 @@ QuantizedWeight::~QuantizedWeight() = default;
 QuantBackend::~QuantBackend() = default;
 Adapter::~Adapter() = default;
 AdapterFactory::~AdapterFactory() = default;
+Json QuantBackend::check_options(const Json& user, const std::string& context) const {
+  return resolve_options(option_schema(), user, context);
+}
+Json AdapterFactory::check_options(const Json& user, const std::string& context) const {
+  return resolve_options(option_schema(), user, context);
+}
 WeightSource::~WeightSource() = default;
 Tokenizer::~Tokenizer() = default;
 

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -95,6 +96,7 @@ struct Registry::Impl {
   std::map<std::string, std::pair<std::shared_ptr<QuantBackend>, PluginRecord>> quant;
   std::map<std::string, std::pair<std::shared_ptr<AdapterFactory>, PluginRecord>> adapter;
   std::vector<std::string> errors;
+  std::vector<std::string> shadowed;
   // Never unloaded: kept here until exit, and deliberately leaked by global().
   std::vector<boost::dll::shared_library> libraries;
 
@@ -195,12 +197,31 @@ void Registry::load_library(const std::string& path) {
   check_compatible(path, info->abi_version, kind, name, or_empty(info->torch_version),
                    or_empty(info->cxx_abi));
   const PluginRecord record{kind, name, or_empty(info->version), path};
-  auto known = [&] {
+  // The path of the plugin of this kind and name loaded before, if any.
+  auto earlier = [&]() -> std::optional<std::string> {
     std::lock_guard<std::mutex> lock(impl_->mu);
-    return kind == "quant" ? impl_->quant.count(name) > 0 : impl_->adapter.count(name) > 0;
+    if (kind == "quant") {
+      auto it = impl_->quant.find(name);
+      if (it != impl_->quant.end()) return it->second.second.path;
+    } else {
+      auto it = impl_->adapter.find(name);
+      if (it != impl_->adapter.end()) return it->second.second.path;
+    }
+    return std::nullopt;
   };
-  if (known()) {
-    spdlog::debug("plugin {} ({}) shadowed by an earlier one of the same name", path, name);
+  if (const auto first = earlier()) {
+    std::error_code ec;
+    if (fs::equivalent(*first, path, ec)) {  // the same file reached twice: nothing is hidden
+      spdlog::debug("plugin {} ({}) already loaded", path, name);
+      return;
+    }
+    const std::string msg =
+        detail::concat(kind, " plugin ", name, " in ", path, " is shadowed by ", *first,
+                       ", found earlier in the search path; it is "
+                       "not used");
+    spdlog::warn("{}", msg);
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->shadowed.push_back(msg);
     return;
   }
   // The factory is plugin code: whatever it throws is reported with the plugin's path and name.
@@ -262,6 +283,11 @@ std::vector<std::string> Registry::errors() const {
   return impl_->errors;
 }
 
+std::vector<std::string> Registry::shadowed() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->shadowed;
+}
+
 void Registry::add_quant(std::shared_ptr<QuantBackend> backend, const std::string& path) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   const auto name = backend->name();
@@ -272,6 +298,25 @@ void Registry::add_adapter(std::shared_ptr<AdapterFactory> factory, const std::s
   std::lock_guard<std::mutex> lock(impl_->mu);
   const auto name = factory->name();
   impl_->adapter[name] = {std::move(factory), PluginRecord{"adapter", name, "builtin", path}};
+}
+
+std::string plugin_listing(const Registry& registry) {
+  std::string out = detail::concat(std::left, std::setw(8), "kind", " ", std::setw(10), "name", " ",
+                                   std::setw(10), "version", " path\n");
+  for (const auto& p : registry.plugins()) {
+    out += detail::concat(std::left, std::setw(8), p.kind, " ", std::setw(10), p.name, " ",
+                          std::setw(10), p.version, " ", p.path, "\n");
+    const std::vector<OptionSpec> schema = p.kind == "quant"
+                                               ? registry.quant(p.name)->option_schema()
+                                               : registry.adapter(p.name)->option_schema();
+    for (const auto& o : schema)
+      out +=
+          detail::concat("    ", std::left, std::setw(28), o.name + " = " + o.default_value.dump(),
+                         " ", std::setw(30), describe_option_range(o), " ", o.help, "\n");
+  }
+  for (const auto& s : registry.shadowed()) out += "shadowed " + s + "\n";
+  for (const auto& e : registry.errors()) out += "failed   " + e + "\n";
+  return out;
 }
 
 }  // namespace qtune

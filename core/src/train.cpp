@@ -241,7 +241,7 @@ void adopt_prequantized(ResolvedRecipe& r, const WeightSource& weights) {
   QTUNE_CHECK(pq["backend"] == base.quant->name(), "quant.name: ", r.model_path,
               " is quantized with ", pq["backend"].dump(), ", but quant.name is \"",
               base.quant->name(), "\"");
-  const Json opts = resolve_options(base.quant->option_schema(), pq["options"], r.model_path);
+  const Json opts = base.quant->check_options(pq["options"], r.model_path);
   if (opts == base.quant_options) return;
   spdlog::info("quant: {} was quantized with options {}; those apply (not {})", r.model_path,
                opts.dump(), base.quant_options.dump());

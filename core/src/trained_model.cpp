@@ -91,7 +91,7 @@ TuningSpec recorded_spec(const TrainedModelOptions& o, const Recorded& r, const 
               pq["backend"].get<std::string>(), "; pass the original model with --model");
   // A qtune-quantize directory of the right base: it must also be quantized the same way.
   const auto& quant = spec.base.quant;
-  const Json pq_options = resolve_options(quant->option_schema(), pq["options"], out.base_path);
+  const Json pq_options = quant->check_options(pq["options"], out.base_path);
   QTUNE_CHECK(pq["backend"] == quant->name() && pq_options == spec.base.quant_options, what,
               ": it was trained on a base quantized with ", quant->name(), " ",
               spec.base.quant_options.dump(), ", but ", out.base_path, " is quantized with ",
@@ -126,7 +126,7 @@ TuningSpec untracked_spec(const TrainedModelOptions& o, const Recorded& r,
   if (type == "lora" && peft.value("use_dora", Json(false)) == Json(true)) type = "dora";
   AdapterSpec& a = spec.adapter;
   a.factory = registry.adapter(type);
-  a.options = resolve_options(a.factory->option_schema(), peft_lora_options(peft, *a.factory),
+  a.options = a.factory->check_options(peft_lora_options(peft, *a.factory),
                               cfg_file);
   QTUNE_CHECK(peft.contains("target_modules") && peft["target_modules"].is_array(), cfg_file,
               ": target_modules must be a list of module names (patterns are not supported)");

@@ -96,7 +96,7 @@ void set_quant(BaseSpec& b, const Registry& registry, const std::string& name, c
                bool skip_output, const std::string& key) {
   b.kind = BaseSpec::Kind::kQuantized;
   b.quant = registry.quant(name);
-  b.quant_options = resolve_options(b.quant->option_schema(), options, key);
+  b.quant_options = b.quant->check_options(options, key);
   b.quant_skip_output = skip_output;
 }
 
@@ -104,7 +104,7 @@ void set_adapter(AdapterSpec& a, const Registry& registry, const std::string& na
                  const Json& options, const std::vector<std::string>& targets,
                  const std::string& key) {
   a.factory = registry.adapter(name);
-  a.options = resolve_options(a.factory->option_schema(), options, key + "options");
+  a.options = a.factory->check_options(options, key + "options");
   a.target_modules = parse_target_modules(targets, key + "target_modules");
 }
 
@@ -155,7 +155,7 @@ TuningSpec TuningSpec::for_base(torch::ScalarType dtype, std::shared_ptr<QuantBa
   s.base.quant = std::move(quant);
   if (s.base.quant)
     s.base.quant_options =
-        resolve_options(s.base.quant->option_schema(), quant_options, "quant.options");
+        s.base.quant->check_options(quant_options, "quant.options");
   s.base.quant_skip_output = quant_skip_output;
   return s;
 }

@@ -8,6 +8,7 @@
 
 #include "qtune/error.h"
 #include "qtune/options.h"
+#include "qtune/plugin_kit.h"
 
 namespace qtune::nf4 {
 
@@ -44,25 +45,27 @@ bool supported_float(torch::ScalarType t) {
 
 std::vector<OptionSpec> schema() {
   return {
-      {"block_size", 64,
-       "elements per absmax block (power of two, 32..4096; bitsandbytes' default is 64)"},
+      {"block_size", 64, "elements per absmax block (a power of two; bitsandbytes' default is 64)",
+       32, 4096},
       {"double_quant", true,
        "quantize the per-block absmax values again with the 8-bit dynamic code (QLoRA's double "
        "quantization, bitsandbytes compress_statistics)"},
       {"double_quant_block_size", 256,
-       "absmax values per block of the double quantization (power of two, 32..4096; 256 in "
-       "bitsandbytes)"},
+       "absmax values per block of the double quantization (a power of two; 256 in "
+       "bitsandbytes)",
+       32, 4096},
   };
 }
 
-// Resolves (idempotent for resolved options) and range-checks the options.
-Json checked_options(const Json& user) {
-  Json o = resolve_options(schema(), user, kOptionsContext);
+// Resolves (idempotent for resolved options) and checks the options: the schema declares the
+// ranges, the powers of two are checked here.
+Json checked_options(const Json& user, const std::string& context = kOptionsContext) {
+  Json o = resolve_options(schema(), user, context);
   const int64_t bs = o["block_size"].get<int64_t>();
-  QTUNE_CHECK(is_pow2_in(bs, 32, 4096), kOptionsContext,
+  QTUNE_CHECK(is_pow2_in(bs, 32, 4096), context,
               ".block_size must be a power of two in [32, 4096], got ", bs);
   const int64_t nbs = o["double_quant_block_size"].get<int64_t>();
-  QTUNE_CHECK(is_pow2_in(nbs, 32, 4096), kOptionsContext,
+  QTUNE_CHECK(is_pow2_in(nbs, 32, 4096), context,
               ".double_quant_block_size must be a power of two in [32, 4096], got ", nbs);
   return o;
 }
@@ -236,6 +239,10 @@ void Nf4Weight::to(torch::Device device) {
 
 std::vector<OptionSpec> Nf4Backend::option_schema() const { return schema(); }
 
+Json Nf4Backend::check_options(const Json& user, const std::string& context) const {
+  return checked_options(user, context);
+}
+
 double Nf4Backend::error_bound(const Json& options) const {
   // Measured relative Frobenius error on N(0, 1) matrices (256 x 1024: 0.0874 at block 32,
   // 0.0919 at 64, ... 0.1095 at 4096; see tests/plugins/nf4) plus ~8% headroom. Larger blocks have
@@ -257,14 +264,10 @@ std::unique_ptr<Nf4Weight> Nf4Backend::quantize_with(const torch::Tensor& w, con
                                                      bool use_cpu_kernel,
                                                      int64_t chunk_elems) const {
   const Json o = checked_options(options);
-  QTUNE_CHECK(w.defined(), "nf4: the weight to quantize is undefined");
-  QTUNE_CHECK(w.dim() == 2, "nf4: can only quantize a 2-D weight [out, in], got a ", w.dim(),
-              "-D tensor of shape ", w.sizes());
+  check_input_matrix(w, "nf4");
   QTUNE_CHECK(supported_float(w.scalar_type()),
-              "nf4: the weight must be float32, bfloat16, "
-              "float16 or float64, got ",
+              "nf4: the weight must be float32, bfloat16, float16 or float64, got ",
               c10::toString(w.scalar_type()));
-  QTUNE_CHECK(w.numel() > 0, "nf4: cannot quantize an empty weight of shape ", w.sizes());
   const Layout l =
       Layout::make(w.size(0), w.size(1), o["block_size"].get<int64_t>(),
                    o["double_quant"].get<bool>(), o["double_quant_block_size"].get<int64_t>());
@@ -371,7 +374,7 @@ std::unique_ptr<QuantizedWeight> Nf4Backend::load(const TensorState& state) cons
       QTUNE_CHECK(meta["shape"] == Json(shape), "nf4 state: meta.shape ", meta["shape"].dump(),
                   " disagrees with the quant_state shape ", Json(shape).dump());
     if (meta.contains("options")) {
-      const Json o = checked_options(meta["options"]);
+      const Json o = checked_options(meta["options"], "nf4 state meta.options");
       QTUNE_CHECK(o["block_size"] == bs && o["double_quant"] == dq &&
                       (!dq || o["double_quant_block_size"] == nbs),
                   "nf4 state: meta.options ", o.dump(), " disagree with the quant_state ",

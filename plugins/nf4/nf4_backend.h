@@ -62,6 +62,7 @@ class Nf4Backend : public QuantBackend {
  public:
   std::string name() const override { return "nf4"; }
   std::vector<OptionSpec> option_schema() const override;
+  Json check_options(const Json& user, const std::string& context) const override;
   double error_bound(const Json& options) const override;
   std::unique_ptr<QuantizedWeight> quantize(const torch::Tensor& w,
                                             const Json& options) const override;

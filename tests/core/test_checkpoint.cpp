@@ -27,7 +27,7 @@ using qtune::test::tiny_config;
 
 TuningSpec spec_of(TrainType type, int64_t rank = 4) {
   return TuningSpec::for_training(type, torch::kFloat32, plugins(), "nf4",
-                                  Json{{"block_size", 16}}, false, "lora", Json{{"rank", rank}},
+                                  Json{{"block_size", 32}}, false, "lora", Json{{"rank", rank}},
                                   {"all-linear"});
 }
 
@@ -282,7 +282,7 @@ TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {
   auto bigger_blocks = spec_of(TrainType::kQlora);
   bigger_blocks.base.quant_options["block_size"] = 64;
   msg = message_of([&] { check_run_identity(nf4, run_identity(bigger_blocks, base), "X"); });
-  EXPECT_NE(msg.find("quant_options.block_size 16"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("quant_options.block_size 32"), std::string::npos) << msg;
   EXPECT_NE(msg.find("64"), std::string::npos) << msg;
 
   msg = message_of([&] {

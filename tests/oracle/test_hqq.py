@@ -20,7 +20,7 @@ ROWS = []  # the side-by-side table printed at the end
 
 
 def unpack(packed, nbits, n):
-    """qtune's hqq code stream (hqq.h: little-endian, least significant bits first)."""
+    """qtune's hqq code stream (hqq_codec.h: little-endian, least significant bits first)."""
     b = packed.numpy().astype(np.uint32)
     if nbits == 8:
         codes = b

@@ -2,7 +2,8 @@
 # The plugin SDK end to end, as a plugin author meets it (CTest: sdk_out_of_tree, label "sdk"):
 #   1. install   `cmake --install` this build into <work>/prefix; check the installed layout
 #   2. build     configure + build examples/quant-plugin against that prefix only
-#                (find_package(qtune) + qtune_add_plugin), hidden visibility
+#                (find_package(qtune) + qtune_add_plugin), with no build type given: the
+#                package must make it RelWithDebInfo; hidden visibility
 #   3. list      the *installed* trainer --list-plugins --plugin_dir <example build> lists it,
 #                and finds the SDK's own plugins in <prefix>/lib/qtune/plugins
 #   4. conform   the conformance suite, unchanged (the installed qtune_conformance), finds it
@@ -15,6 +16,11 @@
 #                both versions (a stand-in TorchConfig.cmake claiming 9.9.9; nothing compiled)
 #   8. tokenizer the installed trainer loads a sentencepiece .model through the module installed
 #                beside libqtune_core
+#   9. skeleton  the skeleton plugin and CMakeLists.txt of docs/writing-a-plugin.md, extracted
+#                from the page, build against the prefix and pass the installed conformance suite
+#  10. docs      the quick-start block of docs/writing-a-plugin.md runs as written (with the
+#                prefix for $HOME/qtune, from a folder laid out like the source tree); its
+#                qtune build lines must be exactly what step 1 stands for
 # Prints one line per step and "sdk: N passed, M failed"; exits non-zero on any failure. A step
 # whose prerequisite failed counts as failed. Everything it writes is under --work-dir.
 set -uo pipefail
@@ -46,7 +52,9 @@ data="${QTUNE_DATA:-${QTUNE_DEFAULT_DATA:-$source_dir/../shared/data}}"
 
 prefix="$work/prefix"
 example_src="$source_dir/examples/quant-plugin"
-example_build="$work/example-build"
+doc="$source_dir/docs/writing-a-plugin.md"
+docs_dir="$work/docs"                    # the quick start's working directory
+example_build="$docs_dir/build-int4"     # the quick start's example build (step 2 makes it)
 plugin="$example_build/libqtune_int4.so"
 run_dir="$work/run"
 log="$work/log"
@@ -111,8 +119,9 @@ do_install() {
 
 # ---- 2. build the example against the installed SDK ---------------------------------------------
 do_build() {
+  # No CMAKE_BUILD_TYPE, as in the docs: the package must default it to an optimised build.
   local args=(-S "$example_src" -B "$example_build" -G "$generator"
-              -DCMAKE_BUILD_TYPE="$build_type" -DCMAKE_PREFIX_PATH="$prefix${prefix_path:+;$prefix_path}")
+              -DCMAKE_PREFIX_PATH="$prefix${prefix_path:+;$prefix_path}")
   [[ -n "$torch_dir" ]] && args+=(-DTorch_DIR="$torch_dir")
   [[ -n "$launcher" ]] && args+=(-DCMAKE_CXX_COMPILER_LAUNCHER="$launcher")
   # Cache hits across runs need the same paths; the work dir is fixed, so only BASEDIR matters.
@@ -120,6 +129,11 @@ do_build() {
   "$cmake_bin" "${args[@]}" || return 1
   grep -E "^qtune_DIR:PATH=$prefix/lib/cmake/qtune\$" "$example_build/CMakeCache.txt" || {
     echo "the example found qtune elsewhere: $(grep '^qtune_DIR' "$example_build/CMakeCache.txt")"
+    return 1
+  }
+  grep -E "^CMAKE_BUILD_TYPE:STRING=RelWithDebInfo\$" "$example_build/CMakeCache.txt" || {
+    echo "without a build type the plugin is not built optimised: $(grep '^CMAKE_BUILD_TYPE' \
+      "$example_build/CMakeCache.txt")"
     return 1
   }
   echo "building $example_build"
@@ -150,18 +164,21 @@ do_list() {
 }
 
 # ---- 4. the conformance suite, unchanged -------------------------------------------------------
-do_conform() {
+# conform PLUGIN_FOLDER NAME: the installed suite passes plugin NAME, found through
+# QTUNE_PLUGIN_PATH, with every test run for at least its default options and nothing skipped.
+conform() {
   local out
-  out=$(QTUNE_PLUGIN_PATH="$example_build" "$prefix/bin/qtune_conformance" \
-          --gtest_filter='*/int4_*:ConformanceDiscovery.*' 2>&1)
+  out=$(QTUNE_PLUGIN_PATH="$1" "$prefix/bin/qtune_conformance" \
+          --gtest_filter="*/$2_*:ConformanceDiscovery.*" 2>&1)
   local rc=$?
   echo "$out"
   ((rc == 0)) || return 1
-  # Not vacuous: every test ran for at least the default options.
-  grep -q "Conformance.GaussianRoundTripWithinDeclaredBound/int4_default" <<<"$out" || return 1
+  grep -q "Conformance.GaussianRoundTripWithinDeclaredBound/$2_default" <<<"$out" || return 1
   grep -qE "^\[  PASSED  \] [1-9][0-9]* tests" <<<"$out" || return 1
-  if grep -q "^\[  SKIPPED \]" <<<"$out"; then echo "some int4 cases were skipped"; return 1; fi
+  if grep -q "^\[  SKIPPED \]" <<<"$out"; then echo "some $2 cases were skipped"; return 1; fi
 }
+
+do_conform() { conform "$example_build" int4; }
 
 # ---- 5. one qlora step with the installed trainer -----------------------------------------------
 do_train() {
@@ -231,9 +248,66 @@ do_tokenizer() {
   grep -q "llama2_tokenizer.model has 32000 tokens but the model's vocabulary is 512" <<<"$out"
 }
 
+# ---- 9./10. the docs' own code and commands -----------------------------------------------------
+# The fenced block after "<!-- sdk-test: NAME -->" in the docs page.
+doc_block() {
+  awk -v tag="<!-- sdk-test: $1 -->" '
+    $0 == tag { found = 1; next }
+    found == 1 && /^```/ { found = 2; next }
+    found == 2 && /^```/ { exit }
+    found == 2 { print }' "$doc"
+}
+
+# Environment for building out of tree the way a reader would (cmake picks these up), plus what
+# this build needs that a reader's system has in its default places.
+doc_env() {
+  local extra="$prefix_path"
+  [[ -n "$torch_dir" ]] && extra="${extra:+$extra:}$(cd "$torch_dir/../../.." && pwd)"
+  export CMAKE_PREFIX_PATH="${extra//;/:}"
+  [[ -n "$launcher" ]] && export CMAKE_CXX_COMPILER_LAUNCHER="$launcher"
+  export CCACHE_BASEDIR="$work" QTUNE_DATA="$data"
+}
+
+do_skeleton() {
+  local dir="$work/skeleton"
+  rm -rf "$dir" && mkdir -p "$dir" || return 1
+  doc_block skeleton.cpp >"$dir/my8.cpp"
+  doc_block CMakeLists.txt >"$dir/CMakeLists.txt"
+  wc -l "$dir/my8.cpp" "$dir/CMakeLists.txt"
+  [[ -s "$dir/my8.cpp" && -s "$dir/CMakeLists.txt" ]] || { echo "no skeleton in $doc"; return 1; }
+  (doc_env && cd "$dir" &&
+     "$cmake_bin" -S . -B build-my8 -G "$generator" -DCMAKE_PREFIX_PATH="$prefix" &&
+     "$cmake_bin" --build build-my8) || return 1
+  conform "$dir/build-my8" my8
+}
+
+do_docs() {
+  local block
+  block=$(doc_block quick-start) || return 1
+  echo "$block"
+  # The lines that build and install qtune itself are step 1 (already done into the prefix).
+  local qtune_build=$'cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo\ncmake --build build\ncmake --install build --prefix $HOME/qtune'
+  grep -qxF -- "$(sed -n 1p <<<"$qtune_build")" <<<"$block" &&
+    grep -qxF -- "cmake --build build" <<<"$block" &&
+    grep -qxF -- "cmake --install build --prefix \$HOME/qtune" <<<"$block" || {
+    echo "the quick start no longer builds qtune as step 1 does"
+    return 1
+  }
+  local script
+  script=$(grep -vxF -f <(printf '%s\n' "$qtune_build") <<<"$block" | sed "s|\$HOME/qtune|$prefix|g")
+  mkdir -p "$docs_dir" || return 1
+  ln -sfn "$source_dir/examples" "$docs_dir/examples"
+  ln -sfn "$source_dir/configs" "$docs_dir/configs"
+  rm -rf "$docs_dir/runs" "$docs_dir/bench-int4"
+  (doc_env && cd "$docs_dir" && bash -euxo pipefail -c "$script") || return 1
+  expect_file "$docs_dir/runs/int4/summary.json" || return 1
+  expect_file "$docs_dir/bench-int4/quant.csv" || return 1
+  grep -q "int4" "$docs_dir/bench-int4/quant.csv"
+}
+
 t_start=$SECONDS
-rm -rf "$prefix" "$example_build" "$run_dir" "$log" "$work/fake-torch" "$work/mismatch-build" \
-  "$work/run-spm"
+rm -rf "$prefix" "$docs_dir" "$run_dir" "$log" "$work/fake-torch" "$work/mismatch-build" \
+  "$work/run-spm" "$work/skeleton" "$work/example-build"
 mkdir -p "$log"
 step install "cmake --install into $prefix" do_install
 step build "examples/quant-plugin against the installed SDK" do_build install
@@ -244,5 +318,7 @@ step install-plugin "cmake --install of the example into the SDK's plugin folder
   do_install_plugin build
 step torch-mismatch "find_package(qtune) refuses another LibTorch" do_torch_mismatch install
 step tokenizer "installed trainer reads a sentencepiece .model" do_tokenizer install
+step skeleton "docs/writing-a-plugin.md's skeleton builds and conforms" do_skeleton install
+step docs "docs/writing-a-plugin.md's quick start runs as written" do_docs build
 echo "sdk: $passed passed, $failed failed ($((SECONDS - t_start)) s)"
 ((failed == 0))

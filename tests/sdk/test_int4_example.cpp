@@ -124,7 +124,7 @@ TEST(Int4Example, RejectsBadInputNamingIt) {
   };
   EXPECT_NE(message([] {
               int4()->quantize(torch::randn({4, 8}), {{"group_size", -1}});
-            }).find("quant.options.group_size must be 0"),
+            }).find("quant.options.group_size must be an integer in [0, 1073741824], got -1"),
             std::string::npos);
   torch::Tensor nan = torch::randn({4, 8});
   nan[2][5] = NAN;

@@ -146,3 +146,59 @@ TEST(SdkRegistry, TrainerListsTheGoodPluginsAndTheFailures) {
   for (const char* name : {"nf4", "hqq", "int8", "lora"})
     EXPECT_TRUE(contains(r.output, std::string("libqtune_") + name + ".so")) << name;
 }
+
+TEST(SdkRegistry, AShadowedPluginIsReportedNamingBothFiles) {
+  const auto first = copy_plugin("qtune_int4", qtune::test::temp_dir("sdk-shadow-first"));
+  const auto second = copy_plugin("qtune_int4", qtune::test::temp_dir("sdk-shadow-second"));
+  qtune::Registry registry;
+  registry.scan({fs::path(first).parent_path().string(), fs::path(second).parent_path().string()});
+  ASSERT_EQ(registry.plugins().size(), 1u);
+  EXPECT_EQ(registry.plugins()[0].path, first);
+  ASSERT_EQ(registry.shadowed().size(), 1u);
+  EXPECT_EQ(registry.shadowed()[0], "quant plugin int4 in " + second + " is shadowed by " + first +
+                                        ", found earlier in the search path; it is not used");
+  // The same file reached twice hides nothing.
+  registry.load_library(first);
+  EXPECT_EQ(registry.shadowed().size(), 1u);
+}
+
+TEST(SdkRegistry, TrainerListsOptionsAndShadowing) {
+  const auto first = copy_plugin("qtune_int4", qtune::test::temp_dir("sdk-list-first"));
+  const auto second = copy_plugin("qtune_int4", qtune::test::temp_dir("sdk-list-second"));
+  const auto r =
+      qtune::test::run_program({qtune::test::bin_path("trainer"), "--list-plugins", "--plugin_dir",
+                                fs::path(first).parent_path().string()},
+                               {"QTUNE_PLUGIN_PATH=" + fs::path(second).parent_path().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "quant    int4       1.0.0      " + first + "\n")) << r.output;
+  // Each option with its default, its declared range and its help.
+  EXPECT_TRUE(contains(r.output,
+                       "    group_size = 64              an integer in [0, 1073741824]  "
+                       "input columns sharing one scale"))
+      << r.output;
+  EXPECT_TRUE(contains(r.output, "    block_size = 64              an integer in [32, 4096]"))
+      << r.output;  // nf4, from the build's plugin folder
+  EXPECT_TRUE(contains(r.output, "shadowed quant plugin int4 in " + second + " is shadowed by " +
+                                     first + ", found earlier in the search path"))
+      << r.output;
+}
+
+// docs/writing-a-plugin.md's `qtune-quantize --model stories260K.bin ...`: a relative model path
+// resolves as it does for trainer (working directory, $QTUNE_DATA, ../shared/data).
+TEST(SdkPrograms, QuantizeFindsARelativeModelLikeTrainer) {
+  const std::string data = qtune::test::data_path("stories260K.bin");
+  const auto plugins = qtune::test::temp_dir("sdk-quantize-plugins");
+  copy_plugin("qtune_int4", plugins);
+  const auto out = qtune::test::temp_dir("sdk-quantize") + "/int4-model";
+  const auto r = qtune::test::run_program(
+      {qtune::test::bin_path("qtune-quantize"), "--model", "stories260K.bin", "--quant", "int4",
+       "--plugin_dir", plugins, "--out", out},
+      {"QTUNE_DATA=" + fs::path(data).parent_path().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(out + "/model.safetensors")) << r.output;
+  const auto bad = qtune::test::run_program({qtune::test::bin_path("qtune-quantize"), "--model",
+                                             "no-such-model.bin", "--quant", "int4", "--plugin_dir",
+                                             plugins, "--out", out + "2"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_TRUE(contains(bad.output, "--model: file not found: no-such-model.bin")) << bad.output;
+}

@@ -209,68 +209,14 @@ std::string QuantSet::label() const { return make_label(*this, false); }
 std::string QuantSet::short_label() const { return make_label(*this, true); }
 
 std::vector<QuantSet> parse_quant_sets(const std::string& text, const std::string& flag) {
-  // Split on ';' outside JSON strings and braces.
-  std::vector<std::string> entries;
-  std::string cur;
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      ++depth;
-    } else if (c == '}' || c == ']') {
-      --depth;
-    } else if (c == ';' && depth == 0) {
-      entries.push_back(cur);
-      cur.clear();
-      continue;
-    }
-    cur += c;
-  }
-  entries.push_back(cur);
-
   std::vector<QuantSet> sets;
-  for (const auto& raw : entries) {
-    const std::string e = trim(raw);
-    if (e.empty()) continue;
+  for (auto& e : parse_option_sets(text, flag)) {
     QuantSet s;
-    const auto colon = e.find(':');
-    s.backend = trim(e.substr(0, colon));
-    QTUNE_CHECK(
-        !s.backend.empty() && std::all_of(s.backend.begin(), s.backend.end(),
-                                          [](char c) {
-                                            return std::isalnum(static_cast<unsigned char>(c)) ||
-                                                   c == '_' || c == '-';
-                                          }),
-        flag, ": entry '", e, "' must start with a backend name (letters, digits, _ or -)",
-        ", as in 'nf4:{\"double_quant\":false}'");
-    if (colon != std::string::npos) {
-      const std::string body = trim(e.substr(colon + 1));
-      nlohmann::ordered_json parsed;
-      try {
-        parsed = nlohmann::ordered_json::parse(body.empty() ? "{}" : body);
-      } catch (const std::exception& ex) {
-        throw UserError(flag + ": entry '" + e + "': the options are not valid JSON (" + ex.what() +
-                        ")");
-      }
-      QTUNE_CHECK(parsed.is_object(), flag, ": entry '", e,
-                  "': the options must be a JSON object like {\"nbits\":4}, got ", body);
-      for (const auto& [k, v] : parsed.items()) {
-        s.key_order.push_back(k);
-        s.options[k] = Json::parse(v.dump());
-      }
-    }
+    s.backend = std::move(e.name);
+    s.options = std::move(e.options);
+    s.key_order = std::move(e.key_order);
     sets.push_back(std::move(s));
   }
-  QTUNE_CHECK(!sets.empty(), flag, ": no option set given, expected 'name:{json};name:{json}'");
   return sets;
 }
 
@@ -573,7 +519,7 @@ void validate_bench_options(const BenchOptions& o, const Registry& registry,
   }
   if (finetune || scale) {
     auto adapter = bench_detail::pick_adapter(o, registry);
-    resolve_options(adapter->option_schema(), o.adapter_options, "--adapter_options");
+    adapter->check_options(o.adapter_options, "--adapter_options");
     QTUNE_CHECK(!o.self_exe.empty(), "bench: the path of qtune-bench itself is unknown");
   }
 }

@@ -372,7 +372,7 @@ BenchResult bench_quant(const BenchOptions& o, const Registry& registry) {
       std::vector<std::shared_ptr<QuantizedWeight>> qs;
       double first_quantize_s = 0;
       try {
-        resolved = resolve_options(backend->option_schema(), set.options, set.backend);
+        resolved = backend->check_options(set.options, set.backend);
         row["options"] = resolved.dump();
         const auto t0 = std::chrono::steady_clock::now();
         for (const auto& w : m.parts) qs.push_back(backend->quantize(w, resolved));

@@ -583,7 +583,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
   QTUNE_CHECK(o.scale_batch > 0 && o.scale_seq_len > 0,
               "--scale_batch and --scale_seq_len must be > 0");
   auto adapter = pick_adapter(o, registry);
-  resolve_options(adapter->option_schema(), o.adapter_options, "--adapter_options");
+  adapter->check_options(o.adapter_options, "--adapter_options");
   std::vector<ModelConfig> configs;
   for (const auto& n : o.scale_sizes) {
     configs.push_back(synthetic_config(n, "--scale_sizes"));

@@ -139,10 +139,7 @@ int run(int argc, char** argv) {
   registry.scan(qtune::Registry::default_dirs(o.plugin_dir));
   for (const auto& e : registry.errors()) spdlog::warn("plugin not loaded: {}", e);
   if (vm.count("list-plugins")) {
-    std::printf("%-8s %-10s %-10s %s\n", "kind", "name", "version", "path");
-    for (const auto& p : registry.plugins())
-      std::printf("%-8s %-10s %-10s %s\n", p.kind.c_str(), p.name.c_str(), p.version.c_str(),
-                  p.path.c_str());
+    std::fputs(qtune::plugin_listing(registry).c_str(), stdout);
     return 0;
   }
   QTUNE_CHECK(vm.count("command"),

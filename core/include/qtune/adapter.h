@@ -70,6 +70,9 @@ class QTUNE_API AdapterFactory {
   virtual std::string name() const = 0;
   /// Every option with its default (rank, alpha, dropout, use_rslora, init for LoRA).
   virtual std::vector<OptionSpec> option_schema() const = 0;
+  /// Resolves and checks `user` options like QuantBackend::check_options (names keys
+  /// `<context>.<key>`); called before anything is allocated. Default: resolve_options only.
+  virtual Json check_options(const Json& user, const std::string& context) const;
   /// A new adapter for a projection in_features -> out_features with resolved options; its
   /// parameters are fp32 on CPU. Throws UserError on a bad option value.
   virtual std::shared_ptr<Adapter> create(int64_t in_features, int64_t out_features,

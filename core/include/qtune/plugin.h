@@ -15,7 +15,9 @@ namespace qtune {
 
 /// Bump whenever a change to an exported interface (QuantizedWeight, QuantBackend, Adapter,
 /// AdapterFactory, TensorState, OptionSpec, PluginInfo) would break a plugin built before it.
-constexpr uint32_t kPluginAbiVersion = 2;  // 2: Adapter::bind_base and Adapter::apply
+// 2: Adapter::bind_base and Adapter::apply; OptionSpec min/max/choices,
+//    QuantBackend::check_options and AdapterFactory::check_options.
+constexpr uint32_t kPluginAbiVersion = 2;
 
 // Overridable for tests only (a plugin that claims another ABI or LibTorch must be refused).
 #ifndef QTUNE_PLUGIN_ABI_VERSION

@@ -69,6 +69,13 @@ class QTUNE_API QuantBackend {
   virtual std::string name() const = 0;
   /// Every option with its default. Users' options are checked against it by resolve_options().
   virtual std::vector<OptionSpec> option_schema() const = 0;
+  /// Resolves `user` options (defaults filled in, types and the schema's min/max/choices checked
+  /// by resolve_options) and checks what the schema cannot say (a power of two, a combination of
+  /// options). Throws UserError naming `<context>.<key>` ("quant.options.block_size must be ...").
+  /// Core calls it when a recipe or flag names this backend, before anything is allocated, and
+  /// passes its result to error_bound() and quantize(); it must be cheap and allocate nothing.
+  /// The default only calls resolve_options(option_schema(), user, context).
+  virtual Json check_options(const Json& user, const std::string& context) const;
   /// Upper bound of the relative Frobenius error ||W - deq(quant(W))|| / ||W|| on a Gaussian
   /// matrix with these (resolved) options; the conformance suite holds the plugin to it.
   virtual double error_bound(const Json& options) const = 0;

@@ -47,6 +47,9 @@ class QTUNE_API Registry {
   std::vector<PluginRecord> plugins() const;
   /// One message per library that failed to load, each naming the file.
   std::vector<std::string> errors() const;
+  /// One message per library not used because a plugin of the same kind and name was found
+  /// earlier in the search order, naming both files (also logged as a warning when scanning).
+  std::vector<std::string> shadowed() const;
 
   /// Adds a backend directly (tests, statically linked builds).
   void add_quant(std::shared_ptr<QuantBackend> backend, const std::string& path = "<builtin>");
@@ -56,5 +59,10 @@ class QTUNE_API Registry {
   struct Impl;
   std::shared_ptr<Impl> impl_;
 };
+
+/// What `--list-plugins` prints: a header and one line per plugin (kind, name, version, path),
+/// each followed by its options ("name = default", the allowed values, the help), then a
+/// "shadowed" line per shadowed library and a "failed" line per library that did not load.
+QTUNE_API std::string plugin_listing(const Registry& registry);
 
 }  // namespace qtune

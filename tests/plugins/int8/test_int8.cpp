@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <functional>
 
-#include "int8.h"
+#include "int8_backend.h"
 #include "qtune/error.h"
 #include "qtune/quantized_linear.h"
 
@@ -57,7 +57,7 @@ TEST(Int8Options, DefaultsAndErrors) {
   const torch::Tensor w = torch::randn({4, 32});
   EXPECT_NE(error_of([&] {
               quant(w, {{"group_size", -1}});
-            }).find("quant.options.group_size must be 0 (per row) or a positive integer"),
+            }).find("quant.options.group_size must be an integer in [0, 1073741824], got -1"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
               quant(w, {{"scale_dtype", "fp16"}});
@@ -224,8 +224,8 @@ TEST(Int8State, RoundTripAndLoadErrors) {
             }).find("tensor \"weight\" must be Char, got Byte"),
             std::string::npos);
   EXPECT_NE(load_err([](auto& s) { s.meta["options"]["group_size"] = 0; })
-                .find("tensor \"weight.scale\" must have shape [10, 1] for shape [10,37] and these "
-                      "options, got [10, 5]"),
+                .find("tensor \"weight.scale\" must have shape [10, 1] for shape [10, 37] and "
+                      "options {\"group_size\":0,\"scale_dtype\":\"fp32\"}, got [10, 5]"),
             std::string::npos);
   EXPECT_NE(load_err([](auto& s) {
               s.tensors["SCB"] = torch::zeros({10});

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <set>
 
-#include "lora.h"
+#include "lora_adapter.h"
 #include "qtune/error.h"
 
 using qtune::Json;

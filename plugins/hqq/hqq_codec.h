@@ -2,9 +2,11 @@
 // quantization backend: affine group quantization W ≈ (W_q - zero) * scale whose zero-points are
 // refined by HQQ's half-quadratic proximal solver, with dense 2/3/4/8-bit packing.
 //
-// Everything here is plugin-internal; the registry sees only HqqBackend through the plugin entry
-// point at the end of hqq.cpp. The declarations are in a header so the unit tests (which link
-// hqq_objects directly) can check the pieces one by one.
+// The plugin follows the one plugin layout: hqq_codec.{h,cpp} (this file: options, bit packing,
+// the group quantizer with HQQ's solver), hqq_kernels.{h,cpp} (the CPU dequantization kernels),
+// hqq_backend.{h,cpp} (HqqWeight, HqqBackend) and hqq_plugin.cpp (the entry point). Everything
+// is plugin-internal; the declarations are in headers so the unit tests (which link hqq_objects
+// directly) can check the pieces one by one.
 //
 // Layout (format_version 1), for W[out, in] with N = out * in elements:
 // - Groups. group_size g (0 = a whole row for axis 1, a whole column for axis 0) splits the
@@ -14,7 +16,8 @@
 //     axis 0: group k holds flat elements k, k+G, k+2G, ...         (stride G = number of groups)
 //   hqq requires g to divide N; we accept any shape by padding the flat stream to Np = G*g with
 //   copies of a real element of the same group (so padding never widens a group's range). The
-//   padding codes are stored (fewer than g of them) and never dequantized.
+//   padding codes are stored (fewer than g of them) and never dequantized. A group_size larger
+//   than N means one group of the whole matrix (g = N).
 // - Codes. "W_q": uint8 [packed_bytes(Np, nbits)], the flat code stream (length Np) packed
 //   little-endian, least significant bits first:
 //     8-bit: one code per byte;  4-bit: code 2j in bits 0-3 of byte j, 2j+1 in bits 4-7;
@@ -32,6 +35,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -39,9 +43,12 @@
 #include <utility>
 #include <vector>
 
-#include "qtune/quantized_weight.h"
+#include "qtune/options.h"
 
 namespace qtune::hqq {
+
+/// ceil(a / b) for positive b.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -69,9 +76,11 @@ struct HqqParams {
   torch::ScalarType meta_scalar_type() const {
     return meta_dtype == "fp32" ? torch::kFloat32 : torch::kFloat16;
   }
-  /// The effective group size for a W[out, in].
+  /// The effective group size for a W[out, in]: at most the whole matrix (a larger group would
+  /// only store padding).
   int64_t effective_group(int64_t out, int64_t in) const {
-    return group_size > 0 ? group_size : (axis == 1 ? in : out);
+    return group_size > 0 ? std::min(group_size, std::max<int64_t>(1, out * in))
+                          : (axis == 1 ? in : out);
   }
   Json to_json() const;
 };
@@ -129,60 +138,5 @@ GroupQuant quantize_groups(const torch::Tensor& x, const HqqParams& p);
 /// inverse scale `inv` [c] and zero `z` [c] (all fp32).
 torch::Tensor group_sq_error(const torch::Tensor& x, const torch::Tensor& s,
                              const torch::Tensor& inv, const torch::Tensor& z, int max_code);
-
-// ---------------------------------------------------------------------------------------------
-// The weight and the backend
-
-class HqqWeight final : public QuantizedWeight {
- public:
-  /// Tensors as described in the file comment; `params` resolved; shapes already validated.
-  HqqWeight(int64_t out, int64_t in, HqqParams params, std::map<std::string, torch::Tensor> t);
-
-  std::string backend() const override { return "hqq"; }
-  int64_t out_features() const override { return out_; }
-  int64_t in_features() const override { return in_; }
-  torch::Tensor dequantize(torch::ScalarType dtype, torch::Device device) const override;
-  torch::Tensor dequantize_rows(int64_t begin, int64_t end, torch::ScalarType dtype,
-                                torch::Device device) const override;
-  TensorState state() const override;
-  void to(torch::Device device) override;
-  torch::Device device() const override { return tensors_.at("W_q").device(); }
-
-  const HqqParams& params() const { return params_; }
-  int64_t num_groups() const { return groups_; }
-  /// Decoded fp32 scale and zero of groups [k0, k1) on the weight's device.
-  std::pair<torch::Tensor, torch::Tensor> group_params(int64_t k0, int64_t k1) const;
-  /// Dequantized flat elements [f0, f1) of W (row-major), fp32 on the weight's device, by
-  /// tensor ops (any device, any layout).
-  torch::Tensor dequantize_flat(int64_t f0, int64_t f1) const;
-  /// Tests: make dequantize_rows() take the tensor-op path even where the CPU kernel applies
-  /// (axis 1 on CPU); both must agree bit for bit.
-  void set_force_tensor_ops(bool on) { force_tensor_ops_ = on; }
-  /// Tests: let the CPU kernel use AVX-512 where the CPU has it (the default), or only its
-  /// portable loop, as on CPUs without it.
-  void set_cpu_kernel_simd(bool on) { simd_ = on; }
-
- private:
-  torch::Tensor decode_meta(const std::string& key, int64_t k0, int64_t k1) const;
-  bool use_cpu_kernel() const;
-
-  int64_t out_, in_;
-  HqqParams params_;
-  int64_t group_;   // effective group size g
-  int64_t groups_;  // G = ceil(N / g)
-  std::map<std::string, torch::Tensor> tensors_;
-  bool force_tensor_ops_ = false;
-  bool simd_ = true;
-};
-
-class HqqBackend final : public QuantBackend {
- public:
-  std::string name() const override { return "hqq"; }
-  std::vector<OptionSpec> option_schema() const override { return hqq::option_schema(); }
-  double error_bound(const Json& options) const override;
-  std::unique_ptr<QuantizedWeight> quantize(const torch::Tensor& w,
-                                            const Json& options) const override;
-  std::unique_ptr<QuantizedWeight> load(const TensorState& state) const override;
-};
 
 }  // namespace qtune::hqq

@@ -85,6 +85,8 @@ class LoraFactory : public AdapterFactory {
  public:
   std::string name() const override { return "lora"; }
   std::vector<OptionSpec> option_schema() const override;
+  /// resolve_options plus the ranges (rank > 0, alpha > 0, dropout in [0, 1), init).
+  Json check_options(const Json& user, const std::string& context) const override;
   /// Resolves `options` against the schema (so an unresolved or partial object works too),
   /// range-checks them and returns a fresh adapter.
   std::shared_ptr<Adapter> create(int64_t in_features, int64_t out_features,

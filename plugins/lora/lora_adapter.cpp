@@ -1,13 +1,12 @@
 // The LoRA adapter plugin: options, initialisation, forward/merge math, state and PEFT config.
 // Conventions follow HF PEFT (peft/tuners/lora/{config,layer}.py) so adapters are interchangeable.
-#include "lora.h"
+#include "lora_adapter.h"
 
 #include <cmath>
 #include <set>
 #include <sstream>
 
 #include "qtune/error.h"
-#include "qtune/plugin.h"
 
 namespace qtune::lora {
 
@@ -189,6 +188,10 @@ std::vector<OptionSpec> LoraFactory::option_schema() const {
   };
 }
 
+Json LoraFactory::check_options(const Json& user, const std::string& context) const {
+  return LoraOptions::from_json(resolve_options(option_schema(), user, context)).to_json();
+}
+
 std::shared_ptr<Adapter> LoraFactory::create(int64_t in_features, int64_t out_features,
                                              const Json& options) const {
   QTUNE_CHECK(in_features > 0 && out_features > 0, "lora adapter: features must be > 0, got in ",
@@ -198,5 +201,3 @@ std::shared_ptr<Adapter> LoraFactory::create(int64_t in_features, int64_t out_fe
 }
 
 }  // namespace qtune::lora
-
-QTUNE_ADAPTER_PLUGIN("lora", "1.0.0", ::qtune::lora::LoraFactory)

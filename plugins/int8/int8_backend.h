@@ -2,8 +2,10 @@
 // `group_size` input columns within a row), scale = absmax / 127, q = round(w / scale) clamped to
 // [-127, 127]; W ≈ q * scale, dequantized on the fly in the compute dtype.
 //
-// Plugin-internal; the registry sees Int8Backend through the entry point at the end of int8.cpp.
-// Declared in a header for the unit tests, which link int8_objects directly.
+// Plugin-internal; the registry sees Int8Backend through the entry point in int8_plugin.cpp.
+// Declared in a header for the unit tests, which link int8_objects directly. The folder follows
+// the one plugin layout: int8_backend.{h,cpp} (the scheme is simple enough to need no separate
+// codec or kernels) and int8_plugin.cpp (the entry point).
 //
 // State (format_version 1), W[out, in] with G = 1 (group_size 0) or ceil(in / group_size):
 //   "weight"       int8 [out, in]   the codes, row-major (the last group of a row may be short)
@@ -38,7 +40,8 @@ struct Int8Params {
 };
 
 std::vector<OptionSpec> option_schema();
-/// Resolves and checks options; throws UserError naming `<context>.<key>` and what is allowed.
+/// Resolves and checks options (ranges are declared in the schema); throws UserError naming
+/// `<context>.<key>` and what is allowed.
 Int8Params parse_params(const Json& options, const std::string& context = "quant.options");
 
 class Int8Weight final : public QuantizedWeight {
@@ -76,6 +79,7 @@ class Int8Backend final : public QuantBackend {
  public:
   std::string name() const override { return "int8"; }
   std::vector<OptionSpec> option_schema() const override { return int8::option_schema(); }
+  Json check_options(const Json& user, const std::string& context) const override;
   double error_bound(const Json& options) const override;
   std::unique_ptr<QuantizedWeight> quantize(const torch::Tensor& w,
                                             const Json& options) const override;
