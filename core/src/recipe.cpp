@@ -8,6 +8,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "qtune/error.h"
+#include "qtune/process_group.h"
 
 namespace fs = std::filesystem;
 
@@ -29,6 +30,8 @@ Json recipe_defaults() {
               "activation_checkpointing": false},
     "eval": {"every": 50, "max_batches": 16},
     "checkpoint": {"every": 0, "keep": 2},
+    "dist": {"backend": "auto", "timeout_s": 600.0, "master_addr": "", "master_port": 29500,
+             "bucket_mb": 25.0},
     "log_every": 10,
     "seed": 42,
     "threads": 0,
@@ -223,6 +226,7 @@ void validate_recipe(const Json& r) {
   QTUNE_CHECK(!r.at("output_dir").get<std::string>().empty(), "output_dir must not be empty");
   for (const auto& m : r.at("adapter").at("target_modules"))
     QTUNE_CHECK(m.is_string(), "adapter.target_modules must be a list of names, got ", m.dump());
+  dist_config_from_recipe(r);
 }
 
 std::string resolve_data_path(const std::string& path, const std::string& key) {

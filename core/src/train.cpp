@@ -15,10 +15,12 @@
 #include "qtune/atomic_file.h"
 #include "qtune/checkpoint.h"
 #include "qtune/data.h"
+#include "qtune/data_shard.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
+#include "qtune/process_group.h"
 #include "qtune/recipe.h"
 #include "qtune/tokenizer.h"
 
@@ -140,20 +142,29 @@ struct EvalResult {
   int64_t tokens = 0;
 };
 
+// Each rank evaluates its rows of the global eval batches; the sums of losses and target counts
+// are reduced, so every rank gets the one-process value.
 EvalResult evaluate(LlamaForCausalLMImpl& model, const TokenDataset& data, int64_t batch_size,
-                    int64_t max_batches) {
+                    int64_t max_batches, ProcessGroup& group) {
   torch::NoGradGuard no_grad;
   const bool was_training = model.is_training();
   model.eval();
   double sum = 0;
   int64_t count = 0;
-  for_each_eval_batch(data, batch_size, max_batches, [&](const Batch& b) {
-    if (b.num_targets == 0) return;
-    auto [loss, n] = model.loss(b.tokens, b.targets);
-    sum += loss.item<double>() * static_cast<double>(n);
-    count += n;
-  });
+  for_each_eval_share(data, batch_size, group.rank(), group.world_size(), max_batches,
+                      [&](const Batch& b) {
+                        if (b.num_targets == 0) return;
+                        auto [loss, n] = model.loss(b.tokens, b.targets);
+                        sum += loss.item<double>() * static_cast<double>(n);
+                        count += n;
+                      });
   model.train(was_training);
+  if (group.world_size() > 1) {
+    auto totals = torch::tensor({sum, static_cast<double>(count)}, torch::kFloat64);
+    group.all_reduce_sum(totals, "the evaluation");
+    sum = totals[0].item<double>();
+    count = static_cast<int64_t>(totals[1].item<double>());
+  }
   return {count ? sum / static_cast<double>(count) : NAN, count};
 }
 
@@ -223,16 +234,48 @@ Trainer::Trainer(ResolvedRecipe recipe) : r_(std::move(recipe)) {}
 
 bool Trainer::stop_requested() { return g_stop.load(); }
 
+namespace {
+Json run_steps(ResolvedRecipe& r_, const std::function<void(const Json&)>& on_metrics,
+               ProcessGroup& group);
+}
+
+// The process group is part of the run set-up: joined from the launcher's environment (a world of
+// one without a launcher) before anything is loaded, left after the outputs are written.
 Json Trainer::run() {
+  const DistConfig dist = dist_config_from_recipe(r_.recipe);
+  const WorldInfo world = world_from_environment(current_environment(), dist);
+  if (world.rank > 0)
+    spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(world.rank) + "] [%l] %v");
+  std::shared_ptr<ProcessGroup> group;
+  try {
+    group = world.world_size > 1 ? ProcessGroup::join(world, dist, "cpu") : ProcessGroup::single();
+    Json summary = run_steps(r_, on_metrics, *group);
+    group->finish();
+    return summary;
+  } catch (const std::exception& e) {
+    if (group) group->announce_failure(e.what());
+    if (world.rank > 0 && dynamic_cast<const UserError*>(&e))
+      throw UserError("rank " + std::to_string(world.rank) + ": " + e.what());
+    throw;
+  }
+}
+
+namespace {
+
+Json run_steps(ResolvedRecipe& r_, const std::function<void(const Json&)>& on_metrics,
+               ProcessGroup& group) {
   using clock = std::chrono::steady_clock;
   const Json& rc = r_.recipe;
   const auto& t = rc["train"];
   g_stop.store(false);
+  const bool main_rank = group.is_main();
+  const int64_t world = group.world_size();
 
+  // Local ranks share the cores.
   const int64_t threads = rc["threads"].get<int64_t>();
-  at::set_num_threads(threads > 0
-                          ? static_cast<int>(threads)
-                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  at::set_num_threads(static_cast<int>(
+      threads > 0 ? threads : std::max<int64_t>(1, cores / group.world().local_world_size)));
   const uint64_t seed = rc["seed"].get<uint64_t>();
   torch::manual_seed(seed);
 
@@ -257,7 +300,7 @@ Json Trainer::run() {
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   QTUNE_CHECK(!ec, "output_dir: cannot create ", out_dir, ": ", ec.message());
-  atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
+  if (main_rank) atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
 
   // Model first (it may name its own tokenizer), then data.
   const auto t_load = clock::now();
@@ -283,7 +326,8 @@ Json Trainer::run() {
                      opts.dump(), r_.spec.quant_options.dump());
         r_.spec.quant_options = opts;
         r_.recipe["quant"]["options"] = opts;
-        atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
+        if (main_rank)
+          atomic_write_string((fs::path(out_dir) / "recipe.json").string(), rc.dump(2) + "\n");
       }
     }
   }
@@ -316,6 +360,12 @@ Json Trainer::run() {
   std::vector<torch::Tensor> params;
   for (auto& [_, p] : named) params.push_back(p);
   const int64_t trainable = model->num_trainable_parameters();
+  // Every rank must be about to train the same thing from the same start.
+  Json local_recipe = rc;
+  for (const char* k : {"output_dir", "plugin_dir", "threads", "log_every"}) local_recipe.erase(k);
+  group.check_agreement("run", {{"recipe", local_recipe},
+                                {"identity", identity},
+                                {"trainable_initial_state", tensor_fingerprint(params)}});
   spdlog::info(
       "model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
       "built in {:.2f}s",
@@ -338,7 +388,11 @@ Json Trainer::run() {
   const int64_t log_every = rc["log_every"].get<int64_t>();
   const int64_t ckpt_every = rc["checkpoint"]["every"].get<int64_t>();
   const int64_t ckpt_keep = rc["checkpoint"]["keep"].get<int64_t>();
-  DataLoader loader(data.train, batch_size, seed, /*shuffle=*/true, /*drop_last=*/true);
+  ShardedLoader loader(data.train, batch_size, group.rank(), world, seed);
+  std::unique_ptr<GradientBuckets> buckets;
+  if (world > 1)
+    buckets = std::make_unique<GradientBuckets>(
+        params, static_cast<int64_t>(dist_config_from_recipe(rc).bucket_mb * 1024 * 1024));
 
   // Progress carried over from earlier sessions of this run.
   int64_t start_step = 0, tokens_seen = 0;
@@ -360,10 +414,14 @@ Json Trainer::run() {
   }
 
   const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
-  if (!resume_dir.empty()) trim_metrics(metrics_path, start_step);
-  std::ofstream metrics(metrics_path, resume_dir.empty() ? std::ios::trunc : std::ios::app);
-  QTUNE_CHECK(metrics.good(), "output_dir: cannot write ", out_dir, "/metrics.jsonl");
+  if (!resume_dir.empty() && main_rank) trim_metrics(metrics_path, start_step);
+  std::ofstream metrics;  // rank 0's alone
+  if (main_rank) {
+    metrics.open(metrics_path, resume_dir.empty() ? std::ios::trunc : std::ios::app);
+    QTUNE_CHECK(metrics.good(), "output_dir: cannot write ", out_dir, "/metrics.jsonl");
+  }
   auto emit = [&](const Json& j) {
+    if (!main_rank) return;
     metrics << j.dump() << "\n";
     metrics.flush();
     if (on_metrics) on_metrics(j);
@@ -371,7 +429,7 @@ Json Trainer::run() {
 
   auto run_eval = [&](int64_t step) {
     if (!data.val) return;
-    auto e = evaluate(*model, *data.val, batch_size, eval_batches);
+    auto e = evaluate(*model, *data.val, batch_size, eval_batches, group);
     if (std::isnan(first_val)) first_val = e.loss;
     last_val = e.loss;
     if (std::isnan(best_val) || e.loss < best_val) best_val = e.loss;
@@ -380,7 +438,8 @@ Json Trainer::run() {
           {"val_loss", e.loss},
           {"val_ppl", std::exp(e.loss)},
           {"val_tokens", e.tokens}});
-    spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
+    if (main_rank)
+      spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
   };
 
   const auto t_train = clock::now();
@@ -391,6 +450,7 @@ Json Trainer::run() {
   int64_t checkpoints_saved = 0, checkpoint_bytes = 0;
   double checkpoint_seconds = 0;
   auto checkpoint = [&](int64_t step) {
+    if (!main_rank) return;
     const auto t0 = clock::now();
     CheckpointState st;
     st.step = step;
@@ -418,6 +478,7 @@ Json Trainer::run() {
   Progress progress(max_steps);
   int64_t step = start_step, session_tokens = 0;
   double last_loss = NAN;
+  bool stopped = false;
   for (step = start_step + 1; step <= max_steps; ++step) {
     const auto t_step = clock::now();
     const double step_lr = lr_at(step, max_steps, warmup, lr, min_ratio);
@@ -426,12 +487,42 @@ Json Trainer::run() {
     opt.zero_grad();
     double loss_sum = 0;
     int64_t step_tokens = 0;
-    for (int64_t micro = 0; micro < accum; ++micro) {
-      Batch b = loader.next();
-      auto [loss, n] = model->loss(b.tokens, b.targets);
-      (loss / static_cast<double>(accum)).backward();
-      loss_sum += loss.item<double>();
-      step_tokens += b.tokens.numel();
+    if (world == 1) {
+      for (int64_t micro = 0; micro < accum; ++micro) {
+        Batch b = loader.next();
+        auto [loss, n] = model->loss(b.tokens, b.targets);
+        (loss / static_cast<double>(accum)).backward();
+        loss_sum += loss.item<double>();
+        step_tokens += b.tokens.numel();
+      }
+    } else {
+      // Data parallel: a micro-batch's loss is the mean over the global batch's targets, so each
+      // rank weights its mean by its share of them (the counts are known before the forward
+      // passes); the gradients, sums over ranks of the weighted ones, are what one process with
+      // the global batch gets.
+      std::vector<Batch> micro(accum);
+      auto counts = torch::empty({accum}, torch::kInt64);
+      for (int64_t m = 0; m < accum; ++m) {
+        micro[m] = loader.next();
+        counts[m] = micro[m].num_targets;
+      }
+      auto local_counts = counts.clone();
+      group.all_reduce_sum(counts, "the token counts");
+      for (int64_t m = 0; m < accum; ++m) {
+        const Batch& b = micro[m];
+        step_tokens += b.tokens.numel();
+        const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
+        if (local == 0 || global == 0) continue;
+        const double weight = static_cast<double>(local) / static_cast<double>(global);
+        auto [loss, n] = model->loss(b.tokens, b.targets);
+        (loss * (weight / static_cast<double>(accum))).backward();
+        loss_sum += loss.item<double>() * weight;
+      }
+      buckets->all_reduce(group);
+      auto totals = torch::tensor({loss_sum, static_cast<double>(step_tokens)}, torch::kFloat64);
+      group.all_reduce_sum(totals, "the step's loss");
+      loss_sum = totals[0].item<double>();
+      step_tokens = static_cast<int64_t>(totals[1].item<double>());
     }
     const double grad_norm =
         torch::nn::utils::clip_grad_norm_(params, max_norm > 0 ? max_norm : INFINITY);
@@ -452,13 +543,16 @@ Json Trainer::run() {
           {"tokens_per_s", step_tokens / std::max(1e-9, step_s)},
           {"step_s", step_s},
           {"epoch", loader.epoch()}});
-    progress.update(step, last_loss, tok_s,
-                    elapsed / static_cast<double>(step - start_step) * (max_steps - step));
-    if (!progress.tty() && (step % log_every == 0 || step == start_step + 1))
+    if (main_rank)
+      progress.update(step, last_loss, tok_s,
+                      elapsed / static_cast<double>(step - start_step) * (max_steps - step));
+    if (main_rank && !progress.tty() && (step % log_every == 0 || step == start_step + 1))
       spdlog::info("step {}/{}: loss {:.4f} lr {:.2e} grad_norm {:.3f} {:.0f} tok/s", step,
                    max_steps, last_loss, step_lr, grad_norm, tok_s);
     detail::debug_point("step", step, out_dir, &Trainer::stop_requested);
-    const bool last = step == max_steps || g_stop.load();
+    // A stop asked of any rank stops every rank after this same step.
+    stopped = group.any(g_stop.load(), "the stop check");
+    const bool last = step == max_steps || stopped;
     if ((eval_every > 0 && step % eval_every == 0) || last) {
       progress.finish();
       run_eval(step);
@@ -470,12 +564,17 @@ Json Trainer::run() {
   progress.finish();
   const int64_t steps_done = std::min(step, max_steps);
   const double train_s = train_seconds();
-  if (g_stop.load())
+  if (stopped)
     spdlog::info("stopped at step {} on request; checkpoint {}", steps_done, last_checkpoint);
+  // The replicas must have stayed identical (same data order, same reduced gradients).
+  const std::string final_fingerprint = tensor_fingerprint(params);
+  group.check_agreement("final trainable state", {{"trainable_state", final_fingerprint}});
 
   // Outputs: adapters in PEFT layout, or the full model as an HF directory.
   std::string saved;
-  if (r_.spec.train_type == TrainType::kFull) {
+  if (!main_rank) {
+    saved = (fs::path(out_dir) / (r_.spec.train_type == TrainType::kFull ? "model" : "adapter")).string();
+  } else if (r_.spec.train_type == TrainType::kFull) {
     saved = (fs::path(out_dir) / "model").string();
     auto weights = model_weights(*model, /*merge_adapters=*/false);
     save_hf_model(saved, files.config, *weights, torch::kFloat32, tok_path);
@@ -514,9 +613,23 @@ Json Trainer::run() {
       {"checkpoint_save_seconds", checkpoint_seconds},
       {"resumed_from", resume_dir.empty() ? Json(nullptr) : Json(resume_dir)},
       {"stopped_early", steps_done < max_steps},
+      {"dist",
+       {{"world_size", world},
+        {"rank", group.rank()},
+        {"backend", group.backend()},
+        {"threads_per_rank", at::get_num_threads()},
+        {"buckets", buckets ? buckets->num_buckets() : 0},
+        {"gradient_bytes_per_step", buckets ? buckets->bytes() : 0},
+        {"allreduce_seconds", group.reduce_seconds()},
+        {"allreduce_bytes_per_step",
+         steps_done > start_step ? group.reduce_bytes() / (steps_done - start_step) : 0},
+        {"trainable_fingerprint", final_fingerprint}}},
   };
-  atomic_write_string((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
+  if (main_rank)
+    atomic_write_string((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
   return summary;
 }
+
+}  // namespace
 
 }  // namespace qtune
