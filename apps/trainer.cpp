@@ -11,6 +11,8 @@
 
 #include "app_main.h"
 #include "qtune/error.h"
+#include "qtune/launcher.h"
+#include "qtune/process_group.h"
 #include "qtune/recipe.h"
 #include "qtune/registry.h"
 #include "qtune/train.h"
@@ -60,6 +62,8 @@ int run(int argc, char** argv) {
       opts.add_options()(k.flag.c_str(), semantic(k.type()), (k.doc + " (" + k.path + ")").c_str());
   // clang-format off
   opts.add_options()
+    ("nproc_per_node", po::value<int64_t>(),
+     "start N local data-parallel ranks of this command (like torchrun --standalone)")
     ("list-plugins", "list the plugins found and exit")
     ("print-config", "print the complete recipe and exit")
     ("recipe-keys", "print every recipe key as a markdown table (docs/cli.md) and exit")
@@ -121,11 +125,30 @@ int run(int argc, char** argv) {
     return 0;
   }
 
+  if (vm.count("nproc_per_node")) {
+    // The same command without the flag, once per rank; the recipe was checked once above.
+    std::vector<std::string> args{boost::dll::program_location().string()};
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--nproc_per_node") {
+        ++i;
+        continue;
+      }
+      if (a.rfind("--nproc_per_node=", 0) == 0) continue;
+      args.push_back(a);
+    }
+    qtune::LaunchOptions launch;
+    launch.nproc = vm["nproc_per_node"].as<int64_t>();
+    launch.grace_s = resolved.recipe.dist.timeout_s + 10;
+    return qtune::launch_local_ranks(args, launch);
+  }
+
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   if (!config.empty()) spdlog::info("recipe: {}", config);
   qtune::Trainer trainer(std::move(resolved));
   qtune::Json s = trainer.run();
+  if (s["dist"]["rank"].get<int64_t>() != 0) return 0;  // rank 0 reports for the job
   std::printf("\n== summary (%s/summary.json)\n", recipe["output_dir"].get<std::string>().c_str());
   std::printf("train_type %s  quant %s  adapter %s\n", s["train_type"].get<std::string>().c_str(),
               s["quant"].is_null() ? "-" : s["quant"].get<std::string>().c_str(),

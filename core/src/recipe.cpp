@@ -13,6 +13,8 @@
 
 #include "qtune/chat_template.h"
 #include "qtune/error.h"
+#include "qtune/process_group.h"
+#include "qtune/process_group.h"
 
 namespace fs = std::filesystem;
 
@@ -115,6 +117,11 @@ void declare_keys(V& v, Recipe& r) {
   v("eval.max_batches", r.eval.max_batches, int64_t{16}, "", "cap on validation batches per evaluation", above<int64_t>(0));
   v("checkpoint.every", r.checkpoint.every, int64_t{0}, "", "save a checkpoint every N steps (0 = only at the end and when stopped)", at_least<int64_t>(0));
   v("checkpoint.keep", r.checkpoint.keep, int64_t{2}, "", "checkpoints kept", at_least<int64_t>(1));
+  v("dist.backend", r.dist.backend, "auto", "", "process-group backend: `gloo` (CPU), `nccl` (CUDA) or `auto` (see [distributed.md](distributed.md))", one_of({"auto", "gloo", "nccl"}));
+  v("dist.timeout_s", r.dist.timeout_s, 600.0, "", "seconds a rank waits for the others (joining, every collective); a lost rank is named after at most this long");
+  v("dist.master_addr", r.dist.master_addr, "", "", "rank 0's host when the launcher sets no `MASTER_ADDR` (SLURM)");
+  v("dist.master_port", r.dist.master_port, int64_t{29500}, "", "rank 0's TCPStore port when the launcher sets no `MASTER_PORT`");
+  v("dist.bucket_mb", r.dist.bucket_mb, 25.0, "", "gradient all-reduce bucket size in MiB");
   v("log_every", r.log_every, int64_t{10}, "", "log line interval when stderr is not a terminal", above<int64_t>(0));
   v("seed", r.seed, uint64_t{42}, "seed", "data split, shuffling, adapter init, dropout");
   v("threads", r.threads, int64_t{0}, "threads", "intra-op threads (0 = all cores)", at_least<int64_t>(0, " (0 = all cores)"));
@@ -218,6 +225,7 @@ Recipe Recipe::from_json(const Json& tree) {
   QTUNE_CHECK(!r.data.val_path.empty() || (r.data.val_fraction > 0 && r.data.val_fraction < 1),
               "data.val_fraction must be in (0, 1) when data.val_path is empty, got ",
               r.data.val_fraction);
+  dist_config_from_recipe(tree);  // the dist.* ranges (process_group.h)
   return r;
 }
 

@@ -16,11 +16,14 @@
 #include "qtune/checkpoint.h"
 #include "qtune/run_identity.h"
 #include "qtune/data.h"
+#include "qtune/data_shard.h"
+#include "qtune/data_shard.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
 #include "qtune/process.h"
+#include "qtune/process_group.h"
 #include "qtune/recipe.h"
 #include "qtune/tokenizer.h"
 
@@ -111,20 +114,29 @@ struct EvalResult {
   int64_t tokens = 0;
 };
 
+// Each rank evaluates its rows of the global eval batches; the sums of losses and target counts
+// are reduced, so every rank gets the one-process value.
 EvalResult evaluate_loss(LlamaForCausalLMImpl& model, const TokenDataset& data, int64_t batch_size,
-                    int64_t max_batches) {
+                         int64_t max_batches, ProcessGroup& group) {
   torch::NoGradGuard no_grad;
   const bool was_training = model.is_training();
   model.eval();
   double sum = 0;
   int64_t count = 0;
-  for_each_eval_batch(data, batch_size, max_batches, [&](const Batch& b) {
-    if (b.num_targets == 0) return;
-    auto [loss, n] = model.loss(b.tokens, b.targets);
-    sum += loss.item<double>() * static_cast<double>(n);
-    count += n;
-  });
+  for_each_eval_share(data, batch_size, group.rank(), group.world_size(), max_batches,
+                      [&](const Batch& b) {
+                        if (b.num_targets == 0) return;
+                        auto [loss, n] = model.loss(b.tokens, b.targets);
+                        sum += loss.item<double>() * static_cast<double>(n);
+                        count += n;
+                      });
   model.train(was_training);
+  if (group.world_size() > 1) {
+    auto totals = torch::tensor({sum, static_cast<double>(count)}, torch::kFloat64);
+    group.all_reduce_sum(totals, "the evaluation");
+    sum = totals[0].item<double>();
+    count = static_cast<int64_t>(totals[1].item<double>());
+  }
   return {count ? sum / static_cast<double>(count) : NAN, count};
 }
 
@@ -199,7 +211,11 @@ struct Trainer::Run {
   LlamaForCausalLM model{nullptr};
   std::vector<torch::Tensor> params;
   std::unique_ptr<torch::optim::AdamW> opt;
-  std::unique_ptr<DataLoader> loader;
+  std::unique_ptr<ShardedLoader> loader;
+  // Data parallel (a world of one without a launcher)
+  std::shared_ptr<ProcessGroup> group;
+  std::unique_ptr<GradientBuckets> buckets;
+  bool main = true, stopped = false;
   std::ofstream metrics;
   double load_s = 0;
   // Resume
@@ -226,6 +242,7 @@ Trainer::~Trainer() = default;
 bool Trainer::stop_requested() { return g_stop.load(); }
 
 void Trainer::emit(const Json& j) {
+  if (!run_->main) return;  // rank 0 writes for the job
   run_->metrics << j.dump() << "\n";
   run_->metrics.flush();
   if (on_metrics) on_metrics(j);
@@ -255,9 +272,11 @@ void adopt_prequantized(ResolvedRecipe& r, const WeightSource& weights) {
 void Trainer::setup() {
   Run& s = *run_;
   const Recipe& rc = r_.recipe;
-  at::set_num_threads(rc.threads > 0
-                          ? static_cast<int>(rc.threads)
-                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  // Local ranks share the cores.
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  at::set_num_threads(static_cast<int>(
+      rc.threads > 0 ? rc.threads
+                     : std::max<int64_t>(1, cores / s.group->world().local_world_size)));
   torch::manual_seed(rc.seed);
   s.out_dir = rc.output_dir;
   s.ckpt_root = (fs::path(s.out_dir) / "checkpoints").string();
@@ -288,7 +307,8 @@ void Trainer::setup() {
               " has ", tokenizer->vocab_size(), " tokens but the model's vocabulary is ",
               files.config.vocab_size);
   if (r_.spec.quantized_base()) adopt_prequantized(r_, *files.weights);
-  atomic_write_string((fs::path(s.out_dir) / "recipe.json").string(), r_.tree.dump(2) + "\n");
+  if (s.main)
+    atomic_write_string((fs::path(s.out_dir) / "recipe.json").string(), r_.tree.dump(2) + "\n");
   // What checkpoints and adapters are only valid with; a resumed run must match it.
   s.identity = run_identity(r_.spec, base_identity(r_.model_path, files.config, *files.weights));
   if (!s.resume_dir.empty())
@@ -324,6 +344,12 @@ void Trainer::setup() {
   QTUNE_CHECK(!named.empty(),
               "nothing to train: no trainable parameter (check adapter.target_modules)");
   for (auto& [_, p] : named) s.params.push_back(p);
+  // Every rank must be about to train the same thing from the same start.
+  Json local_recipe = r_.tree;
+  for (const char* k : {"output_dir", "plugin_dir", "threads", "log_every"}) local_recipe.erase(k);
+  s.group->check_agreement("run", {{"recipe", local_recipe},
+                                   {"identity", s.identity},
+                                   {"trainable_initial_state", tensor_fingerprint(s.params)}});
   spdlog::info(
       "model: {} ({}), {} trainable / {} parameters, base linear weights {:.2f} MB, "
       "built in {:.2f}s",
@@ -336,8 +362,11 @@ void Trainer::setup() {
                     .betas({t.beta1, t.beta2})
                     .eps(t.eps)
                     .weight_decay(t.weight_decay));
-  s.loader = std::make_unique<DataLoader>(s.data.train, t.batch_size, rc.seed, /*shuffle=*/true,
-                                          /*drop_last=*/true);
+  s.loader = std::make_unique<ShardedLoader>(s.data.train, t.batch_size, s.group->rank(),
+                                             s.group->world_size(), rc.seed);
+  if (s.group->world_size() > 1)
+    s.buckets = std::make_unique<GradientBuckets>(
+        s.params, static_cast<int64_t>(rc.dist.bucket_mb * 1024 * 1024));
 }
 
 void Trainer::resume() {
@@ -357,11 +386,49 @@ void Trainer::resume() {
     s.last_val = null_to_nan(p, "last_val_loss");
     spdlog::info("resumed from {} at step {}/{}", s.resume_dir, s.start_step,
                  r_.recipe.train.max_steps);
-    trim_metrics(metrics_path, s.start_step);
+    if (s.main) trim_metrics(metrics_path, s.start_step);
   }
+  if (!s.main) return;
   s.metrics.open(metrics_path, s.resume_dir.empty() ? std::ios::trunc : std::ios::app);
   QTUNE_CHECK(s.metrics.good(), "output_dir: cannot write ", s.out_dir, "/metrics.jsonl");
 }
+
+namespace {
+
+// Data parallel: a micro-batch's loss is the mean over the global batch's targets, so each rank
+// weights its mean by its share of them (the counts are known before the forward passes); the
+// gradients, sums over ranks of the weighted ones, are what one process with the global batch
+// gets. Returns the step's summed loss and tokens over all ranks.
+template <typename RunT>
+std::pair<double, int64_t> data_parallel_backward(RunT& s, int64_t accum) {
+  ProcessGroup& group = *s.group;
+  std::vector<Batch> micro(accum);
+  auto counts = torch::empty({accum}, torch::kInt64);
+  for (int64_t m = 0; m < accum; ++m) {
+    micro[m] = s.loader->next();
+    counts[m] = micro[m].num_targets;
+  }
+  auto local_counts = counts.clone();
+  group.all_reduce_sum(counts, "the token counts");
+  double loss_sum = 0;
+  int64_t step_tokens = 0;
+  for (int64_t m = 0; m < accum; ++m) {
+    const Batch& b = micro[m];
+    step_tokens += b.tokens.numel();
+    const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
+    if (local == 0 || global == 0) continue;
+    const double weight = static_cast<double>(local) / static_cast<double>(global);
+    auto [loss, n] = s.model->loss(b.tokens, b.targets);
+    (loss * (weight / static_cast<double>(accum))).backward();
+    loss_sum += loss.item<double>() * weight;
+  }
+  s.buckets->all_reduce(group);
+  auto totals = torch::tensor({loss_sum, static_cast<double>(step_tokens)}, torch::kFloat64);
+  group.all_reduce_sum(totals, "the step's loss");
+  return {totals[0].item<double>(), static_cast<int64_t>(totals[1].item<double>())};
+}
+
+}  // namespace
 
 Json Trainer::step(int64_t step) {
   Run& s = *run_;
@@ -373,12 +440,16 @@ Json Trainer::step(int64_t step) {
   s.opt->zero_grad();
   double loss_sum = 0;
   int64_t step_tokens = 0;
-  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-    Batch b = s.loader->next();
-    auto [loss, n] = s.model->loss(b.tokens, b.targets);
-    (loss / static_cast<double>(t.grad_accum)).backward();
-    loss_sum += loss.item<double>();
-    step_tokens += b.tokens.numel();
+  if (s.group->world_size() == 1) {
+    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+      Batch b = s.loader->next();
+      auto [loss, n] = s.model->loss(b.tokens, b.targets);
+      (loss / static_cast<double>(t.grad_accum)).backward();
+      loss_sum += loss.item<double>();
+      step_tokens += b.tokens.numel();
+    }
+  } else {
+    std::tie(loss_sum, step_tokens) = data_parallel_backward(s, t.grad_accum);
   }
   const double grad_norm = torch::nn::utils::clip_grad_norm_(
       s.params, t.max_grad_norm > 0 ? t.max_grad_norm : INFINITY);
@@ -405,7 +476,7 @@ void Trainer::evaluate(int64_t step) {
   Run& s = *run_;
   if (!s.data.val) return;
   auto e = evaluate_loss(*s.model, *s.data.val, r_.recipe.train.batch_size,
-                         r_.recipe.eval.max_batches);
+                         r_.recipe.eval.max_batches, *s.group);
   if (std::isnan(s.first_val)) s.first_val = e.loss;
   s.last_val = e.loss;
   if (std::isnan(s.best_val) || e.loss < s.best_val) s.best_val = e.loss;
@@ -414,11 +485,12 @@ void Trainer::evaluate(int64_t step) {
         {"val_loss", e.loss},
         {"val_ppl", std::exp(e.loss)},
         {"val_tokens", e.tokens}});
-  spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
+  if (s.main) spdlog::info("step {}: val_loss {:.4f} (ppl {:.2f})", step, e.loss, std::exp(e.loss));
 }
 
 void Trainer::save(int64_t step) {
   Run& s = *run_;
+  if (!s.main) return;
   const auto t0 = Run::clock::now();
   CheckpointState st;
   st.step = step;
@@ -447,11 +519,13 @@ std::string Trainer::save_outputs(int64_t steps_done) {
   Run& s = *run_;
   if (r_.spec.trainable_base()) {
     const std::string dir = (fs::path(s.out_dir) / "model").string();
+    if (!s.main) return dir;
     auto weights = model_weights(*s.model, /*merge_adapters=*/false);
     save_hf_model(dir, s.config, *weights, torch::kFloat32, s.tok_path);
     return dir;
   }
   const std::string dir = (fs::path(s.out_dir) / "adapter").string();
+  if (!s.main) return dir;
   save_peft_adapter(dir, *s.model, r_.model_path,
                     Json{{"identity", s.identity}, {"tokenizer", s.tok_path}, {"step", steps_done}});
   return dir;
@@ -490,21 +564,56 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
       {"checkpoint_save_seconds", s.checkpoint_seconds},
       {"resumed_from", s.resume_dir.empty() ? Json(nullptr) : Json(s.resume_dir)},
       {"stopped_early", steps_done < r_.recipe.train.max_steps},
+      {"dist",
+       {{"world_size", s.group->world_size()},
+        {"rank", s.group->rank()},
+        {"backend", s.group->backend()},
+        {"threads_per_rank", at::get_num_threads()},
+        {"buckets", s.buckets ? s.buckets->num_buckets() : 0},
+        {"gradient_bytes_per_step", s.buckets ? s.buckets->bytes() : 0},
+        {"allreduce_seconds", s.group->reduce_seconds()},
+        {"allreduce_bytes_per_step", steps_done > s.start_step
+                                         ? s.group->reduce_bytes() / (steps_done - s.start_step)
+                                         : 0},
+        {"trainable_fingerprint", tensor_fingerprint(s.params)}}},
   };
-  atomic_write_string((fs::path(s.out_dir) / "summary.json").string(), summary.dump(2) + "\n");
+  if (s.main)
+    atomic_write_string((fs::path(s.out_dir) / "summary.json").string(), summary.dump(2) + "\n");
   return summary;
 }
 
+// The process group is part of the run set-up: joined from the launcher's environment (a world
+// of one without a launcher) before anything is loaded, left after the outputs are written.
 Json Trainer::run() {
   g_stop.store(false);
   run_ = std::make_unique<Run>();
+  const DistConfig dist = dist_config_from_recipe(r_.tree);
+  const WorldInfo world = world_from_environment(current_environment(), dist);
+  if (world.rank > 0)
+    spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(world.rank) + "] [%l] %v");
+  try {
+    run_->group =
+        world.world_size > 1 ? ProcessGroup::join(world, dist, "cpu") : ProcessGroup::single();
+    run_->main = run_->group->is_main();
+    Json summary = run_steps();
+    run_->group->finish();
+    return summary;
+  } catch (const std::exception& e) {
+    if (run_->group) run_->group->announce_failure(e.what());
+    if (world.rank > 0 && dynamic_cast<const UserError*>(&e))
+      throw UserError("rank " + std::to_string(world.rank) + ": " + e.what());
+    throw;
+  }
+}
+
+Json Trainer::run_steps() {
   setup();
   resume();
   Run& s = *run_;
   const Recipe& rc = r_.recipe;
   const int64_t max_steps = rc.train.max_steps;
   if (s.resume_dir.empty()) evaluate(0);
-  Progress progress(max_steps);
+  Progress progress(s.main ? max_steps : 0);
   s.t_train = Run::clock::now();
   int64_t step = s.start_step;
   for (step = s.start_step + 1; step <= max_steps; ++step) {
@@ -512,14 +621,17 @@ Json Trainer::run() {
     s.last_loss = rec["loss"].get<double>();
     const double elapsed = std::chrono::duration<double>(Run::clock::now() - s.t_train).count();
     const double tok_s = s.session_tokens / std::max(1e-9, elapsed);
-    progress.update(step, s.last_loss, tok_s,
-                    elapsed / static_cast<double>(step - s.start_step) * (max_steps - step));
-    if (!progress.tty() && (step % rc.log_every == 0 || step == s.start_step + 1))
+    if (s.main)
+      progress.update(step, s.last_loss, tok_s,
+                      elapsed / static_cast<double>(step - s.start_step) * (max_steps - step));
+    if (s.main && !progress.tty() && (step % rc.log_every == 0 || step == s.start_step + 1))
       spdlog::info("step {}/{}: loss {:.4f} lr {:.2e} grad_norm {:.3f} {:.0f} tok/s", step,
                    max_steps, s.last_loss, rec["lr"].get<double>(),
                    rec["grad_norm"].get<double>(), tok_s);
     detail::debug_point("step", step, s.out_dir, &Trainer::stop_requested);
-    const bool last = step == max_steps || g_stop.load();
+    // A stop asked of any rank stops every rank after this same step.
+    s.stopped = s.group->any(g_stop.load(), "the stop check");
+    const bool last = step == max_steps || s.stopped;
     if ((rc.eval.every > 0 && step % rc.eval.every == 0) || last) {
       progress.finish();
       evaluate(step);
@@ -530,8 +642,11 @@ Json Trainer::run() {
   }
   progress.finish();
   const int64_t steps_done = std::min(step, max_steps);
-  if (g_stop.load())
+  if (s.stopped)
     spdlog::info("stopped at step {} on request; checkpoint {}", steps_done, s.last_checkpoint);
+  // The replicas must have stayed identical (same data order, same reduced gradients).
+  s.group->check_agreement("final trainable state",
+                           {{"trainable_state", tensor_fingerprint(s.params)}});
   const std::string saved = save_outputs(steps_done);
   return summary(steps_done, saved);
 }

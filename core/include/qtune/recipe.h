@@ -50,6 +50,11 @@ struct QTUNE_API TrainRecipe {
 struct QTUNE_API EvalRecipe {
   int64_t every = 0, max_batches = 0;
 };
+struct QTUNE_API DistRecipe {  ///< checked further by dist_config_from_recipe (process_group.h)
+  std::string backend, master_addr;
+  double timeout_s = 0, bucket_mb = 0;
+  int64_t master_port = 0;
+};
 struct QTUNE_API CheckpointRecipe {
   int64_t every = 0, keep = 0;
 };
@@ -64,6 +69,7 @@ struct QTUNE_API Recipe {
   TrainRecipe train;
   EvalRecipe eval;
   CheckpointRecipe checkpoint;
+  DistRecipe dist;
   int64_t log_every = 0, threads = 0;
   uint64_t seed = 0;
   std::string output_dir, plugin_dir, resume;

@@ -67,7 +67,8 @@ class QTUNE_API Trainer {
   std::function<void(const Json&)> on_metrics;
 
  private:
-  struct Run;  // everything one run holds: model, optimizer, data, progress
+  struct Run;  // everything one run holds: model, optimizer, data, progress, process group
+  Json run_steps();
   void setup();
   void resume();
   /// One optimizer step (grad_accum micro-batches); returns its metrics record (loss = the

@@ -1,0 +1,333 @@
+// Data-parallel trainer runs on loopback, every process bounded in time: N ranks x batch B give the
+// per-step losses of 1 rank x N*B (full, lora, qlora-nf4; 3 ranks over an uneven epoch too);
+// SIGTERM to one rank stops every rank after the step with a checkpoint, SIGKILL of one rank
+// makes the others exit naming it, and resuming either matches the uninterrupted run bit for
+// bit; a rank with another recipe, an unreachable master and SLURM's variables with the master
+// from the recipe.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "qtune/launcher.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using qtune::test::bin_path;
+using qtune::test::data_path;
+
+namespace {
+
+constexpr double kLimitS = 90;  // no trainer process of these tests may run longer
+
+std::vector<std::string> run_args(const std::string& out, const std::string& train_type,
+                                  int64_t batch, int64_t steps,
+                                  const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> a{bin_path("trainer"),
+                             "--config",
+                             qtune::test::source_dir() + "/configs/default.yaml",
+                             "--model",
+                             data_path("stories260K.bin"),
+                             "--tokenizer",
+                             data_path("tok512.bin"),
+                             "--data",
+                             data_path("tinyshakespeare.txt"),
+                             "--train_type",
+                             train_type,
+                             "--max_steps",
+                             std::to_string(steps),
+                             "--batch_size",
+                             std::to_string(batch),
+                             "--seq_len",
+                             "32",
+                             "--threads",
+                             "1",
+                             "--eval_every",
+                             "0",
+                             "--output_dir",
+                             out,
+                             "eval.max_batches=3",
+                             "train.warmup_steps=1",
+                             "adapter.options.dropout=0.0",
+                             "dist.timeout_s=20"};
+  if (train_type == "qlora") a.insert(a.end(), {"--quant", "nf4"});
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
+std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// Waits for `pid` at most until `deadline`, then kills it. Exit code, 128 + signal, or -1.
+int wait_bounded(pid_t pid, std::chrono::steady_clock::time_point deadline) {
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::chrono::steady_clock::time_point limit() {
+  return std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(kLimitS * 1000));
+}
+
+qtune::test::RunResult run(const std::vector<std::string>& args,
+                           const std::vector<std::string>& env = {}) {
+  const std::string log = qtune::test::temp_dir("dist-log") + "/out.txt";
+  qtune::test::RunResult r;
+  r.exit_code = wait_bounded(qtune::test::spawn(args, env, log), limit());
+  r.output = qtune::test::read_file(log);
+  return r;
+}
+
+// Ranks started the way torchrun starts them: one process each, with its variables.
+struct Ranks {
+  std::vector<pid_t> pids;
+  std::vector<std::string> logs;
+};
+Ranks start_ranks(const std::vector<std::vector<std::string>>& args,
+                  const std::vector<std::vector<std::string>>& extra_env, int port) {
+  Ranks r;
+  const int n = static_cast<int>(args.size());
+  for (int i = 0; i < n; ++i) {
+    std::vector<std::string> env{"RANK=" + std::to_string(i), "WORLD_SIZE=" + std::to_string(n),
+                                 "LOCAL_RANK=" + std::to_string(i),
+                                 "LOCAL_WORLD_SIZE=" + std::to_string(n), "MASTER_ADDR=127.0.0.1",
+                                 "MASTER_PORT=" + std::to_string(port)};
+    env.insert(env.end(), extra_env[i].begin(), extra_env[i].end());
+    r.logs.push_back(qtune::test::temp_dir("rank") + "/out.txt");
+    r.pids.push_back(qtune::test::spawn(args[i], env, r.logs.back()));
+  }
+  return r;
+}
+
+std::vector<int> wait_all(const Ranks& r) {
+  const auto deadline = limit();
+  std::vector<int> codes;
+  for (pid_t p : r.pids) codes.push_back(wait_bounded(p, deadline));
+  return codes;
+}
+
+bool wait_for_file(const std::string& path, double seconds) {
+  for (int i = 0; i < seconds * 100; ++i) {
+    if (fs::exists(path)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  EXPECT_TRUE(in.good()) << "missing " << path;
+  return json::parse(in);
+}
+
+std::vector<json> records(const std::string& out, const std::string& type) {
+  std::ifstream in(out + "/metrics.jsonl");
+  std::vector<json> v;
+  for (std::string line; std::getline(in, line);) {
+    auto j = json::parse(line);
+    if (j["type"] == type) v.push_back(j);
+  }
+  return v;
+}
+
+std::vector<double> losses(const std::string& out) {
+  std::vector<double> l;
+  for (const auto& j : records(out, "train")) l.push_back(j["loss"].get<double>());
+  return l;
+}
+
+void expect_close(const std::vector<double>& want, const std::vector<double>& got, double tol) {
+  ASSERT_EQ(want.size(), got.size());
+  for (size_t i = 0; i < want.size(); ++i)
+    EXPECT_NEAR(want[i], got[i], tol) << "step " << i + 1 << std::setprecision(17);
+}
+
+// The single error line a rank printed.
+std::string error_line(const std::string& output) {
+  const auto pos = output.find("trainer: error:");
+  if (pos == std::string::npos) return "(no error line in: " + output + ")";
+  std::string line = output.substr(pos);
+  return line.substr(0, line.find('\n'));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// N ranks compute what one process computes
+
+class DistParity : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(DistParity, TwoRanksOfFourMatchOneRankOfEight) {
+  const std::string type = GetParam();
+  const auto one = qtune::test::temp_dir("dist-one");
+  auto r = run(run_args(one, type, 8, 3));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+
+  // Through the built-in launcher; small buckets so the gradients travel in several.
+  const auto two = qtune::test::temp_dir("dist-two");
+  r = run(plus(run_args(two, type, 4, 3, {"dist.bucket_mb=0.001", "dist.backend=gloo"}),
+               {"--nproc_per_node", "2"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_close(losses(one), losses(two), 1e-5);
+  const auto e1 = records(one, "eval"), e2 = records(two, "eval");
+  ASSERT_EQ(e1.size(), e2.size());
+  for (size_t i = 0; i < e1.size(); ++i) {
+    EXPECT_NEAR(e1[i]["val_loss"].get<double>(), e2[i]["val_loss"].get<double>(), 1e-5);
+    EXPECT_EQ(e1[i]["val_tokens"], e2[i]["val_tokens"]);
+  }
+  const json s = read_json(two + "/summary.json");
+  EXPECT_EQ(s["dist"]["world_size"], 2);
+  EXPECT_EQ(s["dist"]["backend"], "gloo");
+  EXPECT_GT(s["dist"]["buckets"].get<int64_t>(), 1);
+  // Every rank ended with the same trainable state (checked across ranks before saving).
+  EXPECT_EQ(s["dist"]["trainable_fingerprint"].get<std::string>().size(), 16u);
+  EXPECT_EQ(s["tokens"], read_json(one + "/summary.json")["tokens"]);
+  // Rank 1 prefixes its log lines; only rank 0 writes outputs.
+  EXPECT_NE(r.output.find("[rank 1]"), std::string::npos) << r.output;
+}
+
+INSTANTIATE_TEST_SUITE_P(TrainTypes, DistParity, ::testing::Values("full", "lora", "qlora"));
+
+TEST(Dist, ThreeRanksOverAnUnevenEpochMatchOneRank) {
+  // 31 examples of 33 tokens: a global batch of 6 fits 5 times, 1 example left over per epoch;
+  // 7 steps cross the epoch boundary.
+  const auto dir = qtune::test::temp_dir("dist-data");
+  const std::string text = qtune::test::read_file(data_path("tinyshakespeare.txt"));
+  std::ofstream(dir + "/train.txt") << text.substr(0, 4200);
+  std::ofstream(dir + "/val.txt") << text.substr(10000, 1500);
+  const std::vector<std::string> data{"--data", dir + "/train.txt", "--val_data", dir + "/val.txt"};
+  const auto one = qtune::test::temp_dir("dist-uneven-one");
+  auto r = run(run_args(one, "lora", 6, 7, data));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto three = qtune::test::temp_dir("dist-uneven-three");
+  r = run(plus(run_args(three, "lora", 2, 7, data), {"--nproc_per_node", "3"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_close(losses(one), losses(three), 1e-5);
+  const auto t = records(three, "train");
+  ASSERT_FALSE(t.empty());
+  EXPECT_GE(t.back()["epoch"].get<int64_t>(), 1) << "the run never crossed an epoch";
+  EXPECT_NEAR(read_json(one + "/summary.json")["final_val_loss"].get<double>(),
+              read_json(three + "/summary.json")["final_val_loss"].get<double>(), 1e-5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults
+
+TEST(Dist, SigtermOrALostRankStopsEveryRankAndResumeMatches) {
+  const int64_t steps = 5;
+  const auto ref = qtune::test::temp_dir("dist-ref");
+  auto r = run(plus(run_args(ref, "lora", 4, steps), {"--nproc_per_node", "2"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto want = losses(ref);
+  ASSERT_EQ(want.size(), static_cast<size_t>(steps));
+
+  // SIGTERM to rank 1 alone while it is paused after step 2: both ranks finish step 2, rank 0
+  // saves, both exit 0.
+  const auto a = qtune::test::temp_dir("dist-term");
+  const auto ckpt = std::vector<std::string>{"checkpoint.every=1"};
+  auto ranks = start_ranks({run_args(a, "lora", 4, steps, ckpt), run_args(a, "lora", 4, steps, ckpt)},
+                           {{}, {"QTUNE_DEBUG_PAUSE=step@2"}}, qtune::free_local_port());
+  ASSERT_TRUE(wait_for_file(a + "/.qtune-debug-paused", kLimitS))
+      << qtune::test::read_file(ranks.logs[1]);
+  kill(ranks.pids[1], SIGTERM);
+  auto codes = wait_all(ranks);
+  EXPECT_EQ(codes[0], 0) << qtune::test::read_file(ranks.logs[0]);
+  EXPECT_EQ(codes[1], 0) << qtune::test::read_file(ranks.logs[1]);
+  EXPECT_EQ(qtune::test::read_file(a + "/checkpoints/latest"), "step-2\n");
+  EXPECT_TRUE(read_json(a + "/summary.json")["stopped_early"].get<bool>());
+  r = run(plus(run_args(a, "lora", 4, steps, ckpt), {"--nproc_per_node", "2", "--resume", "latest"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(losses(a), want);
+
+  // SIGKILL of rank 1 while it is paused after step 3 (rank 0 waits for it to agree whether to
+  // stop, before saving step 3): rank 0 exits non-zero naming rank 1, well within
+  // dist.timeout_s; resuming the job from the last checkpoint (step 2) gives the uninterrupted
+  // losses.
+  const auto b = qtune::test::temp_dir("dist-kill");
+  ranks = start_ranks({run_args(b, "lora", 4, steps, ckpt), run_args(b, "lora", 4, steps, ckpt)},
+                      {{}, {"QTUNE_DEBUG_PAUSE=step@3"}}, qtune::free_local_port());
+  ASSERT_TRUE(wait_for_file(b + "/.qtune-debug-paused", kLimitS))
+      << qtune::test::read_file(ranks.logs[1]);
+  const auto t0 = std::chrono::steady_clock::now();
+  kill(ranks.pids[1], SIGKILL);
+  codes = wait_all(ranks);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(codes[1], 128 + SIGKILL);
+  EXPECT_NE(codes[0], 0);
+  EXPECT_NE(codes[0], -1) << "rank 0 hung";
+  EXPECT_LT(took, 20.0);
+  const std::string line = error_line(qtune::test::read_file(ranks.logs[0]));
+  EXPECT_EQ(line.rfind("trainer: error: dist: lost rank 1 (", 0), 0u) << line;
+  EXPECT_EQ(qtune::test::read_file(b + "/checkpoints/latest"), "step-2\n");
+  EXPECT_FALSE(fs::exists(b + "/summary.json"));
+  r = run(plus(run_args(b, "lora", 4, steps, ckpt), {"--nproc_per_node", "2", "--resume", "latest"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(losses(b), want);
+}
+
+TEST(Dist, ARankWithAnotherRecipeIsRefusedNamingTheKey) {
+  const auto out = qtune::test::temp_dir("dist-mismatch");
+  auto ranks = start_ranks({run_args(out, "lora", 4, 2), run_args(out, "lora", 4, 2, {"--lr", "0.002"})},
+                           {{}, {}}, qtune::free_local_port());
+  const auto codes = wait_all(ranks);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(codes[i], 2) << qtune::test::read_file(ranks.logs[i]);
+    const std::string line = error_line(qtune::test::read_file(ranks.logs[i]));
+    EXPECT_NE(line.find("dist: rank 1 disagrees with rank 0 on the run: recipe.train.lr = 0.002 "
+                        "on rank 1, 0.003 on rank 0"),
+              std::string::npos)
+        << line;
+  }
+  EXPECT_FALSE(fs::exists(out + "/metrics.jsonl"));
+}
+
+TEST(Dist, AnUnreachableMasterIsOneLineExitTwo) {
+  const int port = qtune::free_local_port();  // nobody listens there
+  const auto out = qtune::test::temp_dir("dist-nomaster");
+  auto r = run(run_args(out, "lora", 4, 1, {"dist.timeout_s=2"}),
+               {"RANK=1", "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + std::to_string(port)});
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(error_line(r.output).rfind("trainer: error: rank 1: dist: rank 1 cannot reach the master 127.0.0.1:" +
+                                           std::to_string(port) + " (MASTER_ADDR=127.0.0.1, MASTER_PORT=" +
+                                           std::to_string(port) + ") within 2 s: ",
+                                       0),
+            0u)
+      << r.output;
+}
+
+TEST(Dist, SlurmRanksTakeTheMasterFromTheRecipe) {
+  const int port = qtune::free_local_port();
+  const auto out = qtune::test::temp_dir("dist-slurm");
+  const auto args = run_args(out, "lora", 4, 2,
+                             {"dist.master_addr=127.0.0.1", "dist.master_port=" + std::to_string(port)});
+  Ranks ranks;
+  for (int i = 0; i < 2; ++i) {
+    ranks.logs.push_back(qtune::test::temp_dir("slurm") + "/out.txt");
+    ranks.pids.push_back(qtune::test::spawn(
+        args,
+        {"SLURM_PROCID=" + std::to_string(i), "SLURM_NTASKS=2", "SLURM_LOCALID=" + std::to_string(i),
+         "SLURM_NTASKS_PER_NODE=2"},
+        ranks.logs.back()));
+  }
+  const auto codes = wait_all(ranks);
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(codes[i], 0) << qtune::test::read_file(ranks.logs[i]);
+  EXPECT_EQ(read_json(out + "/summary.json")["dist"]["world_size"], 2);
+  EXPECT_EQ(records(out, "train").size(), 2u);
+}
