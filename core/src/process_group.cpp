@@ -27,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <set>
@@ -317,6 +318,10 @@ std::shared_ptr<ProcessGroup> ProcessGroup::join(const WorldInfo& world, const D
   std::shared_ptr<ProcessGroup> g(new ProcessGroup());
   g->world_ = world;
   if (world.world_size == 1) return g;
+  // A write to a peer that just died raises SIGPIPE, whose default action ends this process
+  // before the failed collective can name the lost rank. (Python, torchrun's usual host,
+  // ignores SIGPIPE at start-up; c10d and Gloo rely on getting EPIPE instead.)
+  std::signal(SIGPIPE, SIG_IGN);
 
   const bool cuda = device.rfind("cuda", 0) == 0;
   std::string backend = config.backend;
