@@ -10,12 +10,6 @@
 
 namespace qtune {
 
-std::string shape_str(torch::IntArrayRef sizes) {
-  std::string out = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + "]";
-}
-
 void check_input_matrix(const torch::Tensor& w, const std::string& backend, bool allow_empty) {
   QTUNE_CHECK(w.defined(), backend, ": the weight to quantize is an undefined tensor");
   QTUNE_CHECK(w.dim() == 2, backend, ": the weight must be a 2-D matrix [out, in], got ",

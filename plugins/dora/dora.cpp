@@ -22,12 +22,6 @@ constexpr const char* kKeyA = "lora_A.weight";
 constexpr const char* kKeyB = "lora_B.weight";
 constexpr const char* kKeyM = "lora_magnitude_vector";  // PEFT's saved key (no ".weight")
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream os;
-  os << sizes;
-  return os.str();
-}
-
 // m / norm per row; a zero row of the direction (a zero base row before any update) keeps the
 // plain sum instead of dividing by zero.
 torch::Tensor row_factor(const torch::Tensor& m, const torch::Tensor& norm) {

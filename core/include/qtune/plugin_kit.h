@@ -16,9 +16,6 @@
 
 namespace qtune {
 
-/// "[4, 9]".
-QTUNE_API std::string shape_str(torch::IntArrayRef sizes);
-
 /// The checks quantize() owes its input: `w` defined, 2-D [out, in], floating point and (unless
 /// `allow_empty`) not empty. Throws UserError "<backend>: the weight must be ..., got ...".
 /// NaN/Inf are checked per chunk by for_each_row_chunk (a full pass here would double the reads).
