@@ -399,13 +399,13 @@ namespace {
 // weights its mean by its share of them (the counts are known before the forward passes); the
 // gradients, sums over ranks of the weighted ones, are what one process with the global batch
 // gets. Returns the step's summed loss and tokens over all ranks.
-template <typename RunT>
-std::pair<double, int64_t> data_parallel_backward(RunT& s, int64_t accum) {
-  ProcessGroup& group = *s.group;
+std::pair<double, int64_t> data_parallel_backward(ProcessGroup& group, ShardedLoader& loader,
+                                                  LlamaForCausalLMImpl& model,
+                                                  GradientBuckets& buckets, int64_t accum) {
   std::vector<Batch> micro(accum);
   auto counts = torch::empty({accum}, torch::kInt64);
   for (int64_t m = 0; m < accum; ++m) {
-    micro[m] = s.loader->next();
+    micro[m] = loader.next();
     counts[m] = micro[m].num_targets;
   }
   auto local_counts = counts.clone();
@@ -418,11 +418,11 @@ std::pair<double, int64_t> data_parallel_backward(RunT& s, int64_t accum) {
     const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
     if (local == 0 || global == 0) continue;
     const double weight = static_cast<double>(local) / static_cast<double>(global);
-    auto [loss, n] = s.model->loss(b.tokens, b.targets);
+    auto [loss, n] = model.loss(b.tokens, b.targets);
     (loss * (weight / static_cast<double>(accum))).backward();
     loss_sum += loss.item<double>() * weight;
   }
-  s.buckets->all_reduce(group);
+  buckets.all_reduce(group);
   auto totals = torch::tensor({loss_sum, static_cast<double>(step_tokens)}, torch::kFloat64);
   group.all_reduce_sum(totals, "the step's loss");
   return {totals[0].item<double>(), static_cast<int64_t>(totals[1].item<double>())};
@@ -449,7 +449,8 @@ Json Trainer::step(int64_t step) {
       step_tokens += b.tokens.numel();
     }
   } else {
-    std::tie(loss_sum, step_tokens) = data_parallel_backward(s, t.grad_accum);
+    std::tie(loss_sum, step_tokens) =
+        data_parallel_backward(*s.group, *s.loader, *s.model, *s.buckets, t.grad_accum);
   }
   const double grad_norm = torch::nn::utils::clip_grad_norm_(
       s.params, t.max_grad_norm > 0 ? t.max_grad_norm : INFINITY);
