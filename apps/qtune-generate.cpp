@@ -11,6 +11,7 @@
 
 #include "app_main.h"
 #include "qtune/chat_template.h"
+#include "qtune/checkpoint.h"
 #include "qtune/trained_model.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
