@@ -98,7 +98,7 @@ void DoraAdapter::bind_base(const AdapterBase& base) {
   QTUNE_CHECK(w.dim() == 2 && w.size(0) == out_features_ && w.size(1) == in_features_,
               "dora adapter: base weight has shape ", shape_str(w.sizes()), ", expected [",
               out_features_, ", ", in_features_, "]");
-  base_norm_sq_ = w.to(torch::kCPU, torch::kFloat64).pow(2).sum(1);
+  base_norm_sq_ = w.to(torch::kCPU).pow(2).sum(1);
   // PEFT initialises the magnitude to ||W + s B A|| with B = 0, i.e. the base's row norms;
   // forward computes the norm the same way, so the factor m / ||V|| starts at exactly 1.
   magnitude_.copy_(base_norm_sq_.to(magnitude_.scalar_type()).sqrt());
@@ -113,7 +113,10 @@ torch::Tensor DoraAdapter::direction_norm(torch::ScalarType dtype) const {
   const torch::Tensor awt = base_.linear(a).to(dtype);  // [r, out]
   const torch::Tensor cross = (b * awt.t()).sum(1);
   const torch::Tensor quad = (torch::mm(b, torch::mm(a, a.t())) * b).sum(1);
-  const torch::Tensor sq = base_norm_sq_.to(b.device()).to(dtype);
+  // fp64 (tests) takes ||W||^2 from W in fp64; otherwise the fp32 sums kept since bind_base.
+  const torch::Tensor sq = dtype == torch::kFloat64
+                               ? base_.weight(torch::kFloat64).pow(2).sum(1)
+                               : base_norm_sq_.to(b.device()).to(dtype);
   return (sq + cross * (2.0 * scale_) + quad * (scale_ * scale_)).clamp_min(0).sqrt();
 }
 
@@ -150,7 +153,9 @@ torch::Tensor DoraAdapter::delta_weight() const {
   const torch::Tensor w = base_.weight(torch::kFloat32);
   const torch::Tensor v =
       w + torch::matmul(b_->weight.to(torch::kFloat32), a_->weight.to(torch::kFloat32)) * scale_;
-  const torch::Tensor norm = v.detach().norm(2, {1});
+  // The norm forward uses, so that the merged weight is what forward computes (and B = 0
+  // merges to exactly nothing).
+  const torch::Tensor norm = direction_norm(torch::kFloat32).to(v.device());
   return row_factor(magnitude_.to(torch::kFloat32), norm).unsqueeze(1) * v - w;
 }
 

@@ -80,7 +80,7 @@ class DoraAdapter : public Adapter {
   double scale_;
   std::shared_ptr<DoraFactor> a_, b_;
   torch::Tensor magnitude_;     // parameter "lora_magnitude_vector" [out], fp32
-  torch::Tensor base_norm_sq_;  // ||W_i||^2 [out], fp64, fixed (the base is frozen)
+  torch::Tensor base_norm_sq_;    // ||W_i||^2 [out], fp32 on the CPU, fixed (the base is frozen)
   AdapterBase base_;
 };
 
