@@ -249,9 +249,20 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
     // Inference (evaluation, generation): the same forward, without an autograd node.
     const Shape s = shape_of(q, k);
     const auto dt = accum_dtype(q);
-    auto f = flash_forward(s, q.to(dt).reshape({s.B, s.KV, s.G, s.T, s.D}).contiguous(),
-                           k.to(dt).contiguous(), v.to(dt).contiguous(), segments, q_offset, block,
-                           1.0 / std::sqrt(static_cast<double>(s.D)));
+    const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+    auto q5 = q.to(dt).reshape({s.B, s.KV, s.G, s.T, s.D}).contiguous();
+    auto k4 = k.to(dt).contiguous(), v4 = v.to(dt).contiguous();
+    if (s.T <= block) {
+      // At most a tile of queries (a decoding step against a long cache): [T, S] is small, and
+      // one plain softmax over all keys avoids the per-tile work that would dominate the step.
+      const TileMask mask = tile_mask(s, segments, q_offset, 0, s.T, 0, s.S, q.device());
+      auto p = torch::softmax(
+          tile_scores(s, (q5 * scale).view({s.B, s.KV, s.G * s.T, s.D}), k4, mask, s.T, s.S), -1);
+      return torch::matmul(p.view({s.B, s.KV, s.G * s.T, s.S}), v4)
+          .view({s.B, s.H, s.T, s.D})
+          .to(q.scalar_type());
+    }
+    auto f = flash_forward(s, q5, k4, v4, segments, q_offset, block, scale);
     return f.out.view({s.B, s.H, s.T, s.D}).to(q.scalar_type());
   }
   c10::optional<torch::Tensor> seg;
