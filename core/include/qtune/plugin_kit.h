@@ -11,6 +11,7 @@
 #include <functional>
 #include <string>
 
+#include "qtune/error.h"
 #include "qtune/export.h"
 #include "qtune/quantized_weight.h"
 
