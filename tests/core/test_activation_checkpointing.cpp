@@ -53,19 +53,9 @@ class CountingFactory : public AdapterFactory {
 
 TuningSpec spec_for(TrainType type, const std::string& quant, torch::ScalarType dtype,
                     double dropout) {
-  TuningSpec s;
-  s.train_type = type;
-  s.dtype = dtype;
-  if (type == TrainType::kFull) return s;
-  s.adapter = plugins().adapter("lora");
-  s.adapter_options = resolve_options(s.adapter->option_schema(),
-                                      Json{{"rank", 4}, {"dropout", dropout}}, "adapter.options");
-  s.target_modules = parse_target_modules({"all-linear", "output"}, "adapter.target_modules");
-  if (type == TrainType::kQlora) {
-    s.quant = plugins().quant(quant);
-    s.quant_options = resolve_options(s.quant->option_schema(), Json::object(), "quant.options");
-  }
-  return s;
+  return TuningSpec::for_training(type, dtype, plugins(), quant, {}, false, "lora",
+                                  Json{{"rank", 4}, {"dropout", dropout}},
+                                  {"all-linear", "output"});
 }
 
 struct Trace {
@@ -156,8 +146,8 @@ TEST(ActivationCheckpointing, EachLayerRunsAgainInBackward) {
   auto tokens = torch::randint(0, c.vocab_size, {2, 8}, torch::kLong);
   for (bool ckpt : {false, true}) {
     auto spec = spec_for(TrainType::kLora, "", torch::kFloat32, 0.0);
-    auto factory = std::make_shared<CountingFactory>(spec.adapter);
-    spec.adapter = factory;
+    auto factory = std::make_shared<CountingFactory>(spec.adapter.factory);
+    spec.adapter.factory = factory;
     LlamaForCausalLM model(c, *w, spec);
     model->set_activation_checkpointing(ckpt);
     auto loss = model->loss(tokens, tokens).first;

@@ -17,13 +17,8 @@ using qtune::test::plugins;
 using qtune::test::tiny_config;
 
 TuningSpec lora_spec() {
-  TuningSpec s;
-  s.train_type = TrainType::kLora;
-  s.adapter = plugins().adapter("lora");
-  s.adapter_options = resolve_options(s.adapter->option_schema(),
-                                      Json{{"rank", 4}}, "adapter.options");
-  s.target_modules = parse_target_modules({"all-linear", "output"}, "adapter.target_modules");
-  return s;
+  return TuningSpec::for_training(TrainType::kLora, torch::kFloat32, plugins(), "", {}, false,
+                                  "lora", Json{{"rank", 4}}, {"all-linear", "output"});
 }
 
 // Row 0 packs examples of lengths 5, 4 and 3; row 1 one example of 9 and a padding run of 3
