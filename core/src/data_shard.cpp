@@ -11,6 +11,8 @@ Batch rows(const Batch& b, int64_t start, int64_t count) {
   Batch out;
   out.tokens = b.tokens.narrow(0, start, count).contiguous();
   out.targets = b.targets.narrow(0, start, count).contiguous();
+  if (b.positions.defined()) out.positions = b.positions.narrow(0, start, count).contiguous();
+  if (b.segments.defined()) out.segments = b.segments.narrow(0, start, count).contiguous();
   out.num_targets = out.targets.ne(kIgnoreIndex).sum().item<int64_t>();
   return out;
 }

@@ -101,6 +101,7 @@ void declare_keys(V& v, Recipe& r) {
   v("data.role_assistant", r.data.role_assistant, std::vector<std::string>{}, "", "the data set's names for the assistant role (`[]` = messages: `assistant`; sharegpt: `gpt`, `assistant`)");
   v("data.train_on_prompt", r.data.train_on_prompt, false, "", "`false`: the loss counts the assistant's tokens (answers and their end of turn) only; `true`: every token but padding");
   v("data.overlong", r.data.overlong, "truncate", "", "a record longer than `data.seq_len + 1` tokens: `truncate` (keep the first `seq_len + 1`, drop the record if no target is left) or `drop`; both counted in the log", one_of({"truncate", "drop"}));
+  v("data.pack", r.data.pack, false, "", "several records (or text documents) per sequence, each attending only to itself (see [Packing](#packing))");
   v("train.max_steps", r.train.max_steps, int64_t{300}, "max_steps", "optimizer steps", above<int64_t>(0));
   v("train.batch_size", r.train.batch_size, int64_t{16}, "batch_size", "sequences per micro-batch", above<int64_t>(0));
   v("train.grad_accum", r.train.grad_accum, int64_t{1}, "", "micro-batches per optimizer step", above<int64_t>(0));

@@ -126,7 +126,7 @@ EvalResult evaluate_loss(LlamaForCausalLMImpl& model, const TokenDataset& data, 
   for_each_eval_share(data, batch_size, group.rank(), group.world_size(), max_batches,
                       [&](const Batch& b) {
                         if (b.num_targets == 0) return;
-                        auto [loss, n] = model.loss(b.tokens, b.targets);
+                        auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
                         sum += loss.item<double>() * static_cast<double>(n);
                         count += n;
                       });
@@ -330,6 +330,7 @@ void Trainer::setup() {
   dc.role_assistant = rc.data.role_assistant;
   dc.train_on_prompt = rc.data.train_on_prompt;
   dc.overlong = rc.data.overlong;
+  dc.pack = rc.data.pack;
   s.data = load_data(dc, *tokenizer);
   spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", s.data.train->size(),
                s.data.train->stats().tokens, dc.path, s.data.val ? s.data.val->size() : 0);
@@ -418,7 +419,7 @@ std::pair<double, int64_t> data_parallel_backward(ProcessGroup& group, ShardedLo
     const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
     if (local == 0 || global == 0) continue;
     const double weight = static_cast<double>(local) / static_cast<double>(global);
-    auto [loss, n] = model.loss(b.tokens, b.targets);
+    auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
     (loss * (weight / static_cast<double>(accum))).backward();
     loss_sum += loss.item<double>() * weight;
   }
@@ -443,7 +444,7 @@ Json Trainer::step(int64_t step) {
   if (s.group->world_size() == 1) {
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       Batch b = s.loader->next();
-      auto [loss, n] = s.model->loss(b.tokens, b.targets);
+      auto [loss, n] = s.model->loss(b.tokens, b.targets, b.positions, b.segments);
       (loss / static_cast<double>(t.grad_accum)).backward();
       loss_sum += loss.item<double>();
       step_tokens += b.tokens.numel();

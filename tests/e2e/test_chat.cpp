@@ -1,7 +1,7 @@
 // Chat fine-tuning end to end on the shared stories260K model: configs/chat_llama2.yaml on a
 // multi-turn messages file built here from ../shared/data (Alpaca sample + self-instruct seed
 // tasks) lowers the held-out loss on the assistant's tokens and its adapter answers through
-// qtune-generate --chat; every chat and overlong key goes through trainer once; bad
+// qtune-generate --chat; every chat, overlong and packing key goes through trainer once; bad
 // chat data ends in one clear line naming the file and line.
 #include <gtest/gtest.h>
 
@@ -79,6 +79,7 @@ TEST(Chat, RecipeLowersHeldOutAssistantLossAndTheAdapterAnswers) {
   EXPECT_NE(r.output.find("data.format auto: " + data + " is messages data"), std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("(messages, template llama2)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("packed examples of 256 tokens"), std::string::npos) << r.output;
   const json s = read_json(out + "/summary.json");
   EXPECT_LT(s["final_val_loss"].get<double>(), s["first_val_loss"].get<double>() - 0.3) << s.dump(2);
 
@@ -97,8 +98,8 @@ TEST(Chat, RecipeLowersHeldOutAssistantLossAndTheAdapterAnswers) {
 
 TEST(Chat, EveryChatKeyGoesThroughTrainer) {
   // ShareGPT records with their own key and role names, rendered in the ChatML template, the
-  // prompt in the loss, overlong records dropped, under full fine-tuning with activation
-  // checkpointing; then qlora on the same data.
+  // prompt in the loss, overlong records dropped, packed, under full fine-tuning with activation
+  // checkpointing; then qlora on the same packed data.
   const auto dir = qtune::test::temp_dir("chat_keys");
   std::string records;
   for (int i = 0; i < 40; ++i) {
@@ -122,13 +123,14 @@ TEST(Chat, EveryChatKeyGoesThroughTrainer) {
          "data.format=sharegpt", "data.template=chatml", "data.messages_field=dialog",
          "data.role_field=speaker", "data.content_field=text", "data.role_system=[narrator]",
          "data.role_user=[kid]", "data.role_assistant=[teller]", "data.train_on_prompt=true",
-         "data.overlong=drop", "data.val_fraction=0.25",
+         "data.overlong=drop", "data.pack=true", "data.val_fraction=0.25",
          "train.activation_checkpointing=true", "eval.max_batches=2"});
     ASSERT_EQ(r.exit_code, 0) << r.output;
     EXPECT_NE(r.output.find("(sharegpt, template chatml)"), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("longer than data.seq_len + 1 = 129 tokens"), std::string::npos)
         << r.output;
     EXPECT_NE(r.output.find("(data.overlong: drop)"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("packed examples of 128 tokens"), std::string::npos) << r.output;
     const json s = read_json(out + "/summary.json");
     EXPECT_EQ(s["steps"], 4);
     EXPECT_TRUE(std::isfinite(s["final_val_loss"].get<double>())) << s.dump(2);

@@ -40,6 +40,7 @@ struct QTUNE_API DataRecipe {
   std::string chat_template, messages_field, role_field, content_field, overlong;
   std::vector<std::string> role_system, role_user, role_assistant;
   bool train_on_prompt = false;
+  bool pack = false;
 };
 struct QTUNE_API TrainRecipe {
   int64_t max_steps = 0, batch_size = 0, grad_accum = 0, warmup_steps = 0;
