@@ -8,7 +8,7 @@ packages=(
   g++ cmake ninja-build ccache pkg-config
   libtorch-dev libopenblas0-openmp
   libboost-dev libboost-program-options-dev libyaml-cpp-dev libspdlog-dev libgtest-dev
-  libsentencepiece-dev nlohmann-json3-dev libgloo-dev gnuplot-nox
+  libsentencepiece-dev libpcre2-dev libicu-dev nlohmann-json3-dev libgloo-dev gnuplot-nox
   python3 python3-venv
 )
 missing=()

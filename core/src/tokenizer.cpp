@@ -1,6 +1,7 @@
 // Tokenizers: llama2.c tok*.bin (BPE by merge score, exactly as run.c's encode/decode) and
 // sentencepiece .model files (through the dlopen()ed libqtune_sentencepiece.so, see
-// core/spm/qtune_spm.h for why it is not linked).
+// core/spm/qtune_spm.h for why it is not linked), and load_tokenizer(), which picks the format
+// (the BPE formats are in bpe_tokenizer.cpp).
 #include "qtune/tokenizer.h"
 
 #include <dlfcn.h>
@@ -16,6 +17,7 @@
 
 #include "../spm/qtune_spm.h"
 #include "qtune/error.h"
+#include "tokenizer_internal.h"
 
 namespace fs = std::filesystem;
 
@@ -31,7 +33,32 @@ std::string Tokenizer::decode(const std::vector<int>& ids) const {
   return out;
 }
 
+int Tokenizer::token_to_id(const std::string&) const { return -1; }
+
+bool Tokenizer::is_special(int id) const { return id >= 0 && (id == bos_id() || id == eos_id()); }
+
+std::string Tokenizer::to_hf_json() const {
+  throw UserError("this tokenizer cannot be written as a Hugging Face tokenizer.json");
+}
+
 namespace {
+
+// tokenizer_config.json over the fixed specials of the sentencepiece-style formats: the ids stay
+// the model's, the config adds add_bos/eos, pad and the chat template.
+TokenizerConfig merge_config(const tok::ConfigFile& f, const std::string& bos,
+                             const std::string& eos, const std::string& unk,
+                             const Tokenizer& t) {
+  TokenizerConfig c = f.config;
+  if (!f.has_bos_token) c.bos_token = bos;
+  if (!f.has_eos_token) c.eos_token = eos;
+  if (c.unk_token.empty()) c.unk_token = unk;
+  if (!c.pad_token.empty()) {
+    c.pad_id = t.token_to_id(c.pad_token);
+    QTUNE_CHECK(c.pad_id >= 0, f.config.path, ": pad_token \"", c.pad_token,
+                "\" is not a token of the tokenizer beside it");
+  }
+  return c;
+}
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
@@ -57,7 +84,7 @@ int byte_piece_value(const std::string& p) {
 
 class Llama2cTokenizer : public Tokenizer {
  public:
-  explicit Llama2cTokenizer(const std::string& path) : path_(path) {
+  Llama2cTokenizer(const std::string& path, const tok::ConfigFile& config) : path_(path) {
     std::ifstream in(path, std::ios::binary);
     QTUNE_CHECK(in.good(), "cannot open tokenizer ", path);
     std::stringstream ss;
@@ -98,6 +125,33 @@ class Llama2cTokenizer : public Tokenizer {
     for (size_t i = 0; i < pieces_.size(); ++i) lookup_.emplace(pieces_[i], static_cast<int>(i));
     auto sp = lookup_.find(" ");
     space_id_ = sp == lookup_.end() ? -1 : sp->second;
+    // The export renames sentencepiece's <s>/</s> to "\n<s>\n"/"\n</s>\n"; HF files use these.
+    config_ = merge_config(config, "<s>", "</s>", "<unk>", *this);
+  }
+
+  int token_to_id(const std::string& piece) const override {
+    if (piece == "<unk>") return 0;
+    if (piece == "<s>") return 1;
+    if (piece == "</s>") return 2;
+    auto it = lookup_.find(piece);
+    return it == lookup_.end() ? -1 : it->second;
+  }
+
+  // As a sentencepiece-style tokenizer.json: spaces as U+2581, ids 0..2 as <unk>, <s>, </s>.
+  std::string to_hf_json() const override {
+    std::vector<tok::SpmPiece> pieces(pieces_.size());
+    for (size_t i = 0; i < pieces_.size(); ++i) {
+      auto& p = pieces[i];
+      p.score = scores_[i];
+      if (i < 3) {
+        p.text = i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>";
+        p.kind = i == 0 ? tok::SpmPiece::kUnknown : tok::SpmPiece::kControl;
+        continue;
+      }
+      p.kind = byte_piece_value(pieces_[i]) >= 0 ? tok::SpmPiece::kByte : tok::SpmPiece::kNormal;
+      for (char ch : pieces_[i]) p.text += ch == ' ' ? std::string("\xE2\x96\x81") : std::string(1, ch);
+    }
+    return tok::spm_style_tokenizer_json(pieces, 1, config_.add_bos_token);
   }
 
   int64_t vocab_size() const override { return static_cast<int64_t>(pieces_.size()); }
@@ -287,7 +341,8 @@ const SpmApi& spm_api() {
 
 class SentencePieceTokenizer : public Tokenizer {
  public:
-  explicit SentencePieceTokenizer(const std::string& path) : path_(path), api_(spm_api()) {
+  SentencePieceTokenizer(const std::string& path, const tok::ConfigFile& config)
+      : path_(path), api_(spm_api()) {
     char err[512] = {0};
     handle_ = api_.load(path.c_str(), err, sizeof(err));
     QTUNE_CHECK(handle_ != nullptr, "cannot load sentencepiece model ", path, ": ", err);
@@ -301,6 +356,13 @@ class SentencePieceTokenizer : public Tokenizer {
       const char* p = api_.id_to_piece(handle_, i, &len);
       std::string piece(p, len);
       const int type = api_.piece_type(handle_, i);
+      raw_.push_back(tok::SpmPiece{piece, api_.score(handle_, i),
+                                   type == QTUNE_SPM_UNKNOWN        ? tok::SpmPiece::kUnknown
+                                   : type == QTUNE_SPM_CONTROL      ? tok::SpmPiece::kControl
+                                   : type == QTUNE_SPM_BYTE         ? tok::SpmPiece::kByte
+                                   : type == QTUNE_SPM_USER_DEFINED ? tok::SpmPiece::kUserDefined
+                                                                    : tok::SpmPiece::kNormal});
+      ids_.emplace(piece, i);
       std::string& out = pieces_[static_cast<size_t>(i)];
       if (type == QTUNE_SPM_CONTROL) {
         out.clear();  // <s>, </s>: no text
@@ -319,6 +381,10 @@ class SentencePieceTokenizer : public Tokenizer {
         }
       }
     }
+    const int unk = api_.unk_id(handle_);
+    config_ = merge_config(config, bos_ >= 0 ? raw_[static_cast<size_t>(bos_)].text : "",
+                           eos_ >= 0 ? raw_[static_cast<size_t>(eos_)].text : "",
+                           unk >= 0 ? raw_[static_cast<size_t>(unk)].text : "", *this);
   }
   ~SentencePieceTokenizer() override {
     if (handle_) api_.free_(handle_);
@@ -356,12 +422,27 @@ class SentencePieceTokenizer : public Tokenizer {
     return p;
   }
 
+  int token_to_id(const std::string& piece) const override {
+    auto it = ids_.find(piece);
+    return it == ids_.end() ? -1 : it->second;
+  }
+  bool is_special(int id) const override {
+    return id >= 0 && id < vocab_size() &&
+           (raw_[static_cast<size_t>(id)].kind == tok::SpmPiece::kControl ||
+            raw_[static_cast<size_t>(id)].kind == tok::SpmPiece::kUnknown);
+  }
+  std::string to_hf_json() const override {
+    return tok::spm_style_tokenizer_json(raw_, bos_, config_.add_bos_token);
+  }
+
  private:
   std::string path_;
   const SpmApi& api_;
   QtuneSpm* handle_ = nullptr;
   int bos_ = -1, eos_ = -1;
   std::vector<std::string> pieces_;
+  std::vector<tok::SpmPiece> raw_;  // the model's own pieces, scores and types
+  std::unordered_map<std::string, int> ids_;
 };
 
 }  // namespace
@@ -369,10 +450,36 @@ class SentencePieceTokenizer : public Tokenizer {
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   std::error_code ec;
   QTUNE_CHECK(fs::is_regular_file(path, ec), "tokenizer file ", path, " does not exist");
-  if (ends_with(path, ".model")) return std::make_unique<SentencePieceTokenizer>(path);
-  if (ends_with(path, ".bin")) return std::make_unique<Llama2cTokenizer>(path);
+  const std::string name = fs::path(path).filename().string();
+  const tok::ConfigFile config = tok::read_tokenizer_config(path);
+  // The first bytes tell a tiktoken rank file from a sentencepiece protobuf (both are called
+  // tokenizer.model) and a tokenizer.json from a GPT-2 vocab.json.
+  std::string head(256, '\0');
+  {
+    std::ifstream in(path, std::ios::binary);
+    in.read(head.data(), static_cast<std::streamsize>(head.size()));
+    head.resize(static_cast<size_t>(in.gcount()));
+  }
+  if (ends_with(name, ".tiktoken") || (ends_with(name, ".model") && tok::looks_like_tiktoken(head)))
+    return tok::load_tiktoken(path, config);
+  if (ends_with(name, ".model")) return std::make_unique<SentencePieceTokenizer>(path, config);
+  if (ends_with(name, ".bin")) return std::make_unique<Llama2cTokenizer>(path, config);
+  if (ends_with(name, ".json") && name.find("vocab") != std::string::npos &&
+      head.find("\"model\"") == std::string::npos) {
+    // GPT-2 style: merges.txt beside it (HF's names), or the same name with vocab -> merges.
+    std::string alt = name.substr(0, name.size() - 5);
+    alt.replace(alt.find("vocab"), 5, "merges");
+    alt += ".txt";
+    const fs::path dir = fs::path(path).parent_path();
+    for (const std::string& m : {alt, std::string("merges.txt")})
+      if (fs::is_regular_file(dir / m, ec)) return tok::load_gpt2_vocab_merges(path, (dir / m).string(), config);
+    throw UserError("tokenizer " + path + ": a GPT-2 style vocab.json needs its merges beside it (" +
+                    (dir / alt).string() + " or " + (dir / "merges.txt").string() + "), found neither");
+  }
+  if (ends_with(name, ".json")) return tok::load_hf_tokenizer_json(path, config);
   throw UserError("tokenizer " + path +
-                  ": unknown kind, expected a sentencepiece .model or a llama2.c .bin file");
+                  ": unknown kind, expected a tokenizer.json, a GPT-2 vocab.json (+ merges.txt), "
+                  "a sentencepiece or tiktoken .model, a .tiktoken or a llama2.c .bin file");
 }
 
 }  // namespace qtune
