@@ -1,6 +1,7 @@
 // qtune-convert: turn a llama2.c .bin checkpoint (or an HF directory) into a Hugging Face Llama
-// directory (config.json + model.safetensors [+ tokenizer]) in fp32 or bf16. The conversion
-// itself is core's open_model() + save_hf_model(); this file only parses flags and reports.
+// directory (config.json + model.safetensors [+ tokenizer.json, tokenizer_config.json and the
+// original tokenizer.model / tokenizer.bin]) in fp32 or bf16. The conversion itself is core's
+// open_model() + save_hf_model(); this file only parses flags and reports.
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <iostream>
@@ -8,6 +9,7 @@
 #include "app_main.h"
 #include "qtune/error.h"
 #include "qtune/model_files.h"
+#include "qtune/tokenizer.h"
 #include "qtune/weight_source.h"
 
 namespace po = boost::program_options;
@@ -21,8 +23,10 @@ int run(int argc, char** argv) {
     ("help,h", "show this help")
     ("model", po::value<std::string>(), "llama2.c .bin checkpoint or HF model directory (required)")
     ("tokenizer", po::value<std::string>(),
-     "tokenizer to copy into the output (.model or llama2.c .bin); default: the one found beside "
-     "the model, if any")
+     "tokenizer for the output, any format qtune reads (tokenizer.json, tiktoken or sentencepiece "
+     ".model, GPT-2 vocab.json, llama2.c .bin): written as tokenizer.json + tokenizer_config.json, "
+     "a .model/.bin also kept as tokenizer.model/tokenizer.bin; default: the one found beside the "
+     "model, if any")
     ("out", po::value<std::string>(), "output directory (created if needed) (required)")
     ("dtype", po::value<std::string>()->default_value("fp32"), "fp32 | bf16 | fp16")
     ("max-shard-gb", po::value<double>()->default_value(5.0),
@@ -54,11 +58,14 @@ int run(int argc, char** argv) {
   const std::string tokenizer =
       vm.count("tokenizer") ? vm["tokenizer"].as<std::string>() : model.tokenizer_path;
   const std::string out = vm["out"].as<std::string>();
+  if (!tokenizer.empty()) qtune::load_tokenizer(tokenizer);  // a bad one fails before any write
   qtune::save_hf_model(out, model.config, *model.weights, dtype, tokenizer,
                        static_cast<int64_t>(shard_gb * 1e9));
   std::cout << "wrote " << out << ": " << model.config.num_parameters() << " parameters, "
             << qtune::hf_torch_dtype_name(dtype)
-            << (tokenizer.empty() ? ", no tokenizer" : ", tokenizer from " + tokenizer) << "\n";
+            << (tokenizer.empty() ? ", no tokenizer"
+                                  : ", tokenizer.json + tokenizer_config.json from " + tokenizer)
+            << "\n";
   return 0;
 }
 

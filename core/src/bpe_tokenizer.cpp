@@ -452,6 +452,7 @@ class BpeTokenizer : public Tokenizer {
   // ---- added tokens: a byte trie, longest match at a position (HF matches leftmost-longest)
   void trie_insert(const std::string& s, int token) {
     if (s.empty()) return;
+    first_byte_[static_cast<unsigned char>(s[0])] = 1;
     if (trie_token_.empty()) trie_token_.push_back(-1);
     int node = 0;
     for (unsigned char c : s) {
@@ -466,7 +467,7 @@ class BpeTokenizer : public Tokenizer {
     if (trie_token_[static_cast<size_t>(node)] < 0) trie_token_[static_cast<size_t>(node)] = token;
   }
   int trie_match(const std::string& s, size_t i, size_t& len) const {
-    if (trie_token_.empty()) return -1;
+    if (!first_byte_[static_cast<unsigned char>(s[i])]) return -1;
     int node = 0, found = -1;
     for (size_t k = i; k < s.size(); ++k) {
       auto it = trie_next_.find((static_cast<uint64_t>(node) << 8) |
@@ -640,6 +641,7 @@ class BpeTokenizer : public Tokenizer {
   std::vector<std::string> decoded_;
   std::vector<char> present_, special_;
   int byte_id_[256];
+  bool first_byte_[256] = {};  // bytes an added token starts with
   std::unordered_map<uint64_t, int> trie_next_;
   std::vector<int> trie_token_;
 };

@@ -12,6 +12,7 @@
 #include "qtune/files.h"
 #include "qtune/llama2c.h"
 #include "qtune/quantized_model.h"
+#include "qtune/tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -187,7 +188,7 @@ ModelFiles open_hf_dir(const std::string& dir) {
   else
     m.weights = SafetensorsWeightSource::open_dir(dir);
   check_llama_weights(m.config, *m.weights, dir);
-  for (const char* tok : {"tokenizer.model", "tokenizer.bin"}) {
+  for (const char* tok : {"tokenizer.model", "tokenizer.bin", "tokenizer.json"}) {
     fs::path p = fs::path(dir) / tok;
     if (fs::is_regular_file(p, ec)) {
       m.tokenizer_path = p.string();
@@ -308,18 +309,7 @@ void save_hf_model(const std::string& dir, const ModelConfig& config, const Weig
   cfg["torch_dtype"] = dtype_name;
   atomic_write_string((fs::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
 
-  if (!tokenizer_path.empty()) {
-    const std::string target = ends_with(tokenizer_path, ".model") ? "tokenizer.model"
-                               : ends_with(tokenizer_path, ".bin") ? "tokenizer.bin"
-                                                                   : "";
-    QTUNE_CHECK(!target.empty(), "tokenizer ", tokenizer_path,
-                ": expected a sentencepiece .model or a llama2.c .bin file");
-    QTUNE_CHECK(fs::is_regular_file(tokenizer_path, ec), "tokenizer ", tokenizer_path,
-                " does not exist");
-    const fs::path out = fs::path(dir) / target;
-    if (!fs::exists(out, ec) || !fs::equivalent(tokenizer_path, out, ec))
-      atomic_write_string(out.string(), read_text_file(tokenizer_path));
-  }
+  if (!tokenizer_path.empty()) save_tokenizer_files(tokenizer_path, dir);
 }
 
 }  // namespace qtune

@@ -10,6 +10,7 @@
 #include "qtune/model_files.h"
 #include "qtune/safetensors.h"
 #include "qtune/process.h"
+#include "qtune/tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -143,15 +144,7 @@ int64_t save_quantized_model(const std::string& dir, const ModelConfig& config,
                                 {"skip_output", skip_output},
                                 {"format_version", kFormatVersion}};
   atomic_write_string((fs::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
-  if (!tokenizer_path.empty()) {
-    const auto ext = fs::path(tokenizer_path).extension().string();
-    const auto dst = fs::path(dir) / (ext == ".model" ? "tokenizer.model" : "tokenizer.bin");
-    fs::remove(dst, ec);  // the source may be read-only, and so its earlier copy
-    fs::copy_file(tokenizer_path, dst, ec);
-    QTUNE_CHECK(!ec, "cannot copy tokenizer ", tokenizer_path, " to ", dst.string(), ": ",
-                ec.message());
-    fs::permissions(dst, fs::perms::owner_write, fs::perm_options::add, ec);
-  }
+  if (!tokenizer_path.empty()) save_tokenizer_files(tokenizer_path, dir);
   return quantized_bytes;
 }
 

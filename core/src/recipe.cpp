@@ -67,7 +67,7 @@ template <typename V>
 void declare_keys(V& v, Recipe& r) {
   // clang-format off
   v("model.path", r.model.path, "stories260K.bin", "model", "HF directory (config.json + safetensors, sharded or not, or a `qtune-quantize` output) or llama2.c `.bin` (also looked up in the data folder)");
-  v("model.tokenizer", r.model.tokenizer, "", "tokenizer", "`.model` (sentencepiece) or `tok*.bin` (llama2.c); empty = the tokenizer beside the model");
+  v("model.tokenizer", r.model.tokenizer, "", "tokenizer", "any format of docs/formats.md: `tokenizer.json`, GPT-2 `vocab.json` (+ `merges.txt`), `.model` (sentencepiece or tiktoken), `.tiktoken`, `tok*.bin` (llama2.c); empty = the tokenizer beside the model");
   v("train_type", r.train_type, "lora", "train_type", "`full`, `lora` or `qlora`", one_of({"full", "lora", "qlora"}));
   v("dtype", r.dtype, "fp32", "dtype", "compute dtype `fp32` or `bf16`; trainable weights are always fp32 masters", one_of({"fp32", "float32", "bf16", "bfloat16"}));
   v("quant.name", r.quant.name, "nf4", "quant", "quantization plugin (qlora only)");

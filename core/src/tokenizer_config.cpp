@@ -86,10 +86,11 @@ ConfigFile read_tokenizer_config(const std::string& tokenizer_path) {
 void save_hf_tokenizer(const Tokenizer& tokenizer, const std::string& dir) {
   const std::string json = tokenizer.to_hf_json();
   const TokenizerConfig& c = tokenizer.config();
-  Json cfg = {{"tokenizer_class", "PreTrainedTokenizerFast"},
-              {"add_bos_token", c.add_bos_token},
-              {"add_eos_token", c.add_eos_token},
-              {"clean_up_tokenization_spaces", false}};
+  Json cfg = c.path.empty() ? Json::object() : read_json_file(c.path);
+  cfg["tokenizer_class"] = "PreTrainedTokenizerFast";  // the one class that reads tokenizer.json
+  cfg["add_bos_token"] = c.add_bos_token;
+  cfg["add_eos_token"] = c.add_eos_token;
+  if (!cfg.contains("clean_up_tokenization_spaces")) cfg["clean_up_tokenization_spaces"] = false;
   auto put = [&](const char* key, const std::string& v) {
     cfg[key] = v.empty() ? Json(nullptr) : Json(v);
   };
@@ -102,6 +103,19 @@ void save_hf_tokenizer(const Tokenizer& tokenizer, const std::string& dir) {
   fs::create_directories(dir, ec);
   atomic_write_string((fs::path(dir) / "tokenizer.json").string(), json);
   atomic_write_string((fs::path(dir) / "tokenizer_config.json").string(), cfg.dump(2) + "\n");
+}
+
+void save_tokenizer_files(const std::string& tokenizer_path, const std::string& dir) {
+  auto tokenizer = load_tokenizer(tokenizer_path);  // also checks that it is one
+  const std::string ext = fs::path(tokenizer_path).extension().string();
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ext == ".model" || ext == ".bin") {
+    const fs::path out = fs::path(dir) / (ext == ".model" ? "tokenizer.model" : "tokenizer.bin");
+    if (!fs::exists(out, ec) || !fs::equivalent(tokenizer_path, out, ec))
+      atomic_write_string(out.string(), read_text_file(tokenizer_path));
+  }
+  save_hf_tokenizer(*tokenizer, dir);
 }
 
 }  // namespace qtune

@@ -62,8 +62,14 @@ class QTUNE_API Tokenizer {
 /// when it is missing, of an unknown kind, or malformed.
 QTUNE_API std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
-/// Writes `dir`/tokenizer.json (to_hf_json()) and `dir`/tokenizer_config.json (the config's
-/// tokens, add_bos/eos, chat template; tokenizer_class PreTrainedTokenizerFast), atomically.
+/// Writes `dir`/tokenizer.json (to_hf_json()) and `dir`/tokenizer_config.json (the keys of the
+/// config file read with the tokenizer, if any, with its tokens, add_bos/eos and chat template
+/// set; tokenizer_class PreTrainedTokenizerFast), atomically.
 QTUNE_API void save_hf_tokenizer(const Tokenizer& tokenizer, const std::string& dir);
+
+/// The tokenizer of an HF directory being written: a sentencepiece or tiktoken `.model` is kept
+/// as `dir`/tokenizer.model and a llama2.c `.bin` as `dir`/tokenizer.bin (byte copies), and every
+/// format also gets save_hf_tokenizer(), so other tools can build the vocabulary.
+QTUNE_API void save_tokenizer_files(const std::string& tokenizer_path, const std::string& dir);
 
 }  // namespace qtune
