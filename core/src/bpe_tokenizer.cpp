@@ -186,7 +186,10 @@ class BpeModel {
   void merge(std::vector<int>& sym) const {
     if (sym.size() < 2) return;
     if (sym.size() <= 32) return merge_small(sym);
-    merge_heap(sym);
+    // Long words (a megabyte of letters is one pre-token): O(n log n).
+    merge_pairs<uint32_t>(sym, [this](int l, int r, uint32_t& rank, int& merged) {
+      return lookup(l, r, rank, merged);
+    });
   }
 
  private:
@@ -222,49 +225,6 @@ class BpeModel {
     }
   }
 
-  // Long words (a megabyte of letters is one pre-token): a heap of candidate pairs with lazy
-  // invalidation over a linked list, O(n log n).
-  void merge_heap(std::vector<int>& sym) const {
-    const int n = static_cast<int>(sym.size());
-    std::vector<int> next(n), prev(n);
-    for (int i = 0; i < n; ++i) {
-      next[i] = i + 1 < n ? i + 1 : -1;
-      prev[i] = i - 1;
-    }
-    struct Cand {
-      uint32_t rank;
-      int left, right, left_id, right_id, merged;
-      bool operator<(const Cand& o) const {  // max-heap on (-rank, -left)
-        if (rank != o.rank) return rank > o.rank;
-        return left > o.left;
-      }
-    };
-    std::priority_queue<Cand> q;
-    auto consider = [&](int l, int r) {
-      if (l < 0 || r < 0) return;
-      uint32_t rank;
-      int merged;
-      if (lookup(sym[l], sym[r], rank, merged)) q.push(Cand{rank, l, r, sym[l], sym[r], merged});
-    };
-    for (int i = 0; i + 1 < n; ++i) consider(i, i + 1);
-    std::vector<char> alive(n, 1);
-    while (!q.empty()) {
-      const Cand c = q.top();
-      q.pop();
-      if (!alive[c.left] || !alive[c.right] || next[c.left] != c.right ||
-          sym[c.left] != c.left_id || sym[c.right] != c.right_id)
-        continue;
-      sym[c.left] = c.merged;
-      alive[c.right] = 0;
-      next[c.left] = next[c.right];
-      if (next[c.right] >= 0) prev[next[c.right]] = c.left;
-      consider(prev[c.left], c.left);
-      consider(c.left, next[c.left]);
-    }
-    std::vector<int> out;
-    for (int i = 0; i >= 0; i = next[i]) out.push_back(sym[i]);
-    sym.swap(out);
-  }
 };
 
 // =============================================================================================
@@ -675,16 +635,27 @@ struct JsonCtx {
   }
 };
 
+// For a {"type": "Sequence", `key`: [...]} component: calls fn(element, where) on each element
+// and returns true; false for any other type.
+template <typename Fn>
+bool each_in_sequence(const JsonCtx& c, const Json& j, const char* key, const std::string& where,
+                      Fn&& fn) {
+  if (c.str(j, "type", where) != "Sequence") return false;
+  const Json& list = c.need(j, key, where);
+  if (!list.is_array()) c.fail(where + "." + key + " must be an array");
+  for (size_t k = 0; k < list.size(); ++k)
+    fn(list[k], where + "." + key + "[" + std::to_string(k) + "]");
+  return true;
+}
+
 void parse_normalizer(const JsonCtx& c, const Json& j, const std::string& where,
                       std::vector<Normalizer>& out) {
-  if (j.is_null()) return;
+  if (j.is_null() || each_in_sequence(c, j, "normalizers", where, [&](const Json& e, const std::string& w) {
+        parse_normalizer(c, e, w, out);
+      }))
+    return;
   const std::string type = c.str(j, "type", where);
-  if (type == "Sequence") {
-    const Json& list = c.need(j, "normalizers", where);
-    if (!list.is_array()) c.fail(where + ".normalizers must be an array");
-    for (size_t k = 0; k < list.size(); ++k)
-      parse_normalizer(c, list[k], where + ".normalizers[" + std::to_string(k) + "]", out);
-  } else if (type == "Prepend") {
+  if (type == "Prepend") {
     out.push_back({Normalizer::kPrepend, c.str(j, "prepend", where), ""});
   } else if (type == "Replace") {
     const Json& pat = c.need(j, "pattern", where);
@@ -703,17 +674,13 @@ void parse_normalizer(const JsonCtx& c, const Json& j, const std::string& where,
 
 void parse_pretokenizer(const JsonCtx& c, const Json& j, const std::string& where,
                         std::vector<PreTokenizer>& out, bool& byte_level) {
-  if (j.is_null()) return;
+  if (j.is_null() || each_in_sequence(c, j, "pretokenizers", where, [&](const Json& e, const std::string& w) {
+        parse_pretokenizer(c, e, w, out, byte_level);
+      }))
+    return;
   const std::string type = c.str(j, "type", where);
   PreTokenizer p;
-  if (type == "Sequence") {
-    const Json& list = c.need(j, "pretokenizers", where);
-    if (!list.is_array()) c.fail(where + ".pretokenizers must be an array");
-    for (size_t k = 0; k < list.size(); ++k)
-      parse_pretokenizer(c, list[k], where + ".pretokenizers[" + std::to_string(k) + "]", out,
-                         byte_level);
-    return;
-  } else if (type == "ByteLevel") {
+  if (type == "ByteLevel") {
     byte_level = true;
     p.kind = PreTokenizer::kByteLevel;
     p.add_prefix_space = c.flag(j, "add_prefix_space", true, where);
@@ -767,14 +734,12 @@ void parse_pretokenizer(const JsonCtx& c, const Json& j, const std::string& wher
 
 // Checks the decoder and tells whether it drops the leading (dummy-prefix) space.
 void parse_decoder(const JsonCtx& c, const Json& j, const std::string& where, bool& strip) {
-  if (j.is_null()) return;
+  if (j.is_null() || each_in_sequence(c, j, "decoders", where, [&](const Json& e, const std::string& w) {
+        parse_decoder(c, e, w, strip);
+      }))
+    return;
   const std::string type = c.str(j, "type", where);
-  if (type == "Sequence") {
-    const Json& list = c.need(j, "decoders", where);
-    if (!list.is_array()) c.fail(where + ".decoders must be an array");
-    for (size_t k = 0; k < list.size(); ++k)
-      parse_decoder(c, list[k], where + ".decoders[" + std::to_string(k) + "]", strip);
-  } else if (type == "Strip") {
+  if (type == "Strip") {
     const Json& start = c.need(j, "start", where);
     if (!start.is_number_integer()) c.fail(where + ".start must be an integer");
     if (start.get<int64_t>() > 0 && c.str(j, "content", where) == " ") strip = true;
@@ -940,57 +905,79 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path, const
 
 namespace {
 
-std::string gpt2_style_json(const BpeTokenizer& t, const Json& merges, const Json& pre_tokenizer,
-                            bool ignore_merges) {
+// ---- writing tokenizer.json: the parts both writers share
+
+Json added_token_json(int id, const std::string& content, bool special, bool normalized) {
+  return {{"id", id},          {"content", content},       {"single_word", false},
+          {"lstrip", false},   {"rstrip", false},          {"normalized", normalized},
+          {"special", special}};
+}
+
+// A TemplateProcessing that puts the BOS `bos` (spelled `text`) in front of each sequence.
+Json bos_template(const std::string& text, int bos) {
+  auto special = [&](int type_id) {
+    return Json{{"SpecialToken", {{"id", text}, {"type_id", type_id}}}};
+  };
+  auto sequence = [](const char* id, int type_id) {
+    return Json{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
+  };
+  return {{"type", "TemplateProcessing"},
+          {"single", {special(0), sequence("A", 0)}},
+          {"pair", {special(0), sequence("A", 0), special(1), sequence("B", 1)}},
+          {"special_tokens", {{text, {{"id", text}, {"ids", {bos}}, {"tokens", {text}}}}}}};
+}
+
+struct HfBpeDocument {
+  Json added = Json::array(), normalizer, pre_tokenizer, post_processor, decoder;
   Json vocab = Json::object();  // (an ordered_json inserts in O(n): 128k tokens take minutes)
-  std::vector<std::pair<int, std::string>> by_id;
-  for (const auto& [piece, id] : t.model_.ids)
-    by_id.emplace_back(id, t.file_pieces_[static_cast<size_t>(id)]);
-  std::sort(by_id.begin(), by_id.end());
-  for (const auto& [id, piece] : by_id) vocab[piece] = id;
-  Json added = Json::array();
-  for (const auto& a : t.added_)
-    added.push_back({{"id", a.id}, {"content", a.content}, {"single_word", false},
-                     {"lstrip", false}, {"rstrip", false}, {"normalized", false},
-                     {"special", a.special}});
-  nlohmann::ordered_json doc;
-  doc["version"] = "1.0";
-  doc["truncation"] = nullptr;
-  doc["padding"] = nullptr;
-  doc["added_tokens"] = added;
-  doc["normalizer"] = nullptr;
-  doc["pre_tokenizer"] = pre_tokenizer;
-  Json post = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false},
-               {"use_regex", true}};
-  const int bos = t.bos_id();
-  if (t.config().add_bos_token && bos >= 0) {
-    const std::string b = t.file_pieces_[static_cast<size_t>(bos)];
-    Json tp = {{"type", "TemplateProcessing"},
-               {"single", {{{"SpecialToken", {{"id", b}, {"type_id", 0}}}},
-                           {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-               {"pair", {{{"SpecialToken", {{"id", b}, {"type_id", 0}}}},
-                         {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                         {{"SpecialToken", {{"id", b}, {"type_id", 1}}}},
-                         {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
-               {"special_tokens", {{b, {{"id", b}, {"ids", {bos}}, {"tokens", {b}}}}}}};
-    post = {{"type", "Sequence"}, {"processors", {post, tp}}};
+  Json merges = Json::array(), unk_token;
+  bool fuse_unk = false, byte_fallback = false, ignore_merges = false;
+
+  // Keys in the order the tokenizers library writes them.
+  std::string dump() const {
+    nlohmann::ordered_json doc, m;
+    doc["version"] = "1.0";
+    doc["truncation"] = nullptr;
+    doc["padding"] = nullptr;
+    doc["added_tokens"] = added;
+    doc["normalizer"] = normalizer;
+    doc["pre_tokenizer"] = pre_tokenizer;
+    doc["post_processor"] = post_processor;
+    doc["decoder"] = decoder;
+    m["type"] = "BPE";
+    m["dropout"] = nullptr;
+    m["unk_token"] = unk_token;
+    m["continuing_subword_prefix"] = nullptr;
+    m["end_of_word_suffix"] = nullptr;
+    m["fuse_unk"] = fuse_unk;
+    m["byte_fallback"] = byte_fallback;
+    m["ignore_merges"] = ignore_merges;
+    m["vocab"] = vocab;
+    m["merges"] = merges;
+    doc["model"] = m;
+    return doc.dump() + "\n";
   }
-  doc["post_processor"] = post;
-  doc["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true},
-                    {"use_regex", true}};
-  nlohmann::ordered_json m;
-  m["type"] = "BPE";
-  m["dropout"] = nullptr;
-  m["unk_token"] = nullptr;
-  m["continuing_subword_prefix"] = nullptr;
-  m["end_of_word_suffix"] = nullptr;
-  m["fuse_unk"] = false;
-  m["byte_fallback"] = false;
-  m["ignore_merges"] = ignore_merges;
-  m["vocab"] = vocab;
-  m["merges"] = merges;
-  doc["model"] = m;
-  return doc.dump() + "\n";
+};
+
+// A byte-level BPE tokenizer (GPT-2, tiktoken) as tokenizer.json.
+std::string byte_level_json(const BpeTokenizer& t, const Json& merges, const Json& pre_tokenizer,
+                            bool ignore_merges) {
+  HfBpeDocument d;
+  for (const auto& [piece, id] : t.model_.ids) d.vocab[t.file_pieces_[static_cast<size_t>(id)]] = id;
+  for (const auto& a : t.added_) d.added.push_back(added_token_json(a.id, a.content, a.special, false));
+  d.pre_tokenizer = pre_tokenizer;
+  d.post_processor = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false},
+                      {"use_regex", true}};
+  const int bos = t.bos_id();
+  if (t.config().add_bos_token && bos >= 0)
+    d.post_processor = {{"type", "Sequence"},
+                        {"processors", {d.post_processor,
+                                        bos_template(t.file_pieces_[static_cast<size_t>(bos)], bos)}}};
+  d.decoder = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true},
+               {"use_regex", true}};
+  d.merges = merges;
+  d.ignore_merges = ignore_merges;
+  return d.dump();
 }
 
 }  // namespace
@@ -1045,7 +1032,7 @@ std::unique_ptr<Tokenizer> load_gpt2_vocab_merges(const std::string& vocab_path,
   t->make_json_ = [self, merges] {
     const Json pre = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true},
                       {"use_regex", true}};
-    return gpt2_style_json(*self, merges, pre, false);
+    return byte_level_json(*self, merges, pre, false);
   };
   return t;
 }
@@ -1202,7 +1189,7 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path, const ConfigFi
            {"invert", false}},
           {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true},
            {"use_regex", false}}}}};
-    return gpt2_style_json(*self, merges, pre, true);
+    return byte_level_json(*self, merges, pre, true);
   };
   return t;
 }
@@ -1239,67 +1226,37 @@ std::string spm_style_tokenizer_json(const std::vector<SpmPiece>& pieces, int bo
     if (a.score != b.score) return a.score > b.score;
     return std::tie(a.merged, a.l, a.r) < std::tie(b.merged, b.l, b.r);
   });
-  Json vocab = Json::object();  // (an ordered_json inserts in O(n): 128k tokens take minutes)
-  Json added = Json::array();
+  HfBpeDocument d;
   std::string unk;
-  bool byte_fallback = false;
   for (size_t i = 0; i < pieces.size(); ++i) {
     const auto& p = pieces[i];
-    vocab[p.text] = i;
-    if (p.kind == SpmPiece::kByte) byte_fallback = true;
+    d.vocab[p.text] = i;
+    if (p.kind == SpmPiece::kByte) d.byte_fallback = true;
     if (p.kind == SpmPiece::kUnknown && unk.empty()) unk = p.text;
     if (p.kind == SpmPiece::kUnknown || p.kind == SpmPiece::kControl ||
         p.kind == SpmPiece::kUserDefined)
-      added.push_back({{"id", i}, {"content", p.text}, {"single_word", false}, {"lstrip", false},
-                       {"rstrip", false}, {"normalized", p.kind == SpmPiece::kUserDefined},
-                       {"special", p.kind != SpmPiece::kUserDefined}});
+      d.added.push_back(added_token_json(static_cast<int>(i), p.text,
+                                         p.kind != SpmPiece::kUserDefined,
+                                         p.kind == SpmPiece::kUserDefined));
   }
-  Json merges = Json::array();
   for (const auto& m : ms)
-    merges.push_back(pieces[static_cast<size_t>(m.l)].text + " " + pieces[static_cast<size_t>(m.r)].text);
-  nlohmann::ordered_json doc;
-  doc["version"] = "1.0";
-  doc["truncation"] = nullptr;
-  doc["padding"] = nullptr;
-  doc["added_tokens"] = added;
-  doc["normalizer"] = {{"type", "Sequence"},
-                       {"normalizers",
-                        {{{"type", "Prepend"}, {"prepend", kSpmSpace}},
-                         {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpmSpace}}}}};
-  doc["pre_tokenizer"] = nullptr;
-  if (add_bos && bos_id >= 0) {
-    const std::string b = pieces[static_cast<size_t>(bos_id)].text;
-    doc["post_processor"] = {
-        {"type", "TemplateProcessing"},
-        {"single", {{{"SpecialToken", {{"id", b}, {"type_id", 0}}}},
-                    {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-        {"pair", {{{"SpecialToken", {{"id", b}, {"type_id", 0}}}},
-                  {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                  {{"SpecialToken", {{"id", b}, {"type_id", 1}}}},
-                  {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
-        {"special_tokens", {{b, {{"id", b}, {"ids", {bos_id}}, {"tokens", {b}}}}}}};
-  } else {
-    doc["post_processor"] = nullptr;
-  }
-  doc["decoder"] = {{"type", "Sequence"},
-                    {"decoders",
-                     {{{"type", "Replace"}, {"pattern", {{"String", kSpmSpace}}}, {"content", " "}},
-                      {{"type", "ByteFallback"}},
-                      {{"type", "Fuse"}},
-                      {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  nlohmann::ordered_json m;
-  m["type"] = "BPE";
-  m["dropout"] = nullptr;
-  m["unk_token"] = unk.empty() ? Json(nullptr) : Json(unk);
-  m["continuing_subword_prefix"] = nullptr;
-  m["end_of_word_suffix"] = nullptr;
-  m["fuse_unk"] = true;
-  m["byte_fallback"] = byte_fallback;
-  m["ignore_merges"] = false;
-  m["vocab"] = vocab;
-  m["merges"] = merges;
-  doc["model"] = m;
-  return doc.dump() + "\n";
+    d.merges.push_back(pieces[static_cast<size_t>(m.l)].text + " " +
+                       pieces[static_cast<size_t>(m.r)].text);
+  d.normalizer = {{"type", "Sequence"},
+                  {"normalizers",
+                   {{{"type", "Prepend"}, {"prepend", kSpmSpace}},
+                    {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpmSpace}}}}};
+  if (add_bos && bos_id >= 0)
+    d.post_processor = bos_template(pieces[static_cast<size_t>(bos_id)].text, bos_id);
+  d.decoder = {{"type", "Sequence"},
+               {"decoders",
+                {{{"type", "Replace"}, {"pattern", {{"String", kSpmSpace}}}, {"content", " "}},
+                 {{"type", "ByteFallback"}},
+                 {{"type", "Fuse"}},
+                 {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
+  if (!unk.empty()) d.unk_token = unk;
+  d.fuse_unk = true;
+  return d.dump();
 }
 
 }  // namespace qtune::tok

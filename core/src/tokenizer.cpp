@@ -11,7 +11,6 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
-#include <queue>
 #include <sstream>
 #include <unordered_map>
 
@@ -210,55 +209,18 @@ class Llama2cTokenizer : public Tokenizer {
   }
 
  private:
-  struct Candidate {
-    float score;
-    int left;  // symbol positions
-    int right;
-    int left_id, right_id, merged_id;
-    bool operator<(const Candidate& o) const {  // max-heap: best score, then leftmost
-      if (score != o.score) return score < o.score;
-      return left > o.left;
-    }
-  };
-
+  // run.c: the pair whose concatenation is a piece of the highest score (above -1e10) merges.
   void merge(std::vector<int>& ids) const {
-    const int n = static_cast<int>(ids.size());
-    if (n < 2) return;
-    std::vector<int> next(n), prev(n);
-    for (int i = 0; i < n; ++i) {
-      next[i] = i + 1 < n ? i + 1 : -1;
-      prev[i] = i - 1;
-    }
-    std::vector<int> sym(ids);
-    std::vector<char> alive(n, 1);
-    std::priority_queue<Candidate> queue;
     std::string buf;
-    auto consider = [&](int l, int r) {
-      if (l < 0 || r < 0) return;
-      buf = pieces_[sym[l]];
-      buf += pieces_[sym[r]];
+    tok::merge_pairs<float>(ids, [&](int l, int r, float& key, int& merged) {
+      buf = pieces_[static_cast<size_t>(l)];
+      buf += pieces_[static_cast<size_t>(r)];
       auto it = lookup_.find(buf);
-      // run.c starts from best_score = -1e10 and needs a strictly better score.
-      if (it == lookup_.end() || !(scores_[it->second] > -1e10f)) return;
-      queue.push(Candidate{scores_[it->second], l, r, sym[l], sym[r], it->second});
-    };
-    for (int i = 0; i + 1 < n; ++i) consider(i, i + 1);
-    while (!queue.empty()) {
-      Candidate c = queue.top();
-      queue.pop();
-      // Stale entries: a side was merged away or changed since the candidate was queued.
-      if (!alive[c.left] || !alive[c.right] || next[c.left] != c.right ||
-          sym[c.left] != c.left_id || sym[c.right] != c.right_id)
-        continue;
-      sym[c.left] = c.merged_id;
-      alive[c.right] = 0;
-      next[c.left] = next[c.right];
-      if (next[c.right] >= 0) prev[next[c.right]] = c.left;
-      consider(prev[c.left], c.left);
-      consider(c.left, next[c.left]);
-    }
-    ids.clear();
-    for (int i = 0; i >= 0; i = next[i]) ids.push_back(sym[i]);
+      if (it == lookup_.end() || !(scores_[static_cast<size_t>(it->second)] > -1e10f)) return false;
+      key = -scores_[static_cast<size_t>(it->second)];
+      merged = it->second;
+      return true;
+    });
   }
 
   std::string path_;

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <queue>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -44,6 +45,57 @@ class Regex {
   std::string pattern_, where_;
   pcre2_real_code_8* code_ = nullptr;
 };
+
+/// BPE's merge loop over the token ids `sym`, shared by llama2.c (by score) and the other BPE
+/// formats (by rank): repeatedly merges the adjacent pair with the smallest key, leftmost on ties.
+/// `pair(left_id, right_id, key, merged_id)` says whether a pair merges. Symbols sit in a linked
+/// list and candidate pairs in a heap with lazy invalidation (a candidate whose sides changed is
+/// dropped when it surfaces), which picks the same merge at every step as rescanning all pairs
+/// would, in O(n log n).
+template <typename Key, typename PairFn>
+void merge_pairs(std::vector<int>& sym, PairFn&& pair) {
+  const int n = static_cast<int>(sym.size());
+  if (n < 2) return;
+  std::vector<int> next(n), prev(n);
+  for (int i = 0; i < n; ++i) {
+    next[i] = i + 1 < n ? i + 1 : -1;
+    prev[i] = i - 1;
+  }
+  struct Cand {
+    Key key;
+    int left, right, left_id, right_id, merged;
+    bool operator<(const Cand& o) const {  // the heap's top: smallest key, then leftmost
+      if (o.key < key) return true;
+      if (key < o.key) return false;
+      return left > o.left;
+    }
+  };
+  std::priority_queue<Cand> q;
+  auto consider = [&](int l, int r) {
+    if (l < 0 || r < 0) return;
+    Key key;
+    int merged;
+    if (pair(sym[l], sym[r], key, merged)) q.push(Cand{key, l, r, sym[l], sym[r], merged});
+  };
+  for (int i = 0; i + 1 < n; ++i) consider(i, i + 1);
+  std::vector<char> alive(n, 1);
+  while (!q.empty()) {
+    const Cand c = q.top();
+    q.pop();
+    if (!alive[c.left] || !alive[c.right] || next[c.left] != c.right ||
+        sym[c.left] != c.left_id || sym[c.right] != c.right_id)
+      continue;
+    sym[c.left] = c.merged;
+    alive[c.right] = 0;
+    next[c.left] = next[c.right];
+    if (next[c.right] >= 0) prev[next[c.right]] = c.left;
+    consider(prev[c.left], c.left);
+    consider(c.left, next[c.left]);
+  }
+  std::vector<int> out;
+  for (int i = 0; i >= 0; i = next[i]) out.push_back(sym[i]);
+  sym.swap(out);
+}
 
 /// The GPT-2 pre-tokenizer pattern (HF ByteLevel use_regex) and Llama 3's pat_str.
 extern const char* const kGpt2Pattern;

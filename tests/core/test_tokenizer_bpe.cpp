@@ -329,6 +329,13 @@ TEST(TokenizerJson, ByteLevelSplitRegexAndDigits) {
   EXPECT_EQ(t->encode("x123", false, false), (Ids{'x', 256, '3'}));
   EXPECT_EQ(t->bos_id(), -1);  // no BOS anywhere: encode(bos=true) adds nothing
   EXPECT_EQ(t->encode("a", true, false), (Ids{'a'}));
+  EXPECT_NE(t->encode("e\xCC\x81", false, false), t->encode("\xC3\xA9", false, false));
+
+  // Qwen2's NFC normalizer: "e" + combining acute is encoded as the composed "é".
+  j["normalizer"] = {{"type", "NFC"}};
+  auto nfc = load_tokenizer(write_file(dir + "/nfc/tokenizer.json", j.dump()));
+  EXPECT_EQ(nfc->encode("e\xCC\x81", false, false), nfc->encode("\xC3\xA9", false, false));
+  EXPECT_EQ(nfc->encode("e\xCC\x81", false, false), (Ids{0xC3, 0xA9}));
 }
 
 // ---- tokenizer_config.json ---------------------------------------------------------------------
