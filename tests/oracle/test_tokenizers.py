@@ -50,17 +50,16 @@ def gpt2_tokenizers_ref(vocab_file, merges_file):
     return (lambda t: tok.encode(t).ids), tok.decode
 
 
-# (what, file qtune loads, reference). Pending until qtune loads these formats (the tokenizer
-# issue; the references above are ready):
-#   ("llama3 rank file vs tiktoken", "llama3_tokenizer.model",
-#    lambda: tiktoken_llama3_ref("llama3_tokenizer.model")),
-#   ("gpt2 vocab.json + merges.txt vs tokenizers", "gpt2_vocab.json",
-#    lambda: gpt2_tokenizers_ref("gpt2_vocab.json", "gpt2_merges.txt")),
+# (what, file qtune loads, reference).
 TOKENIZERS = [
     ("llama2 .model vs sentencepiece", "llama2_tokenizer.model",
      lambda: sentencepiece_ref("llama2_tokenizer.model")),
     ("llama2.c .bin export vs sentencepiece", "llama2_tokenizer.bin",
      lambda: sentencepiece_ref("llama2_tokenizer.model")),
+    ("llama3 rank file vs tiktoken", "llama3_tokenizer.model",
+     lambda: tiktoken_llama3_ref("llama3_tokenizer.model")),
+    ("gpt2 vocab.json + merges.txt vs tokenizers", "gpt2_vocab.json",
+     lambda: gpt2_tokenizers_ref("gpt2_vocab.json", "gpt2_merges.txt")),
 ]
 
 
