@@ -18,19 +18,8 @@ namespace {
 namespace F = torch::nn::functional;
 
 TuningSpec spec_for(TrainType type) {
-  TuningSpec s;
-  s.train_type = type;
-  if (type != TrainType::kFull) {
-    s.adapter = test::plugins().adapter("lora");
-    s.adapter_options =
-        resolve_options(s.adapter->option_schema(), Json{{"rank", 4}}, "adapter.options");
-    s.target_modules = parse_target_modules({"all-linear"}, "adapter.target_modules");
-  }
-  if (type == TrainType::kQlora) {
-    s.quant = test::plugins().quant("nf4");
-    s.quant_options = resolve_options(s.quant->option_schema(), Json::object(), "quant.options");
-  }
-  return s;
+  return TuningSpec::for_training(type, torch::kFloat32, test::plugins(), "nf4", {}, false, "lora",
+                                  Json{{"rank", 4}}, {"all-linear"});
 }
 
 struct Splits {
