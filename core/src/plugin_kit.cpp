@@ -12,9 +12,10 @@ namespace qtune {
 
 void check_input_matrix(const torch::Tensor& w, const std::string& backend, bool allow_empty) {
   QTUNE_CHECK(w.defined(), backend, ": the weight to quantize is an undefined tensor");
-  QTUNE_CHECK(w.dim() == 2, backend, ": the weight must be a 2-D matrix [out, in], got ",
-              shape_str(w.sizes()));
-  QTUNE_CHECK(w.is_floating_point(), backend, ": the weight must be floating point, got ",
+  QTUNE_CHECK(w.dim() == 2, backend, ": the weight must be a 2-D matrix [out, in], got a ",
+              w.dim(), "-D tensor ", shape_str(w.sizes()));
+  QTUNE_CHECK(w.is_floating_point(), backend,
+              ": the weight must be floating point (float32, bfloat16, float16 or float64), got ",
               c10::toString(w.scalar_type()));
   QTUNE_CHECK(allow_empty || w.numel() > 0, backend, ": the weight ", shape_str(w.sizes()),
               " is empty");
