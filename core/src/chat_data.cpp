@@ -25,14 +25,17 @@ char first_non_blank(const std::string& text) {
   return '\0';
 }
 
-void RecordErrors::throw_if_any(const std::string& source) const {
+void RecordErrors::throw_if_any(const std::string& source) {
   if (messages_.empty()) return;
+  // Lines that do not parse are found before the records that do are checked.
+  std::stable_sort(messages_.begin(), messages_.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
   const size_t n = messages_.size();
-  if (n == 1) throw UserError(messages_[0]);
+  if (n == 1) throw UserError(messages_[0].second);
   constexpr size_t kLogged = 50;
-  for (size_t i = 0; i < std::min(n, kLogged); ++i) spdlog::error("{}", messages_[i]);
+  for (size_t i = 0; i < std::min(n, kLogged); ++i) spdlog::error("{}", messages_[i].second);
   if (n > kLogged) spdlog::error("... and {} more malformed records in {}", n - kLogged, source);
-  throw UserError(detail::concat(messages_[0], " (and ", n - 1, " more malformed record",
+  throw UserError(detail::concat(messages_[0].second, " (and ", n - 1, " more malformed record",
                                  n > 2 ? "s" : "", " in ", source, ", logged above)"));
 }
 
@@ -73,7 +76,8 @@ std::vector<JsonRecord> read_json_records(const std::string& path, const std::st
     }
     records.reserve(all.size());
     for (size_t i = 0; i < all.size(); ++i)
-      records.push_back({std::move(all[i]), detail::concat(path, " record [", i, "]")});
+      records.push_back({std::move(all[i]), detail::concat(path, " record [", i, "]"),
+                         static_cast<int64_t>(i)});
   } else if (c == '{') {
     size_t start = 0;
     int64_t line_no = 0;
@@ -86,9 +90,9 @@ std::vector<JsonRecord> read_json_records(const std::string& path, const std::st
       if (is_blank(line)) continue;
       std::string where = detail::concat(path, " line ", line_no);
       try {
-        records.push_back({Json::parse(line), std::move(where)});
+        records.push_back({Json::parse(line), std::move(where), line_no});
       } catch (const Json::parse_error& e) {
-        errors.add(detail::concat(where, ": invalid JSON (", e.what(),
+        errors.add(line_no, detail::concat(where, ": invalid JSON (", e.what(),
                                   "); expected one object per line (JSONL) or a JSON array"));
       }
     }

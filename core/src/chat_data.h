@@ -20,20 +20,24 @@ char first_non_blank(const std::string& text);
 struct JsonRecord {
   Json value;
   std::string where;
+  int64_t order = 0;  ///< line (JSONL) or index (array): errors are reported in file order
 };
 
 /// Collects every malformed record of a file so that one run reports all of them.
 class RecordErrors {
  public:
-  /// Adds one message (it already names the record).
-  void add(std::string message) { messages_.push_back(std::move(message)); }
+  /// Adds one message (it already names the record) for the record at `order` (JsonRecord).
+  void add(int64_t order, std::string message) {
+    messages_.emplace_back(order, std::move(message));
+  }
   size_t count() const { return messages_.size(); }
-  /// Nothing when empty. Otherwise logs every message (spdlog error, the first 50) and throws a
-  /// UserError whose one line is the first message plus how many more there are in `source`.
-  void throw_if_any(const std::string& source) const;
+  /// Nothing when empty. Otherwise logs every message in file order (spdlog error, the first
+  /// 50) and throws a UserError whose one line is the first one plus how many more there are in
+  /// `source`.
+  void throw_if_any(const std::string& source);
 
  private:
-  std::vector<std::string> messages_;
+  std::vector<std::pair<int64_t, std::string>> messages_;
 };
 
 /// The records of a JSON array (text starting with '[') or a JSONL file ('{', one object per

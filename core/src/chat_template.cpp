@@ -412,10 +412,11 @@ bool adds_dummy_prefix(const Tokenizer& tok) {
   return !first.empty() && first[0] == ' ';
 }
 
-// The id of a control token such as "<|eot_id|>" when the tokenizer has it as one token, else
-// -1. The tokenizers qtune loads (llama2.c .bin, sentencepiece .model) expose no table of
-// control tokens by name, so these are encoded as text.
-int single_token_id(const Tokenizer& /*tok*/, const std::string& /*piece*/) { return -1; }
+// The id of a control token such as "<|eot_id|>" when the tokenizer has it as one token
+// (tokenizer.json added tokens, tiktoken specials), else -1: then it is encoded as text.
+int single_token_id(const Tokenizer& tok, const std::string& piece) {
+  return tok.token_to_id(piece);
+}
 
 }  // namespace
 

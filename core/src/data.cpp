@@ -562,7 +562,7 @@ RecordCorpus read_records(const std::string& path, const std::string& text, std:
         }
       }
     } catch (const UserError& e) {
-      errors.add(e.what());
+      errors.add(r.order, e.what());
     }
   }
   errors.throw_if_any(path);

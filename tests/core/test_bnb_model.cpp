@@ -126,7 +126,7 @@ TEST(BnbModel, ReadsTheLayoutTransformersSaves) {
       const std::string m = name.substr(0, name.size() - 7);
       for (const auto& [key, t] : q->state().tensors)
         tensors[m + "." + key] =
-            key == "weight" ? t.contiguous().view(torch::kBFloat16).reshape({-1, 1}) : t;
+            key == "weight" ? t.contiguous().reshape({-1}).view(torch::kBFloat16).reshape({-1, 1}) : t;
     } else {
       tensors[name] = w.get(name, torch::kBFloat16);
     }

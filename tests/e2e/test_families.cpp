@@ -195,8 +195,10 @@ TEST(Families, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
 
 TEST(Dora, TrainerTrainsExportsMergesAndResumes) {
   const std::string model = family_dir("llama");
+  // The head stays dense: stories260K ties it to the embedding, and a merged model keeps the
+  // tie, so a quantized head during training would differ from the merged one (export notes it).
   const std::vector<std::string> dora = {"--train_type", "qlora", "adapter.name=dora",
-                                         "checkpoint.every=1"};
+                                         "quant.skip_output=true", "checkpoint.every=1"};
   std::string out;
   const json s = train(model, dora, &out);
   EXPECT_EQ(s["adapter"], "dora");

@@ -133,7 +133,7 @@ TEST(Trainer, WrongTypeIsOneClearLine) {
 
 TEST(Trainer, UnknownPluginIsOneClearLine) {
   expect_user_error({bin_path("trainer"), "--train_type", "qlora", "--quant", "nf5"}, "nf5");
-  expect_user_error({bin_path("trainer"), "--adapter", "dora"}, "dora");
+  expect_user_error({bin_path("trainer"), "--adapter", "vera"}, "vera");
 }
 
 TEST(Trainer, PrintConfigAndListPlugins) {

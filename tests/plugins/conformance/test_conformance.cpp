@@ -692,15 +692,18 @@ TEST(ConformanceDiscovery, FindsQuantPluginsAndLoadsThemAll) {
 // Each failed check is also reported as one line naming the check, the plugin and the option
 // set, so a failure reads without the suite's source.
 class FailureNamer : public testing::EmptyTestEventListener {
+  // The names are kept from OnTestStart: asking UnitTest::current_test_info() from inside
+  // OnTestPartResult deadlocks (gtest holds its own mutex while it reports a result).
+  void OnTestStart(const testing::TestInfo& t) override {
+    name_ = t.name();
+    who_ = t.value_param() != nullptr ? t.value_param() : "-";
+  }
   void OnTestPartResult(const testing::TestPartResult& r) override {
-    if (!r.failed()) return;
-    const testing::TestInfo* t = testing::UnitTest::GetInstance()->current_test_info();
-    if (t == nullptr) return;
-    std::string who = "-";
-    if (t->value_param() != nullptr) who = t->value_param();
-    std::printf("conformance: FAIL check %s for plugin %s: %s\n", t->name(), who.c_str(),
+    if (!r.failed() || name_.empty()) return;
+    std::printf("conformance: FAIL check %s for plugin %s: %s\n", name_.c_str(), who_.c_str(),
                 r.summary());
   }
+  std::string name_, who_;
 };
 
 }  // namespace

@@ -97,7 +97,7 @@ TEST(HqqOptions, BadValuesNameTheKeyAndTheAllowedSet) {
 }
 
 TEST(HqqOptions, BadWeights) {
-  EXPECT_NE(error_of([] { quant(torch::randn({64}), {}); }).find("2-D matrix [out, in], got [64]"),
+  EXPECT_NE(error_of([] { quant(torch::randn({64}), {}); }).find("2-D matrix [out, in], got a 1-D tensor [64]"),
             std::string::npos);
   EXPECT_NE(error_of([] {
               quant(torch::ones({4, 4}, torch::kInt32), {});
