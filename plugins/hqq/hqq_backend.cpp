@@ -113,6 +113,7 @@ torch::Tensor HqqWeight::dequantize_flat(int64_t f0, int64_t f1) const {
     f += full * G;
   }
   if (f < f1) partial(f, f1);
+  if (parts.empty()) return torch::empty({0}, torch::kFloat32);  // an empty range of rows
   return parts.size() == 1 ? parts[0] : torch::cat(parts);
 }
 

@@ -140,8 +140,9 @@ std::vector<OptionSpec> option_schema() {
       {"nbits", 4, "bits per weight", nullptr, nullptr, {2, 3, 4, 8}},
       {"group_size", 64,
        "weights sharing one scale and zero-point (0 = a whole row for axis 1, a whole column for "
-       "axis 0); any shape is accepted (the last group is padded)",
-       0, int64_t{1} << 20},
+       "axis 0), else up to 16384 (larger groups of min/max codes lose heavy-tailed weights: "
+       "relative error above 1 at 65536); any shape is accepted (the last group is padded)",
+       0, int64_t{1} << 14},
       {"axis",
        1,
        "hqq grouping axis: 1 = groups of consecutive elements of the row-major weight, 0 = groups "

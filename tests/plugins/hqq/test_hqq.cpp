@@ -81,7 +81,7 @@ TEST(HqqOptions, BadValuesNameTheKeyAndTheAllowedSet) {
       {{{"nbits", 1}}, "quant.options.nbits must be one of 2, 3, 4, 8, got 1"},
       {{{"axis", 2}}, "quant.options.axis must be one of 0, 1, got 2"},
       {{{"group_size", -64}},
-       "quant.options.group_size must be an integer in [0, 1048576], got -64"},
+       "quant.options.group_size must be an integer in [0, 16384], got -64"},
       {{{"iterations", 0}}, "quant.options.iterations must be an integer in [1, 1000], got 0"},
       {{{"meta_dtype", "bf16"}},
        "quant.options.meta_dtype must be one of \"fp16\", \"fp32\", got \"bf16\""},
