@@ -2,6 +2,7 @@
 // held-out loss; user errors end with one clear line and exit code 2.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -145,4 +146,62 @@ TEST(Trainer, PrintConfigAndListPlugins) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("lora"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("nf4"), std::string::npos) << r.output;
+}
+
+// The recipe keys the other e2e runs leave at their defaults, each set through trainer and each
+// shown to act: the recipe records it, and the run's numbers follow from it.
+TEST(Trainer, AdapterDataAndOptimizerKeysTakeEffect) {
+  const auto out = qtune::test::temp_dir("keys");
+  const auto val = qtune::test::temp_dir("keys-val") + "/val.txt";
+  {
+    std::ofstream v(val);
+    v << qtune::test::read_file(data_path("tinyshakespeare.txt")).substr(0, 20000);
+  }
+  auto args = short_run(out, "lora");
+  for (const char* kv :
+       {"train.max_steps=6", "eval.every=0", "adapter.name=lora", "adapter.target_modules=[q, v]",
+        "data.format=text", "train.activation_checkpointing=true", "train.eps=1e-6",
+        "train.grad_accum=2", "train.max_grad_norm=0.5", "train.min_lr_ratio=0.25",
+        "train.weight_decay=0.01", "train.warmup_steps=1"})
+    args.push_back(kv);
+  args.push_back("data.val_path=" + val);
+  json s = run_and_summarize(args, out);
+  const json r = read_json(out + "/recipe.json");
+  EXPECT_EQ(r["adapter"]["target_modules"], json({"q", "v"}));
+  EXPECT_EQ(r["data"]["val_path"], val);
+  EXPECT_EQ(r["train"]["grad_accum"], 2);
+  EXPECT_TRUE(r["train"]["activation_checkpointing"].get<bool>());
+  EXPECT_DOUBLE_EQ(r["train"]["eps"].get<double>(), 1e-6);
+  EXPECT_DOUBLE_EQ(r["train"]["max_grad_norm"].get<double>(), 0.5);
+  EXPECT_DOUBLE_EQ(r["train"]["weight_decay"].get<double>(), 0.01);
+  // grad_accum: two micro-batches of 8 x 128 tokens per step.
+  EXPECT_EQ(s["tokens"], 6 * 2 * 8 * 128) << s.dump(2);
+  // min_lr_ratio: the cosine ends at lr x 0.25 on the last step.
+  std::ifstream m(out + "/metrics.jsonl");
+  double last_lr = 0;
+  for (std::string line; std::getline(m, line);) {
+    auto j = json::parse(line);
+    if (j["type"] == "train") last_lr = j["lr"].get<double>();
+  }
+  EXPECT_NEAR(last_lr, r["train"]["lr"].get<double>() * 0.25, 1e-12);
+  // target_modules [q, v]: an adapter on q and v only (rank 8: (in + out) x 8 each).
+  auto cfg = read_json(out + "/adapter/adapter_config.json");
+  std::vector<std::string> targets = cfg["target_modules"];
+  std::sort(targets.begin(), targets.end());
+  EXPECT_EQ(targets, (std::vector<std::string>{"q_proj", "v_proj"}));
+  // data.val_path: the held-out loss comes from that file.
+  EXPECT_TRUE(s["final_val_loss"].is_number());
+
+  // data.val_fraction: without a val file, that share of the documents is held out; a value
+  // outside (0, 1) is refused naming the key.
+  const auto out2 = qtune::test::temp_dir("keys-frac");
+  auto args2 = short_run(out2, "lora");
+  args2.insert(args2.end(), {"train.max_steps=2", "data.val_fraction=0.2"});
+  json s2 = run_and_summarize(args2, out2);
+  EXPECT_TRUE(s2["final_val_loss"].is_number());
+  auto bad = short_run(qtune::test::temp_dir("keys-bad"), "lora");
+  bad.push_back("data.val_fraction=1.5");
+  auto rb = qtune::test::run_program(bad);
+  EXPECT_EQ(rb.exit_code, 2) << rb.output;
+  EXPECT_NE(rb.output.find("data.val_fraction must be in (0, 1)"), std::string::npos) << rb.output;
 }
