@@ -40,16 +40,20 @@ std::string trained_template(const std::string& adapter_dir) {
   return t == "auto" ? "" : t;
 }
 
-// --template, else the trained run's data.template.
-qtune::ChatTemplate chat_template(const po::variables_map& vm, const std::string& adapter_dir) {
+// --template, else the trained run's data.template, else the tokenizer's own chat_template.
+qtune::ChatTemplate chat_template(const po::variables_map& vm, const std::string& adapter_dir,
+                                  const qtune::Tokenizer& tok) {
   const std::string given = vm["template"].as<std::string>();
   if (given != "auto") return qtune::ChatTemplate::builtin(given, "--template");
   const std::string trained = adapter_dir.empty() ? "" : trained_template(adapter_dir);
   if (!trained.empty()) return qtune::ChatTemplate::builtin(trained, adapter_dir + " data.template");
+  if (!tok.config().chat_template.empty())
+    return qtune::ChatTemplate::from_jinja(tok.config().chat_template, tok.config().path);
   std::string names;
   for (const auto& n : qtune::ChatTemplate::builtin_names()) names += (names.empty() ? "" : ", ") + n;
   throw qtune::UserError("--chat: no chat template is known for this model (no run recipe with "
-                         "data.template beside the adapter); give --template (one of: " + names + ")");
+                         "data.template beside the adapter, no chat_template in the tokenizer's "
+                         "tokenizer_config.json); give --template (one of: " + names + ")");
 }
 
 int run(int argc, char** argv) {
@@ -124,7 +128,7 @@ int run(int argc, char** argv) {
   std::vector<int64_t> ids;
   std::string template_name;
   if (chat) {
-    const qtune::ChatTemplate tmpl = chat_template(vm, o.adapter_dir);
+    const qtune::ChatTemplate tmpl = chat_template(vm, o.adapter_dir, *tok);
     template_name = tmpl.name();
     qtune::Conversation conv;
     if (!vm["system"].as<std::string>().empty())

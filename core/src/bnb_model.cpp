@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
@@ -212,6 +213,11 @@ int64_t save_bnb_model(const std::string& dir, const ModelConfig& config,
   QTUNE_CHECK(!quant_type.empty(),
               "--format bnb: every projection is kept dense; nothing to "
               "quantize");
+  // A given skip list replaces transformers' own (which holds the head), so the head is named
+  // even when it is tied and has no tensor: else transformers makes it a Linear4bit over the
+  // dense embedding.
+  if (std::find(skipped.begin(), skipped.end(), "lm_head") == skipped.end())
+    skipped.push_back("lm_head");
   write_safetensors((fs::path(dir) / "model.safetensors").string(), std::move(entries),
                     {{"format", "pt"}});
 

@@ -322,6 +322,9 @@ void Trainer::setup() {
   dc.seq_len = rc.data.seq_len;
   dc.seed = rc.seed;
   dc.chat_template = rc.data.chat_template;
+  // data.template auto: the model's own, from the tokenizer_config.json beside its tokenizer.
+  dc.model_chat_template = tokenizer->config().chat_template;
+  dc.model_chat_template_origin = tokenizer->config().path;
   dc.messages_field = rc.data.messages_field;
   dc.role_field = rc.data.role_field;
   dc.content_field = rc.data.content_field;

@@ -261,6 +261,22 @@ TEST(Checkpoint, BaseIdentityFollowsContent) {
   msg = message_of([&] { check_base_identity(id, base_identity("wide", wide, *wide_w), "X"); });
   EXPECT_NE(msg.find("hidden_size 16"), std::string::npos) << msg;
   EXPECT_NE(msg.find("hidden_size 32"), std::string::npos) << msg;
+
+  // Same tensors, another function: rope scaling, or another family, is another base.
+  auto scaled = c;
+  scaled.rope_scaling.type = "linear";
+  scaled.rope_scaling.factor = 4.0;
+  msg = message_of([&] { check_base_identity(id, base_identity("scaled", scaled, *w), "X"); });
+  EXPECT_NE(msg.find("rope_scaling null"), std::string::npos) << msg;
+  auto mistral = c;
+  mistral.model_type = "mistral";
+  msg = message_of([&] { check_base_identity(id, base_identity("mistral", mistral, *w), "X"); });
+  EXPECT_NE(msg.find("model_type \"llama\""), std::string::npos) << msg;
+  // An identity recorded without the newer fields still matches.
+  Json old = id;
+  for (const char* k : {"model_type", "head_dim", "rope_scaling", "attention_bias", "mlp_bias"})
+    old["config"].erase(k);
+  check_base_identity(old, id, "X");
 }
 
 TEST(Checkpoint, RunIdentityRefusesOtherBackendOrAdapterOptions) {

@@ -9,6 +9,10 @@
 #include <set>
 #include <sstream>
 
+#include "qtune/model.h"
+#include "qtune/model_files.h"
+#include "qtune/tokenizer.h"
+#include "qtune/tuning_spec.h"
 #include "test_util.h"
 
 using qtune::test::bin_path;
@@ -215,7 +219,7 @@ TEST(Bench, PplHasBaselineAndEverySet) {
   Csv c = read_csv(out + "/ppl.csv");
   expect_columns(c, {"set", "short_set", "backend", "bits_per_param", "linear_weight_mb",
                      "base_weight_mb", "loss", "ppl", "ppl_ratio", "delta_loss", "tokens", "eval_s",
-                     "build_s", "seq_len", "threads", "status", "options"});
+                     "build_s", "seq_len", "scoring", "threads", "status", "options"});
   ASSERT_EQ(c.rows.size(), names.size() + 1);
   EXPECT_EQ(c.at(0, "set"), "none (fp32)");
   EXPECT_EQ(std::stod(c.at(0, "ppl_ratio")), 1.0);
@@ -227,6 +231,55 @@ TEST(Bench, PplHasBaselineAndEverySet) {
     EXPECT_EQ(c.at(i, "backend"), names[i - 1]);
     EXPECT_LT(std::stod(c.at(i, "linear_weight_mb")), std::stod(c.at(0, "linear_weight_mb")));
   }
+}
+
+// --ppl_scoring llama is llama-perplexity's protocol (llama.cpp tools/perplexity): chunks of
+// n_ctx tokens of the BOS-prefixed stream, the first token of each replaced by BOS, the
+// predictions from position n_ctx / 2 on scored. Recomputed here from the model's logits.
+TEST(Bench, PplLlamaScoringIsLlamaPerplexitysProtocol) {
+  const auto out = qtune::test::temp_dir("bench_ppl_llama");
+  const int64_t n_ctx = 64, chunks = 3;
+  auto args = bench("ppl", out);
+  for (const std::string a :
+       {std::string("--ppl_text"), data_path("tinystories_val_head.txt"),
+        std::string("--ppl_max_blocks"), std::to_string(chunks), std::string("--ppl_seq_len"),
+        std::to_string(n_ctx), std::string("--ppl_scoring"), std::string("llama"),
+        std::string("--quant_sets"), quant_plugins().at(0) + ":{}"})
+    args.push_back(a);
+  auto r = run_program(args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  Csv c = read_csv(out + "/ppl.csv");
+  ASSERT_EQ(c.rows.size(), 2u);
+  EXPECT_EQ(c.at(0, "scoring"), "llama");
+  EXPECT_EQ(std::stoll(c.at(0, "tokens")), chunks * (n_ctx - 1 - n_ctx / 2));
+
+  qtune::ModelFiles files = qtune::open_model(data_path("stories260K.bin"));
+  auto tok = qtune::load_tokenizer(data_path("tok512.bin"));
+  const std::vector<int> ids = tok->encode(read_file(data_path("tinystories_val_head.txt")),
+                                           /*bos=*/true, /*eos=*/false);
+  qtune::LlamaForCausalLM model(files.config, *files.weights,
+                                qtune::TuningSpec::for_base(torch::kFloat32));
+  model->eval();
+  torch::NoGradGuard no_grad;
+  double nll = 0;
+  int64_t count = 0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    std::vector<int64_t> chunk(ids.begin() + k * n_ctx, ids.begin() + (k + 1) * n_ctx);
+    const std::vector<int64_t> original = chunk;
+    chunk[0] = tok->bos_id();
+    const auto logp = torch::log_softmax(
+        model->forward(torch::tensor(chunk, torch::kLong).view({1, n_ctx}))[0].to(torch::kDouble),
+        -1);
+    for (int64_t j = n_ctx / 2; j < n_ctx - 1; ++j, ++count)
+      nll -= logp[j][original[j + 1]].item<double>();
+  }
+  EXPECT_NEAR(std::stod(c.at(0, "loss")), nll / static_cast<double>(count), 1e-5);
+  // Not the stream protocol: every token scored there gives another mean.
+  args.back() = quant_plugins().at(0) + ":{}";
+  *(std::find(args.begin(), args.end(), "llama")) = "stream";
+  r = run_program(args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(read_csv(out + "/ppl.csv").at(0, "loss"), c.at(0, "loss"));
 }
 
 TEST(Bench, FinetuneRunsFullLoraAndQlora) {

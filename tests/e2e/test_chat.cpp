@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -168,5 +169,40 @@ TEST(Chat, MalformedChatDataIsOneClearLine) {
   r = qtune::test::run_program({bin_path("trainer"), "data.template=vicuna"});
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("data.template: unknown chat template 'vicuna'"), std::string::npos)
+      << r.output;
+}
+
+// data.template auto (and qtune-generate --chat without --template or a trained recipe) takes
+// the chat_template of the tokenizer_config.json beside the tokenizer.
+TEST(Chat, AutoTemplateIsTheTokenizersOwn) {
+  const auto dir = qtune::test::temp_dir("chat_own");
+  std::filesystem::copy_file(data_path("tok512.bin"), dir + "/tok512.bin");
+  const json templates = read_json(data_path("chat_templates.json"));
+  std::ofstream(dir + "/tokenizer_config.json")
+      << json{{"chat_template", templates["templates"]["chatml (generic)"]["chat_template"]}}.dump();
+  const std::string data = write_messages_file(dir);
+  auto r = qtune::test::run_program(
+      {bin_path("trainer"), "--model", data_path("stories260K.bin"), "--tokenizer",
+       dir + "/tok512.bin", "--data", data, "data.template=auto", "--max_steps", "1",
+       "--eval_every", "0", "--threads", "1", "--output_dir", dir + "/run", "eval.max_batches=1"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("(messages, template chatml)"), std::string::npos) << r.output;
+
+  auto g = qtune::test::run_program({bin_path("qtune-generate"), "--chat", "--model",
+                                     data_path("stories260K.bin"), "--tokenizer",
+                                     dir + "/tok512.bin", "--prompt", "Hi", "--max_new_tokens",
+                                     "4", "--threads", "1"});
+  ASSERT_EQ(g.exit_code, 0) << g.output;
+  EXPECT_NE(g.output.find("chat template chatml"), std::string::npos) << g.output;
+
+  // A template qtune does not know is refused naming the file.
+  std::ofstream(dir + "/tokenizer_config.json") << json{{"chat_template", "{{ 'mine' }}"}}.dump();
+  r = qtune::test::run_program({bin_path("trainer"), "--model", data_path("stories260K.bin"),
+                                "--tokenizer", dir + "/tok512.bin", "--data", data,
+                                "data.template=auto", "--max_steps", "1", "--output_dir",
+                                dir + "/run2"});
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find(dir + "/tokenizer_config.json: its chat_template is not one qtune knows"),
+            std::string::npos)
       << r.output;
 }

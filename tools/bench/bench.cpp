@@ -490,6 +490,8 @@ void validate_bench_options(const BenchOptions& o, const Registry& registry,
     resolve_data_path(o.ppl_text, "--ppl_text");
     QTUNE_CHECK(o.ppl_seq_len >= 0, "--ppl_seq_len must be >= 0, got ", o.ppl_seq_len);
     QTUNE_CHECK(o.ppl_max_blocks >= 0, "--ppl_max_blocks must be >= 0, got ", o.ppl_max_blocks);
+    QTUNE_CHECK(o.ppl_scoring == "stream" || o.ppl_scoring == "llama",
+                "--ppl_scoring must be stream or llama, got '", o.ppl_scoring, "'");
   }
   if (finetune) {
     resolve_data_path(o.finetune_data, "--finetune_data");

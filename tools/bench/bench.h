@@ -151,6 +151,10 @@ struct BenchOptions {
   std::string ppl_text = "tinystories_val_head.txt";
   int64_t ppl_seq_len = 0;     ///< 0 = the model's max_position_embeddings
   int64_t ppl_max_blocks = 0;  ///< 0 = the whole text
+  /// "stream": the text as one token stream in windows of ppl_seq_len + 1 tokens, every token
+  /// scored. "llama": llama.cpp's llama-perplexity: chunks of ppl_seq_len tokens, each starting
+  /// with BOS (when the tokenizer adds one), only the second half of each chunk scored.
+  std::string ppl_scoring = "stream";
   std::string finetune_data = "tinyshakespeare.txt";
   int64_t finetune_steps = 100;
   int64_t finetune_batch = 8;

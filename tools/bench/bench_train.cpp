@@ -17,6 +17,7 @@
 #include "qtune/atomic_file.h"
 #include "bench.h"
 #include "qtune/data.h"
+#include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model.h"
@@ -112,12 +113,33 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
     ss << in.rdbuf();
     content = ss.str();
   }
-  const std::vector<int> ids = tokenizer->encode(content, /*bos=*/true, /*eos=*/false);
-  int64_t blocks = (static_cast<int64_t>(ids.size()) - 1) / seq;
+  const bool llama = o.ppl_scoring == "llama";
+  const bool bos = tokenizer->bos_id() >= 0 && tokenizer->config().add_bos_token;
+  const std::vector<int> ids = tokenizer->encode(content, /*bos=*/llama ? bos : true, false);
+  const int64_t n_ids = static_cast<int64_t>(ids.size());
+  // stream: windows of seq + 1 tokens sharing one. llama: chunks of seq tokens (n_ids / seq of
+  // them, the tail dropped; llama-perplexity wants at least two), in tools/perplexity of
+  // llama.cpp: the first token of each chunk replaced by BOS, and of the seq - 1 next-token
+  // predictions only those from position seq / 2 on scored (seq - 1 - seq / 2 per chunk).
+  int64_t blocks = llama ? n_ids / seq : (n_ids - 1) / seq;
   if (o.ppl_max_blocks > 0) blocks = std::min(blocks, o.ppl_max_blocks);
-  QTUNE_CHECK(blocks > 0, "--ppl_text: ", text, " has ", ids.size(),
-              " tokens, fewer than one block of ", seq + 1);
+  QTUNE_CHECK(blocks > 0, "--ppl_text: ", text, " has ", ids.size(), " tokens, fewer than one ",
+              llama ? "chunk of " : "block of ", llama ? seq : seq + 1);
+  QTUNE_CHECK(!llama || seq >= 2, "--ppl_scoring llama needs --ppl_seq_len >= 2, got ", seq);
   torch::Tensor stream = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()), torch::kLong);
+  // inputs [nb, seq] and targets [nb, seq] of blocks b0 .. b0 + nb
+  auto block_batch = [&](int64_t b0, int64_t nb) -> std::pair<torch::Tensor, torch::Tensor> {
+    if (!llama) {
+      torch::Tensor win = stream.narrow(0, b0 * seq, nb * seq + 1);
+      return {win.narrow(0, 0, nb * seq).view({nb, seq}), win.narrow(0, 1, nb * seq).view({nb, seq})};
+    }
+    torch::Tensor x = stream.narrow(0, b0 * seq, nb * seq).view({nb, seq}).clone();
+    torch::Tensor y = torch::full({nb, seq}, kIgnoreIndex, torch::kLong);
+    const int64_t first = seq / 2;
+    y.narrow(1, first, seq - 1 - first).copy_(x.narrow(1, first + 1, seq - 1 - first));
+    if (bos) x.select(1, 0).fill_(tokenizer->bos_id());
+    return {x, y};
+  };
   constexpr int64_t kBatch = 8;
 
   BenchTable table("ppl", "Perplexity with every linear weight quantized",
@@ -135,6 +157,7 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
                     {"eval_s", 3, true},
                     {"build_s", 3, false},
                     {"seq_len", 4, false},
+                    {"scoring", 4, false},
                     {"threads", 4, false},
                     {"status", 4, true},
                     {"options", 4, false}});
@@ -145,6 +168,7 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
                 {"short_set", set ? set->short_label() : "none (fp32)"},
                 {"backend", set ? set->backend : "none"},
                 {"seq_len", seq},
+                {"scoring", o.ppl_scoring},
                 {"threads", threads},
                 {"options", set ? set->options.dump() : "{}"}};
     try {
@@ -163,9 +187,7 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
       int64_t count = 0;
       for (int64_t b0 = 0; b0 < blocks; b0 += kBatch) {
         const int64_t nb = std::min(kBatch, blocks - b0);
-        torch::Tensor win = stream.narrow(0, b0 * seq, nb * seq + 1);
-        torch::Tensor x = win.narrow(0, 0, nb * seq).view({nb, seq});
-        torch::Tensor y = win.narrow(0, 1, nb * seq).view({nb, seq});
+        auto [x, y] = block_batch(b0, nb);
         auto [loss, n] = model->loss(x.to(o.device), y.to(o.device));
         sum += loss.item<double>() * static_cast<double>(n);
         count += n;
@@ -199,9 +221,13 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
   table.notes = {
       "Mean next-token cross-entropy (*loss*, nats) and perplexity exp(loss) of `" +
           fs::path(model_path).filename().string() + "` on `" + fs::path(text).filename().string() +
-          "`, cut into blocks of " + std::to_string(seq) +
-          " tokens (the file as one token stream, BOS at its start, like llama2.c's validation "
-          "loss), with every linear projection quantized by the set (the output head too, as "
+          "`, " +
+          (llama ? "scored as llama.cpp's llama-perplexity does (chunks of " + std::to_string(seq) +
+                       " tokens, BOS first, the second half of each chunk scored)"
+                 : "cut into blocks of " + std::to_string(seq) +
+                       " tokens (the file as one token stream, BOS at its start, like "
+                       "llama2.c's validation loss)") +
+          ", with every linear projection quantized by the set (the output head too, as "
           "under QLoRA; embeddings and norms stay fp32); compute in fp32. *ppl_ratio* and "
           "*delta_loss* are against the unquantized model in the same run. *bits_per_param* "
           "counts the linear weights' `nbytes()`.",

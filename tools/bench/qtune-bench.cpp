@@ -97,6 +97,7 @@ int run(int argc, char** argv) {
     ("ppl_text", po::value<std::string>(), "ppl: text file (default tinystories_val_head.txt)")
     ("ppl_seq_len", po::value<int64_t>(), "ppl: tokens per block (default: the model's context)")
     ("ppl_max_blocks", po::value<int64_t>(), "ppl: at most this many blocks (64, quick 16; 0 = the whole text)")
+    ("ppl_scoring", po::value<std::string>(), "ppl: stream (every token of the text as one stream) | llama (llama-perplexity's chunks: BOS first, second half scored)")
     ("finetune_data", po::value<std::string>(), "finetune: training text (default tinyshakespeare.txt)")
     ("finetune_steps", po::value<int64_t>(), "finetune: optimizer steps (100, quick 40)")
     ("finetune_batch", po::value<int64_t>(), "finetune: sequences per step (8)")
@@ -198,6 +199,7 @@ int run(int argc, char** argv) {
   if (vm.count("tokenizer")) o.tokenizer_path = vm["tokenizer"].as<std::string>();
   if (vm.count("ppl_text")) o.ppl_text = vm["ppl_text"].as<std::string>();
   if (vm.count("ppl_seq_len")) o.ppl_seq_len = vm["ppl_seq_len"].as<int64_t>();
+  if (vm.count("ppl_scoring")) o.ppl_scoring = vm["ppl_scoring"].as<std::string>();
   o.ppl_max_blocks =
       vm.count("ppl_max_blocks") ? vm["ppl_max_blocks"].as<int64_t>() : (quick ? 16 : 64);
   if (vm.count("finetune_data")) o.finetune_data = vm["finetune_data"].as<std::string>();
