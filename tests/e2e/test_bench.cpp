@@ -280,6 +280,21 @@ TEST(Bench, PplLlamaScoringIsLlamaPerplexitysProtocol) {
   r = run_program(args);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(read_csv(out + "/ppl.csv").at(0, "loss"), c.at(0, "loss"));
+
+  // Modules kept dense, as llama.cpp keeps some at higher precision: more bytes, and a loss
+  // nearer the unquantized one.
+  args.push_back("--ppl_skip_modules");
+  args.push_back("down_proj,lm_head");
+  r = run_program(args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Csv all = read_csv(out + "/ppl.csv");
+  args.resize(args.size() - 2);
+  r = run_program(args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Csv none = read_csv(out + "/ppl.csv");
+  EXPECT_GT(std::stod(all.at(1, "linear_weight_mb")), std::stod(none.at(1, "linear_weight_mb")));
+  EXPECT_LT(std::abs(std::stod(all.at(1, "delta_loss"))),
+            std::abs(std::stod(none.at(1, "delta_loss"))));
 }
 
 TEST(Bench, FinetuneRunsFullLoraAndQlora) {

@@ -155,6 +155,9 @@ struct BenchOptions {
   /// scored. "llama": llama.cpp's llama-perplexity: chunks of ppl_seq_len tokens, each starting
   /// with BOS (when the tokenizer adds one), only the second half of each chunk scored.
   std::string ppl_scoring = "stream";
+  /// Module patterns kept dense in the quantized runs (quant.skip_modules' syntax), e.g. the
+  /// modules llama.cpp keeps at higher precision.
+  std::vector<std::string> ppl_skip_modules;
   std::string finetune_data = "tinyshakespeare.txt";
   int64_t finetune_steps = 100;
   int64_t finetune_batch = 8;

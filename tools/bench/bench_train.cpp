@@ -54,6 +54,12 @@ std::string child_status(int rc, const std::string& log) {
   return "failed (exit " + std::to_string(rc) + "): " + line;
 }
 
+std::string comma_list(const std::vector<std::string>& items) {
+  std::string s;
+  for (const auto& i : items) s += (s.empty() ? "" : ", ") + i;
+  return s;
+}
+
 int64_t linear_params(const LlamaForCausalLMImpl& m) {
   int64_t n = 0;
   for (const auto& [_, s] : m.slots()) n += s->in_features() * s->out_features();
@@ -173,9 +179,10 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
                 {"options", set ? set->options.dump() : "{}"}};
     try {
       // The base alone: frozen fp32, or quantized by the set's backend.
-      const TuningSpec spec =
+      TuningSpec spec =
           set ? TuningSpec::for_base(torch::kFloat32, registry.quant(set->backend), set->options)
               : TuningSpec::for_base(torch::kFloat32);
+      if (set) spec.base.quant_skip_modules = o.ppl_skip_modules;
       if (set) row["options"] = spec.base.quant_options.dump();
       auto t0 = clock_type::now();
       LlamaForCausalLM model(files.config, *files.weights, spec);
@@ -227,7 +234,10 @@ BenchResult bench_ppl(const BenchOptions& o, const Registry& registry) {
                  : "cut into blocks of " + std::to_string(seq) +
                        " tokens (the file as one token stream, BOS at its start, like "
                        "llama2.c's validation loss)") +
-          ", with every linear projection quantized by the set (the output head too, as "
+          ", with every linear projection quantized by the set" +
+          (o.ppl_skip_modules.empty() ? std::string()
+                                      : " but those matching " + comma_list(o.ppl_skip_modules)) +
+          " (the output head too, as "
           "under QLoRA; embeddings and norms stay fp32); compute in fp32. *ppl_ratio* and "
           "*delta_loss* are against the unquantized model in the same run. *bits_per_param* "
           "counts the linear weights' `nbytes()`.",

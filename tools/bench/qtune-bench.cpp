@@ -97,6 +97,7 @@ int run(int argc, char** argv) {
     ("ppl_text", po::value<std::string>(), "ppl: text file (default tinystories_val_head.txt)")
     ("ppl_seq_len", po::value<int64_t>(), "ppl: tokens per block (default: the model's context)")
     ("ppl_max_blocks", po::value<int64_t>(), "ppl: at most this many blocks (64, quick 16; 0 = the whole text)")
+    ("ppl_skip_modules", po::value<std::string>(), "ppl: comma list of module patterns kept dense in the quantized runs (quant.skip_modules syntax: lm_head, down_proj, layers.0)")
     ("ppl_scoring", po::value<std::string>(), "ppl: stream (every token of the text as one stream) | llama (llama-perplexity's chunks: BOS first, second half scored)")
     ("finetune_data", po::value<std::string>(), "finetune: training text (default tinyshakespeare.txt)")
     ("finetune_steps", po::value<int64_t>(), "finetune: optimizer steps (100, quick 40)")
@@ -200,6 +201,8 @@ int run(int argc, char** argv) {
   if (vm.count("ppl_text")) o.ppl_text = vm["ppl_text"].as<std::string>();
   if (vm.count("ppl_seq_len")) o.ppl_seq_len = vm["ppl_seq_len"].as<int64_t>();
   if (vm.count("ppl_scoring")) o.ppl_scoring = vm["ppl_scoring"].as<std::string>();
+  if (vm.count("ppl_skip_modules"))
+    o.ppl_skip_modules = split_list(vm["ppl_skip_modules"].as<std::string>());
   o.ppl_max_blocks =
       vm.count("ppl_max_blocks") ? vm["ppl_max_blocks"].as<int64_t>() : (quick ? 16 : 64);
   if (vm.count("finetune_data")) o.finetune_data = vm["finetune_data"].as<std::string>();
