@@ -192,6 +192,18 @@ std::vector<std::string> recipe_changes(const Json& before, const Json& now) {
   return out;
 }
 
+// What the training split is made of: with data.pack, fewer examples and less padding.
+Json data_summary(const TokenDataset& d) {
+  const auto& st = d.stats();
+  const double positions = static_cast<double>(st.examples * d.seq_len());
+  return {{"format", st.format},
+          {"packed", d.packed()},
+          {"examples", st.examples},
+          {"target_tokens", st.target_tokens},
+          {"padding_fraction", positions > 0 ? static_cast<double>(st.padding_tokens) / positions
+                                             : 0.0}};
+}
+
 Json nan_to_null(double v) { return std::isnan(v) ? Json(nullptr) : Json(v); }
 double null_to_nan(const Json& j, const char* key) {
   return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN;
@@ -555,6 +567,7 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
       {"base_weight_bytes", s.model->base_weight_bytes()},
       {"peak_rss_bytes", peak_rss_bytes()},
       {"tokens", s.tokens_seen},
+      {"data", data_summary(*s.data.train)},
       {"train_seconds", train_s},
       {"load_seconds", s.load_s},
       {"tokens_per_s", s.tokens_seen / std::max(1e-9, train_s)},

@@ -28,6 +28,7 @@
 #include "bench_internal.h"
 #include "qtune/atomic_file.h"
 #include "qtune/error.h"
+#include "qtune/launcher.h"
 #include "qtune/model.h"
 #include "qtune/recipe.h"
 
@@ -505,6 +506,12 @@ void validate_bench_options(const BenchOptions& o, const Registry& registry,
     parse_dtype(o.finetune_dtype, "--finetune_dtype");
     QTUNE_CHECK(o.device.is_cpu(), "--device ", o.device.str(),
                 ": finetune runs the trainer, which trains on the CPU; use --device cpu");
+    QTUNE_CHECK(!o.finetune_ranks.empty(), "--finetune_ranks: no rank count given");
+    for (int64_t n : o.finetune_ranks)
+      QTUNE_CHECK(n >= 1 && n <= 64 && o.finetune_batch % n == 0, "--finetune_ranks: ", n,
+                  " ranks must be in [1, 64] and divide --finetune_batch ", o.finetune_batch,
+                  " (each rank takes its share of the same global batch)");
+    if (!o.finetune_size.empty()) synthetic_config(o.finetune_size, "--finetune_size");
   }
   if (scale) {
     QTUNE_CHECK(!o.scale_sizes.empty(), "--scale_sizes: no size given");
@@ -530,7 +537,8 @@ void validate_bench_options(const BenchOptions& o, const Registry& registry,
 // Child processes
 
 bool is_bench_child_command(const std::string& command) {
-  return command == "__finetune" || command == "__scale" || command == "__synthesize";
+  return command == "__finetune" || command == "__finetune_ranks" || command == "__scale" ||
+         command == "__synthesize";
 }
 
 int bench_child_main(const std::vector<std::string>& args, const Registry& registry) {
@@ -538,6 +546,13 @@ int bench_child_main(const std::vector<std::string>& args, const Registry& regis
   if (args[0] == "__finetune") {
     QTUNE_CHECK(args.size() == 2, "usage: __finetune RECIPE.json");
     return bench_detail::finetune_child(args[1], registry);
+  }
+  if (args[0] == "__finetune_ranks") {
+    QTUNE_CHECK(args.size() == 3, "usage: __finetune_ranks N RECIPE.json");
+    LaunchOptions l;
+    l.nproc = std::stoll(args[1]);
+    const std::string self = fs::read_symlink("/proc/self/exe").string();
+    return launch_local_ranks({self, "__finetune", args[2]}, l);
   }
   if (args[0] == "__synthesize") {
     QTUNE_CHECK(args.size() == 2, "usage: __synthesize SPEC.json");

@@ -166,6 +166,11 @@ struct BenchOptions {
   double finetune_full_lr = 1e-3;  ///< full fine-tune (a smaller rate, as usual for full tuning)
   std::string finetune_dtype = "fp32";
   int64_t finetune_eval_every = 20;
+  bool finetune_pack = false;  ///< data.pack in every run (records data: several per sequence)
+  /// Ranks each configuration runs on (data parallel, same global batch); {1} = one process.
+  std::vector<int64_t> finetune_ranks = {1};
+  /// A synthetic size (synthetic_config) to fine-tune instead of model_path; "" = model_path.
+  std::string finetune_size;
   /// Threads of each fine-tune (0 = `threads`). One by default: at stories260K's size a step is
   /// hundreds of tiny ops, and a second thread made it slower and bimodal on a shared VM.
   int finetune_threads = 1;
@@ -204,7 +209,8 @@ BenchResult bench_finetune(const BenchOptions& options, const Registry& registry
 BenchResult bench_scale(const BenchOptions& options, const Registry& registry);
 
 /// The hidden sub-commands the child processes run: "__finetune RECIPE.json" (a Trainer run;
-/// writes summary.json and metrics.jsonl), "__synthesize SPEC.json" (writes a random-weight HF
+/// writes summary.json and metrics.jsonl), "__finetune_ranks N RECIPE.json" (the same run on N
+/// local ranks, started as torchrun would), "__synthesize SPEC.json" (writes a random-weight HF
 /// checkpoint for scale) and "__scale SPEC.json RESULT.json". Returns the exit code.
 int bench_child_main(const std::vector<std::string>& args, const Registry& registry);
 /// True for the hidden sub-command names.

@@ -71,6 +71,29 @@ std::string line_style(size_t i) {
   return "lt " + std::to_string(i % 8 + 1) + " dt " + std::to_string(i / 8 + 1);
 }
 
+// A random-weight bf16 HF checkpoint of a synthetic size in `work_dir`, written once by a child
+// (its memory is not the parent's) and reused when present.
+std::string synthetic_model(const BenchOptions& o, const std::string& work_dir,
+                            const std::string& size, int threads) {
+  const ModelConfig cfg = synthetic_config(size, "--scale_sizes");
+  const std::string model_dir = work_dir + "/model_" + slug(size);
+  if (fs::exists(model_dir + "/config.json")) return model_dir;
+  const Json spec = {{"config", cfg.to_hf_json()},
+                     {"seed", static_cast<int64_t>(o.seed)},
+                     {"dtype", "bf16"},
+                     {"threads", threads},
+                     {"model_dir", model_dir}};
+  fs::create_directories(model_dir);
+  atomic_write_string(model_dir + "/spec.json", spec.dump(2) + "\n");
+  spdlog::info("bench: writing a random {} checkpoint ({:.0f}M parameters)", size,
+               cfg.num_parameters() / 1e6);
+  const std::string log = model_dir + "/log.txt";
+  const int rc = run_child(o.self_exe, {"__synthesize", model_dir + "/spec.json"}, log);
+  QTUNE_CHECK(rc == 0, "bench: writing the synthetic ", size,
+              " checkpoint failed: ", child_status(rc, log));
+  return model_dir;
+}
+
 // The markdown/CSV label of a (train type, set) configuration.
 struct RunConfig {
   std::string label;  // "full", "lora", "qlora nf4 double_quant=false"
@@ -283,13 +306,19 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
               ": finetune runs the trainer, which trains on the CPU; use --device cpu");
   QTUNE_CHECK(o.finetune_steps > 0, "--finetune_steps must be > 0, got ", o.finetune_steps);
   auto adapter = pick_adapter(o, registry);
-  const std::string model_path = resolve_data_path(o.model_path, "--model");
   const std::string tok_path =
       o.tokenizer_path.empty() ? "" : resolve_data_path(o.tokenizer_path, "--tokenizer");
   const std::string data_path = resolve_data_path(o.finetune_data, "--finetune_data");
   WorkDir work(o);
+  const std::string model_path = o.finetune_size.empty()
+                                     ? resolve_data_path(o.model_path, "--model")
+                                     : synthetic_model(o, work.path(), o.finetune_size, threads);
+  // N ranks share the global batch and the threads: each takes batch / N rows on threads / N.
+  auto threads_per_rank = [&](int64_t ranks) {
+    return std::max<int64_t>(1, threads / ranks);
+  };
 
-  auto make_recipe = [&](const RunConfig& c, const std::string& out) {
+  auto make_recipe = [&](const RunConfig& c, const std::string& out, int64_t ranks) {
     Recipe r = Recipe::from_json(recipe_defaults());
     r.model.path = model_path;
     r.model.tokenizer = tok_path;
@@ -305,15 +334,16 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
     r.data.format = "auto";
     r.data.val_fraction = 0.05;
     r.data.seq_len = o.finetune_seq_len;
+    r.data.pack = o.finetune_pack;
     r.train.max_steps = o.finetune_steps;
-    r.train.batch_size = o.finetune_batch;
+    r.train.batch_size = o.finetune_batch / ranks;
     r.train.lr = c.type == TrainType::kFull ? o.finetune_full_lr : o.finetune_lr;
     r.train.warmup_steps = std::max<int64_t>(1, o.finetune_steps / 10);
     r.eval.every = o.finetune_eval_every;
     r.eval.max_batches = 8;
     r.log_every = std::max<int64_t>(1, o.finetune_steps / 5);
     r.seed = o.seed;
-    r.threads = threads;
+    r.threads = static_cast<int>(threads_per_rank(ranks));
     r.output_dir = out;
     r.plugin_dir = o.plugin_dir;
     return r.to_json();
@@ -324,7 +354,7 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
   // not a row. A quant set the schema rejects becomes a row.
   {
     RunConfig lora{"lora", TrainType::kLora, nullptr};
-    resolve_recipe(make_recipe(lora, work.path() + "/check"), registry);
+    resolve_recipe(make_recipe(lora, work.path() + "/check", 1), registry);
   }
 
   BenchTable table("finetune", "The same short fine-tune: full, LoRA and QLoRA per backend",
@@ -341,6 +371,14 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
                     {"best_val_loss", 4, false},
                     {"final_train_loss", 4, false},
                     {"tokens_per_s", 4, true},
+                    {"ranks", 4, true},
+                    {"threads_per_rank", 4, true},
+                    {"dp_efficiency", 3, true},
+                    {"allreduce_ms", 3, true},
+                    {"allreduce_mb", 3, true},
+                    {"packed", 4, false},
+                    {"padding_pct", 3, true},
+                    {"real_tokens_per_s", 4, true},
                     {"step_ms", 4, true},
                     {"step_ratio_vs_lora", 3, true},
                     {"peak_rss_mb", 4, true},
@@ -361,8 +399,15 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
   curves.csv_only = true;
 
   double lora_step = NAN;
-  for (size_t i = 0; i < configs.size(); ++i) {
-    const auto& c = configs[i];
+  std::map<std::string, double> one_rank_tps;  // config -> tokens/s of its 1-rank run
+  std::vector<std::pair<RunConfig, int64_t>> runs;
+  for (const auto& c : configs)
+    for (int64_t n : o.finetune_ranks) runs.emplace_back(c, n);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const int64_t ranks = runs[i].second;
+    RunConfig c = runs[i].first;
+    const std::string base_label = c.label;
+    if (ranks > 1) c.label += " x" + std::to_string(ranks) + " ranks";
     Json row = {{"config", c.label},
                 {"train_type", to_string(c.type)},
                 {"backend", c.set ? c.set->backend : ""},
@@ -372,10 +417,12 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
                 {"seq_len", o.finetune_seq_len},
                 {"lr", c.type == TrainType::kFull ? o.finetune_full_lr : o.finetune_lr},
                 {"threads", threads},
+                {"ranks", ranks},
+                {"threads_per_rank", threads_per_rank(ranks)},
                 {"options", c.set ? c.set->options.dump() : ""}};
     const std::string dir = work.path() + "/" + std::to_string(i) + "_" + slug(c.label);
     fs::create_directories(dir);
-    const Json recipe = make_recipe(c, dir);
+    const Json recipe = make_recipe(c, dir, ranks);
     try {
       row["options"] = c.set ? resolve_recipe(recipe, registry).spec.base.quant_options.dump() : "";
     } catch (const UserError& e) {
@@ -387,7 +434,11 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
     atomic_write_string(recipe_path, recipe.dump(2) + "\n");
     const std::string log = dir + "/log.txt";
     spdlog::info("bench finetune: {} ({} steps)", c.label, o.finetune_steps);
-    const int rc = run_child(o.self_exe, {"__finetune", recipe_path}, log);
+    // Several ranks: a child that starts them as torchrun would (launch_local_ranks).
+    const int rc = ranks == 1 ? run_child(o.self_exe, {"__finetune", recipe_path}, log)
+                              : run_child(o.self_exe,
+                                          {"__finetune_ranks", std::to_string(ranks), recipe_path},
+                                          log);
     if (rc != 0) {
       row["status"] = child_status(rc, log);
       spdlog::warn("bench finetune: {}: {}", c.label, row["status"].get<std::string>());
@@ -424,7 +475,7 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
         std::min<size_t>(step_s.size() / 2, std::max<size_t>(2, step_s.size() / 10));
     const double step_med = median(
         std::vector<double>(step_s.begin() + static_cast<std::ptrdiff_t>(skip), step_s.end()));
-    if (c.type == TrainType::kLora) lora_step = step_med;
+    if (c.type == TrainType::kLora && ranks == 1) lora_step = step_med;
     row["first_val_loss"] = s["first_val_loss"];
     row["final_val_loss"] = s["final_val_loss"];
     row["best_val_loss"] = s["best_val_loss"];
@@ -432,6 +483,22 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
     row["step_ms"] = 1e3 * step_med;
     row["tokens_per_s"] = static_cast<double>(o.finetune_batch * o.finetune_seq_len) / step_med;
     row["step_ratio_vs_lora"] = step_med / lora_step;
+    // Scaling efficiency against the same configuration on one rank: speed-up per core used.
+    const double tps = row["tokens_per_s"].get<double>();
+    if (ranks == 1) one_rank_tps[base_label] = tps;
+    if (one_rank_tps.count(base_label)) {
+      const double cores_1 = static_cast<double>(threads_per_rank(1));
+      const double cores_n = static_cast<double>(ranks * threads_per_rank(ranks));
+      row["dp_efficiency"] = tps / one_rank_tps[base_label] * cores_1 / cores_n;
+    }
+    const Json& dist = s.value("dist", Json::object());
+    const double steps = std::max(1.0, s.value("steps", 1.0));
+    row["allreduce_ms"] = 1e3 * dist.value("allreduce_seconds", 0.0) / steps;
+    row["allreduce_mb"] = dist.value("allreduce_bytes_per_step", 0.0) / 1e6;
+    const double padding = s["data"]["padding_fraction"].get<double>();
+    row["packed"] = s["data"]["packed"];
+    row["padding_pct"] = 100.0 * padding;
+    row["real_tokens_per_s"] = row["tokens_per_s"].get<double>() * (1.0 - padding);
     row["peak_rss_mb"] = s["peak_rss_bytes"].get<double>() / 1e6;
     row["base_weight_mb"] = s["base_weight_bytes"].get<double>() / 1e6;
     row["linear_weight_mb"] = s["linear_weight_bytes"].get<double>() / 1e6;
@@ -461,10 +528,18 @@ BenchResult bench_finetune(const BenchOptions& o, const Registry& registry) {
           "runs in its own process: *peak_rss_mb* is that process's peak resident memory.",
       "*step_ms* is the median optimizer step after the first " +
           std::string("steps (evaluation excluded); *tokens_per_s* = batch x seq_len / step; ") +
+          "*padding_pct* is the share of the training split's input positions that hold padding "
+          "(records shorter than seq_len; `--finetune_pack` fills them with further records), "
+          "*real_tokens_per_s* = tokens_per_s x (1 - padding). "
           "*step_ratio_vs_lora* = step / the LoRA step of this run (the QLoRA overhead at "
           "stories260K's size, where per-call overheads, not matmuls, dominate; see scale for "
           "larger models). *base_weight_mb* counts every base weight the model holds "
           "(projections quantized or not, embeddings, norms; adapters excluded).",
+      "With `--finetune_ranks`, a configuration also runs data-parallel on N ranks (c10d "
+          "Gloo on this machine, started as torchrun would): the same global batch (batch / N "
+          "rows per rank) and threads / N threads per rank; *dp_efficiency* = (tokens/s on N "
+          "ranks / tokens/s on one) x (cores on one / cores on N); *allreduce_ms* and "
+          "*allreduce_mb* are the gradient all-reduce time and bytes per step (rank 0).",
   };
 
   BenchResult result;
@@ -676,23 +751,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       const auto& cfg = configs[ci];
       double lora_step = NAN;
-      // One bf16 checkpoint per size, written by a child (its memory is not the parent's).
-      const std::string model_dir = work.path() + "/model_" + slug(o.scale_sizes[ci]);
-      if (!fs::exists(model_dir + "/config.json")) {
-        const Json spec = {{"config", cfg.to_hf_json()},
-                           {"seed", static_cast<int64_t>(o.seed)},
-                           {"dtype", "bf16"},
-                           {"threads", threads},
-                           {"model_dir", model_dir}};
-        fs::create_directories(model_dir);
-        atomic_write_string(model_dir + "/spec.json", spec.dump(2) + "\n");
-        spdlog::info("bench scale: writing a random {} checkpoint ({:.0f}M parameters)",
-                     o.scale_sizes[ci], cfg.num_parameters() / 1e6);
-        const std::string log = model_dir + "/log.txt";
-        const int rc = run_child(o.self_exe, {"__synthesize", model_dir + "/spec.json"}, log);
-        QTUNE_CHECK(rc == 0, "bench scale: writing the synthetic ", o.scale_sizes[ci],
-                    " checkpoint failed: ", child_status(rc, log));
-      }
+      const std::string model_dir = synthetic_model(o, work.path(), o.scale_sizes[ci], threads);
       for (const auto& c : runs) {
         Json row = {{"size", o.scale_sizes[ci]},
                     {"params_m", cfg.num_parameters() / 1e6},

@@ -107,6 +107,9 @@ int run(int argc, char** argv) {
     ("finetune_full_lr", po::value<double>(), "finetune: full fine-tune learning rate (1e-3)")
     ("finetune_dtype", po::value<std::string>(), "finetune: compute dtype fp32 | bf16 (fp32)")
     ("finetune_eval_every", po::value<int64_t>(), "finetune: evaluate every N steps (20)")
+    ("finetune_pack", "finetune: data.pack (several records per sequence, no cross-attention)")
+    ("finetune_ranks", po::value<std::string>(), "finetune: comma list of rank counts each configuration runs on, data parallel with the same global batch (1)")
+    ("finetune_size", po::value<std::string>(), "finetune: a synthetic model size (tiny, 15M, 60M, ...) instead of --model")
     ("finetune_threads", po::value<int>()->default_value(1),
      "finetune: threads per run (0 = --threads; 1 is fastest and steadiest at stories260K size)")
     ("adapter", po::value<std::string>(), "adapter plugin (default: the first found)")
@@ -213,6 +216,16 @@ int run(int argc, char** argv) {
   if (vm.count("finetune_lr")) o.finetune_lr = vm["finetune_lr"].as<double>();
   if (vm.count("finetune_full_lr")) o.finetune_full_lr = vm["finetune_full_lr"].as<double>();
   if (vm.count("finetune_dtype")) o.finetune_dtype = vm["finetune_dtype"].as<std::string>();
+  o.finetune_pack = vm.count("finetune_pack") > 0;
+  if (vm.count("finetune_size")) o.finetune_size = vm["finetune_size"].as<std::string>();
+  if (vm.count("finetune_ranks")) {
+    o.finetune_ranks.clear();
+    for (const auto& n : split_list(vm["finetune_ranks"].as<std::string>())) {
+      QTUNE_CHECK(n.size() <= 4 && n.find_first_not_of("0123456789") == std::string::npos,
+                  "--finetune_ranks: expected a comma list of positive integers, got '", n, "'");
+      o.finetune_ranks.push_back(std::stoll(n));
+    }
+  }
   o.finetune_threads = vm["finetune_threads"].as<int>();
   o.finetune_eval_every =
       vm.count("finetune_eval_every") ? vm["finetune_eval_every"].as<int64_t>() : (quick ? 10 : 20);
