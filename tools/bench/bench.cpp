@@ -455,6 +455,11 @@ std::string gp_preamble(const std::string& png, int width, int height) {
 std::shared_ptr<AdapterFactory> pick_adapter(const BenchOptions& options,
                                              const Registry& registry) {
   if (!options.adapter.empty()) return registry.adapter(options.adapter);
+  // The recipe's default adapter (lora) when it is there: plugins are listed by name, and a
+  // second adapter (dora) would otherwise change what every benchmark measures.
+  const std::string preferred = Recipe::from_json(recipe_defaults()).adapter.name;
+  for (const auto& p : registry.plugins())
+    if (p.kind == "adapter" && p.name == preferred) return registry.adapter(p.name);
   for (const auto& p : registry.plugins())
     if (p.kind == "adapter") return registry.adapter(p.name);
   throw UserError(

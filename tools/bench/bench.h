@@ -174,7 +174,7 @@ struct BenchOptions {
   /// Threads of each fine-tune (0 = `threads`). One by default: at stories260K's size a step is
   /// hundreds of tiny ops, and a second thread made it slower and bimodal on a shared VM.
   int finetune_threads = 1;
-  /// Adapter plugin for lora / qlora; empty = the first adapter plugin the registry found.
+  /// Adapter plugin for lora / qlora; empty = lora when registered, else the first adapter found.
   std::string adapter;
   Json adapter_options = Json::object();  ///< unresolved; the adapter's schema fills defaults
 

@@ -112,7 +112,7 @@ int run(int argc, char** argv) {
     ("finetune_size", po::value<std::string>(), "finetune: a synthetic model size (tiny, 15M, 60M, ...) instead of --model")
     ("finetune_threads", po::value<int>()->default_value(1),
      "finetune: threads per run (0 = --threads; 1 is fastest and steadiest at stories260K size)")
-    ("adapter", po::value<std::string>(), "adapter plugin (default: the first found)")
+    ("adapter", po::value<std::string>(), "adapter plugin (default: lora when found, else the first adapter plugin)")
     ("adapter_options", po::value<std::string>(), "adapter options as JSON, e.g. '{\"rank\":16}'")
     ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B, 7B (15M..1B; quick 15M,60M)")
     ("scale_dtypes", po::value<std::string>(), "scale: comma list of compute dtypes (bf16)")
