@@ -15,6 +15,7 @@
 #include <iomanip>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <torch/cuda.h>
 
 #include "qtune/launcher.h"
 #include "test_util.h"
@@ -311,6 +312,20 @@ TEST(Dist, AnUnreachableMasterIsOneLineExitTwo) {
                                        0),
             0u)
       << r.output;
+}
+
+// dist.backend is what the group is built with: nccl in a LibTorch without CUDA is refused by
+// every rank with one line, before any step.
+TEST(Dist, NcclWithoutCudaIsRefused) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "this LibTorch has CUDA: nccl may run";
+  const auto out = qtune::test::temp_dir("dist-nccl");
+  auto r = run(plus(run_args(out, "lora", 4, 1, {"dist.backend=nccl"}), {"--nproc_per_node", "2"}));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("trainer: error: dist.backend is nccl, but this build's LibTorch has no "
+                          "CUDA/NCCL; use gloo"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(out + "/metrics.jsonl"));
 }
 
 TEST(Dist, SlurmRanksTakeTheMasterFromTheRecipe) {
