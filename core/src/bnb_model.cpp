@@ -17,20 +17,19 @@
 #include "qtune/model_files.h"
 #include "qtune/safetensors.h"
 #include "qtune/tokenizer.h"
+#include "weight_names.h"
 
 namespace fs = std::filesystem;
 
 namespace qtune {
+
+using detail::module_of;
 
 namespace {
 
 constexpr const char* kQuantStatePrefix = "weight.quant_state.bitsandbytes__";
 
 bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
-
-std::string module_of(const std::string& weight_name) {  // "<P>.weight" -> "<P>"
-  return weight_name.substr(0, weight_name.size() - std::string(".weight").size());
-}
 
 // The checks of quantization_config; returns the 4-bit quant type ("nf4").
 std::string check_bnb_config(const Json& qc, const std::string& origin) {

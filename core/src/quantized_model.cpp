@@ -12,10 +12,13 @@
 #include "qtune/safetensors.h"
 #include "qtune/process.h"
 #include "qtune/tokenizer.h"
+#include "weight_names.h"
 
 namespace fs = std::filesystem;
 
 namespace qtune {
+
+using detail::module_of;
 
 namespace {
 
@@ -24,10 +27,6 @@ constexpr int kFormatVersion = 1;
 
 bool is_projection(const std::string& name, const std::vector<int64_t>& shape) {
   return shape.size() == 2 && name != "model.embed_tokens.weight";
-}
-
-std::string module_of(const std::string& weight_name) {  // "<P>.weight" -> "<P>"
-  return weight_name.substr(0, weight_name.size() - std::string(".weight").size());
 }
 
 class QuantizedDirSource : public SafetensorsWeightSource {
