@@ -412,12 +412,6 @@ bool adds_dummy_prefix(const Tokenizer& tok) {
   return !first.empty() && first[0] == ' ';
 }
 
-// The id of a control token such as "<|eot_id|>" when the tokenizer has it as one token
-// (tokenizer.json added tokens, tiktoken specials), else -1: then it is encoded as text.
-int single_token_id(const Tokenizer& tok, const std::string& piece) {
-  return tok.token_to_id(piece);
-}
-
 }  // namespace
 
 std::vector<int> ChatTemplate::stop_ids(const Tokenizer& tok) const {
@@ -427,7 +421,7 @@ std::vector<int> ChatTemplate::stop_ids(const Tokenizer& tok) const {
                                 ? "<|im_end|>"
                                 : nullptr;
   if (end_of_turn != nullptr) {
-    const int id = single_token_id(tok, end_of_turn);
+    const int id = tok.token_to_id(end_of_turn);
     if (id >= 0 && id != ids[0]) ids.push_back(id);
   }
   return ids;
@@ -440,7 +434,8 @@ ChatTokens ChatTemplate::encode(const Conversation& c, bool add_generation_promp
   std::vector<int> special_ids(pieces.size(), -1);
   for (size_t i = 0; i < pieces.size(); ++i)
     if (pieces[i].kind == Kind::kSpecial) {
-      special_ids[i] = single_token_id(tok, pieces[i].text);
+      // One token where the tokenizer has it (tokenizer.json added tokens, tiktoken specials).
+      special_ids[i] = tok.token_to_id(pieces[i].text);
       if (special_ids[i] < 0) pieces[i].kind = Kind::kText;
     }
   const bool dummy = adds_dummy_prefix(tok);
