@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what qtune needs on Debian 12, only what is missing; safe to run again: the Debian
-# packages, then the Python venv of the oracle tests (.venv-oracle, pins in
-# tests/oracle/requirements.txt; docs/oracles.md).
+# packages (clang-14 with its sanitizer runtimes, libFuzzer and lld for scripts/ci-sanitize.sh),
+# then the Python venv of the oracle tests (.venv-oracle, pins in tests/oracle/requirements.txt;
+# docs/oracles.md).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 packages=(
@@ -10,6 +11,7 @@ packages=(
   libboost-dev libboost-program-options-dev libyaml-cpp-dev libspdlog-dev libgtest-dev
   libsentencepiece-dev libpcre2-dev libicu-dev nlohmann-json3-dev libgloo-dev gnuplot-nox
   python3 python3-venv
+  clang-14 libclang-rt-14-dev libfuzzer-14-dev lld-14
 )
 missing=()
 for p in "${packages[@]}"; do

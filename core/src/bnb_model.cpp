@@ -76,7 +76,11 @@ class BnbDirSource : public SafetensorsWeightSource {
   BnbDirSource(const std::string& dir, const Json& qc) {
     const std::string origin = (fs::path(dir) / "config.json").string();
     quant_type_ = check_bnb_config(qc, origin);
-    double_quant_ = qc.value("bnb_4bit_use_double_quant", false);
+    const Json double_quant = qc.value("bnb_4bit_use_double_quant", Json(false));
+    QTUNE_CHECK(double_quant.is_boolean() || double_quant.is_null(), origin,
+                ": quantization_config.bnb_4bit_use_double_quant must be true or false, got ",
+                double_quant.dump());
+    double_quant_ = double_quant.is_boolean() && double_quant.get<bool>();
     load_dir(dir);
     describe_ = dir + " (bitsandbytes " + quant_type_ + ")";
     const std::string suffix = std::string(".") + kQuantStatePrefix;
@@ -151,7 +155,7 @@ class BnbDirSource : public SafetensorsWeightSource {
 
 bool is_bnb_config(const Json& config) {
   return config.contains("quantization_config") && config["quantization_config"].is_object() &&
-         config["quantization_config"].value("quant_method", "") == "bitsandbytes";
+         config["quantization_config"].value("quant_method", Json()) == "bitsandbytes";
 }
 
 std::unique_ptr<WeightSource> open_bnb_dir(const std::string& dir, const Json& config_json) {

@@ -813,7 +813,10 @@ void fill_vocab_and_merges(const JsonCtx& c, BpeTokenizer& t, const Json& vocab,
   }
   if (!merges.is_array()) c.fail("model.merges must be an array, got " + describe(merges));
   for (size_t k = 0; k < merges.size(); ++k) {
-    const auto [a, b] = split_merge(c, merges[k], k);
+    // Not a structured binding: clang before 16 cannot capture one in the lambda below.
+    const auto merge = split_merge(c, merges[k], k);
+    const std::string& a = merge.first;
+    const std::string& b = merge.second;
     auto find = [&](const std::string& s) {
       auto it = t.file_ids_.find(s);
       if (it == t.file_ids_.end())
@@ -1125,10 +1128,11 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path, const ConfigFi
                 std::string(line.substr(0, 60)), "\"");
     const std::string_view rank_text = line.substr(sp + 1);
     int64_t rank = 0;
+    // At most 9 digits, checked before any is added up: a longer rank overflowed int64_t.
     bool ok = !rank_text.empty() && rank_text.size() <= 9;
-    for (char ch : rank_text) {
-      ok = ok && std::isdigit(static_cast<unsigned char>(ch));
-      rank = rank * 10 + (ch - '0');
+    for (size_t k = 0; ok && k < rank_text.size(); ++k) {
+      ok = std::isdigit(static_cast<unsigned char>(rank_text[k])) != 0;
+      rank = rank * 10 + (rank_text[k] - '0');
     }
     QTUNE_CHECK(ok && rank == static_cast<int64_t>(n), path, ": line ", line_no, " has rank \"",
                 std::string(rank_text.substr(0, 20)), "\", expected ", n,

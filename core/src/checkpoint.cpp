@@ -439,7 +439,10 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
   auto st = SafetensorsFile::open(file);
   auto& opt_state = optimizer.state();
   std::set<std::string> used;
-  for (const auto& [path, p] : model.trainable_parameters()) {
+  for (const auto& named : model.trainable_parameters()) {
+    // Not a structured binding: clang before 16 cannot capture one in the lambda below.
+    const std::string& path = named.first;
+    const torch::Tensor& p = named.second;
     if (!st->has(path + ".exp_avg")) continue;
     auto moment = [&](const std::string& suffix) {
       const std::string key = path + suffix;

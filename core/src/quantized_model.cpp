@@ -33,7 +33,12 @@ class QuantizedDirSource : public SafetensorsWeightSource {
  public:
   QuantizedDirSource(const std::string& dir, const Json& qc) : qc_(qc) {
     load_dir(dir);
-    describe_ = dir + " (quantized with " + qc.value("backend", "?") + ")";
+    const Json backend = qc.value("backend", Json());
+    QTUNE_CHECK(backend.is_string(), dir,
+                "/config.json: quantization_config.backend must be the name of a quantization "
+                "plugin (a string), got ",
+                backend.dump());
+    describe_ = dir + " (quantized with " + backend.get<std::string>() + ")";
     for (const auto& f : files_)
       for (const auto& [k, v] : f->metadata())
         if (k.rfind(kMetaPrefix, 0) == 0) meta_[k.substr(std::string(kMetaPrefix).size())] = v;
@@ -43,14 +48,8 @@ class QuantizedDirSource : public SafetensorsWeightSource {
     return !has_quantized(name) && SafetensorsWeightSource::has(name);
   }
   TensorState quantized(const std::string& name) const override {
-    auto it = meta_.find(name);
-    QTUNE_CHECK(it != meta_.end(), describe_, ": ", name, " is not stored quantized");
     TensorState s;
-    try {
-      s.meta = Json::parse(it->second);
-    } catch (const Json::exception& e) {
-      throw UserError(describe_ + ": metadata of " + name + " is not valid JSON: " + e.what());
-    }
+    s.meta = parsed_meta(name);
     const std::string prefix = module_of(name) + ".";
     for (const auto& n : SafetensorsWeightSource::names())
       if (n.rfind(prefix, 0) == 0) s.tensors[n.substr(prefix.size())] = view(n);
@@ -58,14 +57,31 @@ class QuantizedDirSource : public SafetensorsWeightSource {
     return s;
   }
   std::vector<int64_t> shape(const std::string& name) const override {
-    if (has_quantized(name)) {
-      auto it = meta_.find(name);
-      return Json::parse(it->second).at("shape").get<std::vector<int64_t>>();
-    }
-    return SafetensorsWeightSource::shape(name);
+    if (!has_quantized(name)) return SafetensorsWeightSource::shape(name);
+    // The file's own word for the logical shape, read before any backend sees the state (its
+    // load() checks the rest, state_layout.h).
+    const Json meta = parsed_meta(name);
+    const Json shape = meta.is_object() ? meta.value("shape", Json()) : Json();
+    bool ok = shape.is_array() && shape.size() == 2;
+    for (const Json& d : shape) ok = ok && d.is_number_integer() && d.get<int64_t>() >= 0;
+    QTUNE_CHECK(ok, describe_, ": metadata of ", name,
+                " must be an object with \"shape\": [out, in] (two integers >= 0), got ",
+                meta.dump());
+    return shape.get<std::vector<int64_t>>();
   }
 
  private:
+  // The JSON meta stored for quantized weight `name`.
+  Json parsed_meta(const std::string& name) const {
+    auto it = meta_.find(name);
+    QTUNE_CHECK(it != meta_.end(), describe_, ": ", name, " is not stored quantized");
+    try {
+      return Json::parse(it->second);
+    } catch (const Json::exception& e) {
+      throw UserError(describe_ + ": metadata of " + name + " is not valid JSON: " + e.what());
+    }
+  }
+
   Json qc_;
   std::map<std::string, std::string> meta_;  // weight name -> state meta JSON
 };
@@ -74,15 +90,15 @@ class QuantizedDirSource : public SafetensorsWeightSource {
 
 bool is_quantized_config(const Json& config) {
   return config.contains("quantization_config") && config["quantization_config"].is_object() &&
-         config["quantization_config"].value("quant_method", "") == "qtune";
+         config["quantization_config"].value("quant_method", Json()) == "qtune";  // any type
 }
 
 std::unique_ptr<WeightSource> open_quantized_dir(const std::string& dir, const Json& config_json) {
   const Json& qc = config_json.at("quantization_config");
-  QTUNE_CHECK(qc.value("format_version", 0) == kFormatVersion, dir,
-              "/config.json: quantization_config.format_version must be ", kFormatVersion,
-              ", got ", qc.value("format_version", Json(nullptr)).dump(),
-              " (re-run qtune-quantize with this version)");
+  const Json version = qc.value("format_version", Json());
+  QTUNE_CHECK(version.is_number_integer() && version.get<int64_t>() == kFormatVersion, dir,
+              "/config.json: quantization_config.format_version must be ", kFormatVersion, ", got ",
+              version.dump(), " (re-run qtune-quantize with this version)");
   return std::make_unique<QuantizedDirSource>(dir, qc);
 }
 

@@ -325,26 +325,40 @@ void merge_checked(Json& dst, const Json& schema, const Json& src, const std::st
 
 }  // namespace
 
+// JSON strings are UTF-8, so a recipe value that is not is refused here, naming `origin`, rather
+// than later by a message that prints it.
+void check_utf8(const Json& j, const std::string& origin) {
+  try {
+    (void)j.dump();
+  } catch (const Json::type_error& e) {
+    throw UserError(origin + ": not valid UTF-8 text (" + e.what() + ")");
+  }
+}
+
 Json load_yaml_file(const std::string& path) {
   QTUNE_CHECK(fs::exists(path), "config file not found: ", path);
-  YAML::Node root;
+  Json j;
   try {
-    root = YAML::LoadFile(path);
+    // Converting is inside: a key that is not a scalar fails there (YAML::BadConversion).
+    j = node_to_json(YAML::LoadFile(path));
   } catch (const YAML::Exception& e) {
     throw UserError(detail::concat(path, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
   }
-  Json j = node_to_json(root);
+  check_utf8(j, path);
   if (j.is_null()) j = Json::object();
   QTUNE_CHECK(j.is_object(), path, ": the top level must be a mapping of recipe keys");
   return j;
 }
 
 Json parse_yaml_value(const std::string& text) {
+  Json j;
   try {
-    return node_to_json(YAML::Load(text));
+    j = node_to_json(YAML::Load(text));
   } catch (const YAML::Exception& e) {
     throw UserError("cannot parse value '" + text + "': " + e.msg);
   }
+  check_utf8(j, "value '" + text + "'");
+  return j;
 }
 
 void merge_recipe(Json& recipe, const Json& overlay, const std::string& origin) {
@@ -361,6 +375,9 @@ void apply_override(Json& recipe, const std::string& assignment) {
   Json overlay = value;
   size_t end = key.size();
   while (true) {
+    // A key starting with '.' leaves end = 0, and rfind('.', end - 1) would search the whole key
+    // again (end - 1 wraps around): forever, nesting the overlay deeper each time.
+    QTUNE_CHECK(end > 0, "override '", assignment, "' has an empty key part");
     const auto dot = key.rfind('.', end - 1);
     const std::string part = key.substr(dot == std::string::npos ? 0 : dot + 1,
                                         end - (dot == std::string::npos ? 0 : dot + 1));

@@ -20,16 +20,14 @@
 
 #include "qtune/error.h"
 #include "qtune/plugin.h"
+#include "qtune/plugin_stamp.h"
 
 namespace fs = std::filesystem;
 
 namespace qtune {
-namespace {
 
-// The PluginStamp in a library's ".qtune_plugin" section, read from the file without loading it
-// (see plugin.h). nullopt when the file is not a 64-bit little-endian ELF or has no valid stamp;
-// the caller then loads it and relies on PluginInfo.
-std::optional<PluginStamp> read_stamp(const std::string& path) {
+// Without a stamp (nullopt) the caller loads the library and relies on PluginInfo.
+std::optional<PluginStamp> read_plugin_stamp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   auto read_at = [&](uint64_t offset, void* out, size_t n) {
     f.seekg(static_cast<std::streamoff>(offset));
@@ -67,6 +65,8 @@ std::optional<PluginStamp> read_stamp(const std::string& path) {
   }
   return std::nullopt;
 }
+
+namespace {
 
 // The compatibility checks, the same whether the facts come from the stamp (before loading) or
 // from PluginInfo (after). Each refusal names both sides.
@@ -160,7 +160,7 @@ void Registry::scan(const std::vector<std::string>& dirs) {
 
 void Registry::load_library(const std::string& path) {
   // A stamped plugin built for another ABI, LibTorch or C++ ABI is refused before it is loaded.
-  const std::optional<PluginStamp> stamp = read_stamp(path);
+  const std::optional<PluginStamp> stamp = read_plugin_stamp(path);
   if (stamp)
     check_compatible(path, stamp->abi_version, stamp->kind, stamp->name, stamp->torch_version,
                      stamp->cxx_abi);

@@ -255,6 +255,20 @@ std::string core_library_dir() {
   return fs::path(info.dli_fname).parent_path().string();
 }
 
+// dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND). Under AddressSanitizer (the
+// QTUNE_SANITIZE build) the dlopen the process sees is ASan's interceptor, which refuses
+// RTLD_DEEPBIND outright (a deep-bound library would call libc's malloc instead of ASan's). The
+// module is built uninstrumented there and frees what it allocates itself, so libc's own dlopen
+// (the next definition after this library) is called instead.
+void* deepbind_dlopen(const char* path) {
+  constexpr int kFlags = RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND;
+#ifdef QTUNE_SANITIZE
+  using Dlopen = void* (*)(const char*, int);
+  if (auto real = reinterpret_cast<Dlopen>(dlsym(RTLD_NEXT, "dlopen"))) return real(path, kFlags);
+#endif
+  return dlopen(path, kFlags);
+}
+
 const SpmApi& spm_api() {
   static std::once_flag once;
   static SpmApi api{};
@@ -267,7 +281,7 @@ const SpmApi& spm_api() {
     // RTLD_DEEPBIND: the module and libsentencepiece (which exports its bundled protobuf-lite)
     // bind to their own symbols before the process's global ones (LibTorch's libprotobuf).
     // Never closed.
-    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    void* h = deepbind_dlopen(path.c_str());
     if (!h) {
       const char* e = dlerror();
       error = "sentencepiece support unavailable: cannot load " + path + " (" +
