@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <boost/program_options.hpp>
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -19,6 +20,9 @@ namespace qtune::app {
 
 template <typename Run>
 int guarded_main(const char* program, Run&& run) {
+  // A write past the file-size limit (ulimit -f) fails with EFBIG and its message instead of
+  // killing the process mid-save; atomic writes then leave the previous file intact.
+  std::signal(SIGXFSZ, SIG_IGN);
   try {
     return run();
   } catch (const UserError& e) {

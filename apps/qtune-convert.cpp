@@ -9,6 +9,7 @@
 #include "app_main.h"
 #include "qtune/error.h"
 #include "qtune/model_files.h"
+#include "qtune/output_dir.h"
 #include "qtune/tokenizer.h"
 #include "qtune/recipe.h"
 #include "qtune/weight_source.h"
@@ -28,7 +29,8 @@ int run(int argc, char** argv) {
      ".model, GPT-2 vocab.json, llama2.c .bin): written as tokenizer.json + tokenizer_config.json, "
      "a .model/.bin also kept as tokenizer.model/tokenizer.bin; default: the one found beside the "
      "model, if any")
-    ("out", po::value<std::string>(), "output directory (created if needed) (required)")
+    ("out", po::value<std::string>(), "output directory, new or empty (required)")
+    ("overwrite", po::bool_switch(), "replace the contents of a non-empty --out")
     ("dtype", po::value<std::string>()->default_value("fp32"), "fp32 | bf16 | fp16")
     ("max-shard-gb", po::value<double>()->default_value(5.0),
      "split model.safetensors into shards of at most this many GB (HF's default 5)");
@@ -55,14 +57,17 @@ int run(int argc, char** argv) {
   const double shard_gb = vm["max-shard-gb"].as<double>();
   QTUNE_CHECK(shard_gb > 0, "--max-shard-gb must be > 0, got ", shard_gb);
 
-  qtune::ModelFiles model =
-      qtune::open_model(qtune::resolve_data_path(vm["model"].as<std::string>(), "--model"));
+  const std::string model_path =
+      qtune::resolve_data_path(vm["model"].as<std::string>(), "--model");
+  qtune::ModelFiles model = qtune::open_model(model_path);
   const std::string tokenizer =
       vm.count("tokenizer")
           ? qtune::resolve_data_path(vm["tokenizer"].as<std::string>(), "--tokenizer")
           : model.tokenizer_path;
   const std::string out = vm["out"].as<std::string>();
   if (!tokenizer.empty()) qtune::load_tokenizer(tokenizer);  // a bad one fails before any write
+  qtune::prepare_output_directory(out, "--out", vm["overwrite"].as<bool>(),
+                                  {model_path, tokenizer});
   qtune::save_hf_model(out, model.config, *model.weights, dtype, tokenizer,
                        static_cast<int64_t>(shard_gb * 1e9));
   std::cout << "wrote " << out << ": " << model.config.num_parameters() << " parameters, "

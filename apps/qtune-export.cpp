@@ -10,6 +10,7 @@
 #include "app_main.h"
 #include "qtune/trained_model.h"
 #include "qtune/error.h"
+#include "qtune/output_dir.h"
 #include "qtune/files.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
@@ -31,7 +32,8 @@ int run(int argc, char** argv) {
     ("adapter", po::value<std::string>(), "PEFT adapter directory or training checkpoint (checkpoints/step-N)")
     ("model", po::value<std::string>(), "base model (default: the one the adapter records)")
     ("tokenizer", po::value<std::string>(), "tokenizer to copy into the output (default: the run's)")
-    ("out", po::value<std::string>(), "output directory")
+    ("out", po::value<std::string>(), "output directory (new or empty)")
+    ("overwrite", po::bool_switch(), "replace the contents of a non-empty --out")
     ("merge", po::bool_switch(), "write an HF model with the adapters merged onto the dequantized base")
     ("dtype", po::value<std::string>()->default_value("fp32"), "merged weights: fp32 | bf16")
     ("requantize", po::value<std::string>(), "quantize the merged model with this backend (implies --merge)")
@@ -76,6 +78,8 @@ int run(int argc, char** argv) {
                         ? qtune::resolve_data_path(vm["tokenizer"].as<std::string>(), "--tokenizer")
                         : tm.tokenizer_path;
   QTUNE_CHECK(tok.empty() || fs::exists(tok), "--tokenizer: file not found: ", tok);
+  qtune::prepare_output_directory(out, "--out", vm["overwrite"].as<bool>(),
+                                  {o.adapter_dir, tm.base_path, tok});
 
   const qtune::TuningSpec& spec = tm.model->spec();
   // A full fine-tune's checkpoint, or a base without adapter, is a whole model.

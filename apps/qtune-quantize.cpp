@@ -11,6 +11,7 @@
 #include "qtune/bnb_model.h"
 #include "qtune/error.h"
 #include "qtune/model.h"
+#include "qtune/output_dir.h"
 #include "qtune/quantized_model.h"
 #include "qtune/recipe.h"
 #include "qtune/registry.h"
@@ -48,7 +49,8 @@ int run(int argc, char** argv) {
     ("skip_modules", po::value<std::string>()->default_value(""),
      "comma-separated module patterns kept dense, e.g. down_proj,layers.0 or 'model.layers.*.mlp.*'")
     ("dtype", po::value<std::string>()->default_value("bf16"), "dtype of the dense tensors: fp32 | bf16")
-    ("out", po::value<std::string>(), "output directory")
+    ("out", po::value<std::string>(), "output directory (new or empty)")
+    ("overwrite", po::bool_switch(), "replace the contents of a non-empty --out")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first");
   // clang-format on
   po::variables_map vm = qtune::app::parse_flags(argc, argv, opts, "qtune-quantize");
@@ -69,11 +71,14 @@ int run(int argc, char** argv) {
       backend->check_options(qtune::app::json_flag(vm, "quant_options"), "quant.options");
   const auto dtype = qtune::parse_dtype(vm["dtype"].as<std::string>(), "--dtype");
 
-  qtune::ModelFiles files =
-      qtune::open_model(qtune::resolve_data_path(vm["model"].as<std::string>(), "--model"));
+  const std::string model_path =
+      qtune::resolve_data_path(vm["model"].as<std::string>(), "--model");
+  qtune::ModelFiles files = qtune::open_model(model_path);
   std::string tok = vm["tokenizer"].as<std::string>();
   tok = tok.empty() ? files.tokenizer_path : qtune::resolve_data_path(tok, "--tokenizer");
   const std::string out = vm["out"].as<std::string>();
+  qtune::prepare_output_directory(out, "--out", vm["overwrite"].as<bool>(),
+                                  {model_path, tok});
   const int64_t bytes = format == "bnb" ? qtune::save_bnb_model(out, files.config, *files.weights,
                                                                 *backend, options, skip, dtype, tok)
                                         : qtune::save_quantized_model(

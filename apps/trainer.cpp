@@ -55,6 +55,7 @@ int run(int argc, char** argv) {
   auto semantic = [](const std::string& type) -> po::value_semantic* {
     if (type == "integer") return po::value<int64_t>();
     if (type == "number") return po::value<double>();
+    if (type == "boolean") return po::bool_switch();
     return po::value<std::string>();
   };
   for (const auto& k : qtune::recipe_keys())
@@ -93,7 +94,10 @@ int run(int argc, char** argv) {
     if (k.flag.empty() || !vm.count(k.flag)) continue;
     const auto& v = vm[k.flag].value();
     std::string text;
-    if (auto* str = boost::any_cast<std::string>(&v)) {
+    if (auto* b = boost::any_cast<bool>(&v)) {
+      if (vm[k.flag].defaulted()) continue;  // a switch not given
+      text = *b ? "true" : "false";
+    } else if (auto* str = boost::any_cast<std::string>(&v)) {
       text = qtune::Json(*str).dump();  // quoted: a string key stays a string
     } else if (auto* i = boost::any_cast<int64_t>(&v)) {
       text = std::to_string(*i);

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -23,6 +24,7 @@
 #include <unordered_map>
 
 #include "qtune/atomic_file.h"
+#include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model_files.h"
@@ -95,6 +97,26 @@ CheckpointState CheckpointState::from_json(const Json& j, const std::string& ori
   s.storage = j["storage"];
   s.recipe = j["recipe"];
   s.tokenizer = j.value("tokenizer", "");
+  // Values a run could not have written are refused here, naming the file, not discovered steps
+  // later as a diverged or misplaced run.
+  QTUNE_CHECK(s.step >= 0, origin, ": \"step\" must be >= 0, got ", s.step);
+  try {
+    LoaderState::from_json(s.loader);
+  } catch (const UserError& e) {
+    throw UserError(origin + ": " + e.what());
+  }
+  const Json& p = s.progress;
+  QTUNE_CHECK(!p.contains("tokens") || (p["tokens"].is_number_integer() &&
+                                        p["tokens"].get<int64_t>() >= 0),
+              origin, ": progress.tokens must be an integer >= 0, got ", p["tokens"].dump());
+  for (const char* key :
+       {"train_seconds", "first_val_loss", "best_val_loss", "last_val_loss"}) {
+    if (!p.contains(key) || p[key].is_null()) continue;
+    QTUNE_CHECK(p[key].is_number() && std::isfinite(p[key].get<double>()) &&
+                    p[key].get<double>() >= 0,
+                origin, ": progress.", key, " must be a finite number >= 0 (or null), got ",
+                p[key].dump());
+  }
   return s;
 }
 
@@ -423,6 +445,7 @@ void load_checkpoint_weights(const std::string& dir, const CheckpointState& stat
     QTUNE_CHECK(t.sizes() == p.sizes(), st.path(), ": tensor ", key, " has shape ",
                 shape_str(t.sizes()), ", but parameter ", path, " of this model has ",
                 shape_str(p.sizes()));
+    check_finite_weight(t, st.path(), key);
     p.copy_(t);
     seen.insert(path);
   }
@@ -450,6 +473,9 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
       auto t = st->tensor(key);
       QTUNE_CHECK(t.sizes() == p.sizes(), file, ": tensor ", key, " has shape ",
                   shape_str(t.sizes()), ", expected ", shape_str(p.sizes()));
+      check_finite_weight(t, file, key);
+      QTUNE_CHECK(suffix == ".exp_avg" || !(t < 0).any().item<bool>(), file, ": tensor ", key,
+                  " has negative values; a second moment is a mean of squares");
       used.insert(key);
       // A private copy: the mapping is read-only and AdamW updates its moments in place.
       return t.to(p.options(), /*non_blocking=*/false, /*copy=*/true);
@@ -459,7 +485,12 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
     s->exp_avg_sq(moment(".exp_avg_sq"));
     if (st->has(path + ".max_exp_avg_sq")) s->max_exp_avg_sq(moment(".max_exp_avg_sq"));
     QTUNE_CHECK(st->has(path + ".step"), file, ": missing tensor ", path, ".step");
-    s->step(st->tensor(path + ".step").item<int64_t>());
+    const auto step_t = st->tensor(path + ".step");
+    QTUNE_CHECK(step_t.numel() == 1, file, ": tensor ", path, ".step must hold one value");
+    const int64_t step = step_t.item<int64_t>();
+    QTUNE_CHECK(step >= 0 && step <= state.step, file, ": tensor ", path, ".step is ", step,
+                ", expected 0 .. ", state.step, " (the checkpoint's step)");
+    s->step(step);
     used.insert(path + ".step");
     opt_state[optimizer_key(opt_state, p)] = std::move(s);
   }

@@ -174,7 +174,9 @@ torch::Tensor Llama2cCheckpoint::get(const std::string& name, torch::ScalarType 
   const Entry& e = entry(name);
   torch::Tensor t = raw(name);
   if (e.rope_heads > 0) t = rope_interleaved_to_half(t, e.rope_heads);  // a copy already
-  return t.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  t = t.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  check_finite_weight(t, path_, name);
+  return t;
 }
 
 std::vector<std::string> Llama2cCheckpoint::names() const { return order_; }

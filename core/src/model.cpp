@@ -267,7 +267,11 @@ class SlotBuilder {
       const std::string backend = st.meta.value("backend", "");
       QTUNE_CHECK(backend == quant->name(), weights_.describe(), ": ", name,
                   " was quantized with '", backend, "' but quant.name is '", quant->name(), "'");
-      q = quant->load(st);
+      try {
+        q = quant->load(st);
+      } catch (const UserError& e) {  // the backend names the state key; say whose it is
+        throw UserError(detail::concat(weights_.describe(), ": module ", name, ": ", e.what()));
+      }
     } else {
       q = quant->quantize(weights_.get(source, torch::kFloat32), spec_.base.quant_options);
       return_freed_heap();

@@ -162,9 +162,27 @@ std::vector<int64_t> SafetensorsWeightSource::shape(const std::string& name) con
   return info(name).shape;
 }
 
+void check_finite_weight(const torch::Tensor& t, const std::string& where,
+                         const std::string& name) {
+  if (!t.is_floating_point() || torch::isfinite(t).all().item<bool>()) return;
+  const int64_t nan = torch::isnan(t).sum().item<int64_t>();
+  const int64_t inf = torch::isinf(t).sum().item<int64_t>();
+  throw UserError(detail::concat(where, ": tensor \"", name, "\" holds ", nan, " NaN and ", inf,
+                                 " infinite values; weights must be finite (a damaged file, or "
+                                 "saved from a run that diverged)"));
+}
+
 torch::Tensor SafetensorsWeightSource::get(const std::string& name, torch::ScalarType dtype) const {
+  const auto& file = file_of(name);
+  // A weight is read as a number type: an integer or boolean tensor of the same byte size (an I32
+  // embedding) would convert silently into nonsense.
+  const std::string& stored = file->info(name).dtype;
+  QTUNE_CHECK(!torch::isFloatingType(dtype) || stored[0] == 'F' || stored == "BF16",
+              file->path(), ": tensor \"", name, "\" has dtype ", stored,
+              "; model weights must be a floating type (F32, F16, BF16)");
   torch::Tensor t = view(name).to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  file_of(name)->release(name);  // the copy is what the caller keeps
+  file->release(name);  // the copy is what the caller keeps
+  check_finite_weight(t, file->path(), name);
   return t;
 }
 

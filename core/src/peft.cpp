@@ -98,6 +98,46 @@ Json read_peft_qtune_info(const std::string& dir) {
   }
 }
 
+namespace {
+
+// adapter_config.json must describe the adapter it sits beside: the fields the model's adapter
+// (built from what qtune recorded, or from this very config) writes itself are compared, and for
+// a qtune adapter the target modules too. A difference is refused, never ignored.
+void check_config_agrees(const Json& config, const std::string& file,
+                         const LlamaForCausalLMImpl& model, bool recorded_by_qtune) {
+  Json own;
+  std::set<std::string> targets;
+  for (const auto& [path, slot] : model.slots()) {
+    if (!slot->adapter()) continue;
+    if (own.is_null()) own = slot->adapter()->peft_config();
+    targets.insert(peft_module_name(short_name_of(path)));
+  }
+  if (own.is_null()) return;
+  const char* source = recorded_by_qtune ? "what qtune recorded in the adapter's safetensors"
+                                         : "the adapter's tensors";
+  for (const char* key : {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora"}) {
+    if (!config.contains(key) || !own.contains(key) || config[key].is_null()) continue;
+    const Json &a = config[key], &b = own[key];
+    const bool same = a.is_number() && b.is_number() ? a.get<double>() == b.get<double>() : a == b;
+    QTUNE_CHECK(same, file, ": ", key, " is ", a.dump(), ", but ", source, " says ", b.dump(),
+                "; the config does not describe this adapter");
+  }
+  if (!recorded_by_qtune || !config.contains("target_modules") ||
+      !config["target_modules"].is_array())
+    return;
+  std::set<std::string> listed;
+  for (const auto& m : config["target_modules"]) listed.insert(m.is_string() ? m.get<std::string>() : m.dump());
+  auto join = [](const std::set<std::string>& s) {
+    std::string out;
+    for (const auto& x : s) out += (out.empty() ? "" : ", ") + x;
+    return out.empty() ? std::string("none") : out;
+  };
+  QTUNE_CHECK(listed == targets, file, ": target_modules [", join(listed), "], but ", source,
+              " says [", join(targets), "]; the config does not describe this adapter");
+}
+
+}  // namespace
+
 void load_peft_adapter(const std::string& dir, LlamaForCausalLMImpl& model,
                        const Json& base_identity) {
   const auto file = (fs::path(dir) / kWeightsFile).string();
@@ -124,6 +164,8 @@ void load_peft_adapter(const std::string& dir, LlamaForCausalLMImpl& model,
     if (config.contains("use_rslora") && config["use_rslora"].is_boolean())
       options["use_rslora"] = config["use_rslora"];
   }
+
+  check_config_agrees(config, (fs::path(dir) / kConfigFile).string(), model, identity.is_object());
 
   auto st = SafetensorsFile::open(file);
   std::set<std::string> used;

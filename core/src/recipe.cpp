@@ -5,10 +5,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <sstream>
+#include <thread>
 #include <type_traits>
 
 #include <boost/dll/runtime_symbol_info.hpp>
+#include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
 #include "qtune/chat_template.h"
@@ -64,6 +67,15 @@ Check<std::string> one_of(std::vector<std::string> allowed) {
 Check<std::string> chat_template_name() {
   return [](const std::string& v) {
     if (v != "auto") ChatTemplate::builtin(v, "data.template");  // throws naming the built-ins
+    return std::string();
+  };
+}
+// 0 (= all cores) up to the cores of this machine: more only oversubscribes them.
+Check<int64_t> thread_count() {
+  return [](const int64_t& v) {
+    const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+    if (v < 0) return std::string("must be >= 0 (0 = all cores)");
+    if (v > cores) return "must be at most " + show(cores) + ", the cores of this machine (0 = all)";
     return std::string();
   };
 }
@@ -125,10 +137,11 @@ void declare_keys(V& v, Recipe& r) {
   v("dist.bucket_mb", r.dist.bucket_mb, 25.0, "", "gradient all-reduce bucket size in MiB");
   v("log_every", r.log_every, int64_t{10}, "", "log line interval when stderr is not a terminal", above<int64_t>(0));
   v("seed", r.seed, uint64_t{42}, "seed", "data split, shuffling, adapter init, dropout");
-  v("threads", r.threads, int64_t{0}, "threads", "intra-op threads (0 = all cores)", at_least<int64_t>(0, " (0 = all cores)"));
+  v("threads", r.threads, int64_t{0}, "threads", "intra-op threads (0 = all cores; at most the cores)", thread_count());
   v("output_dir", r.output_dir, "runs/default", "output_dir", "metrics, summary, checkpoints, adapter / model", not_empty());
   v("plugin_dir", r.plugin_dir, "", "plugin_dir", "searched before `QTUNE_PLUGIN_PATH` and the install's plugin folder");
   v("resume", r.resume, "", "resume", "checkpoint directory or `latest`");
+  v("overwrite", r.overwrite, false, "overwrite", "start anew in an `output_dir` that holds a run (its recipe, metrics, summary, checkpoints, adapter / model are removed first); without it such a directory is refused unless resuming (with `resume` it has no effect)");
   // clang-format on
 }
 
@@ -167,6 +180,10 @@ struct ReadKeys {
       for (const auto& m : value)
         QTUNE_CHECK(m.is_string(), path, " must be a list of names, got ", m.dump());
     }
+    if constexpr (std::is_unsigned_v<T> && !std::is_same_v<T, bool>)
+      QTUNE_CHECK(!value.is_number_integer() || value.is_number_unsigned() ||
+                      value.get<int64_t>() >= 0,
+                  path, " must be >= 0, got ", value.dump());
     member = value.get<T>();
     if (check) {
       const std::string err = check(member);
@@ -263,26 +280,53 @@ Json scalar_to_json(const YAML::Node& n) {
   return s;
 }
 
-Json node_to_json(const YAML::Node& n) {
-  switch (n.Type()) {
-    case YAML::NodeType::Null:
-    case YAML::NodeType::Undefined:
-      return nullptr;
-    case YAML::NodeType::Scalar:
-      return scalar_to_json(n);
-    case YAML::NodeType::Sequence: {
-      Json a = Json::array();
-      for (const auto& e : n) a.push_back(node_to_json(e));
-      return a;
-    }
-    case YAML::NodeType::Map: {
-      Json o = Json::object();
-      for (const auto& kv : n) o[kv.first.as<std::string>()] = node_to_json(kv.second);
-      return o;
-    }
+// A recipe is small: bounds on what a YAML document may expand to (aliases repeat whole subtrees,
+// so a few lines can stand for billions of values) and on its nesting.
+constexpr int64_t kMaxYamlValues = 100000;
+constexpr int kMaxYamlDepth = 32;
+
+struct YamlReader {
+  std::string origin;  // the file, or the override's text
+  int64_t values = 0;
+
+  std::string where(const YAML::Node& n) const {
+    const auto m = n.Mark();
+    return m.line >= 0 ? detail::concat(origin, ":", m.line + 1) : origin;
   }
-  return nullptr;
-}
+
+  Json convert(const YAML::Node& n, int depth) {
+    QTUNE_CHECK(++values <= kMaxYamlValues, where(n), ": the YAML expands to more than ",
+                kMaxYamlValues, " values (aliases repeating large anchors?); a recipe is far smaller");
+    QTUNE_CHECK(depth <= kMaxYamlDepth, where(n), ": the YAML nests deeper than ", kMaxYamlDepth,
+                " levels");
+    switch (n.Type()) {
+      case YAML::NodeType::Null:
+      case YAML::NodeType::Undefined:
+        return nullptr;
+      case YAML::NodeType::Scalar:
+        return scalar_to_json(n);
+      case YAML::NodeType::Sequence: {
+        Json a = Json::array();
+        for (const auto& e : n) a.push_back(convert(e, depth + 1));
+        return a;
+      }
+      case YAML::NodeType::Map: {
+        Json o = Json::object();
+        std::map<std::string, std::string> first;  // key -> where it was first given
+        for (const auto& kv : n) {
+          QTUNE_CHECK(kv.first.IsScalar(), where(kv.first), ": a mapping key must be a name");
+          const std::string key = kv.first.Scalar();
+          const auto [it, fresh] = first.emplace(key, where(kv.first));
+          QTUNE_CHECK(fresh, where(kv.first), ": duplicate key '", key, "' (first given at ",
+                      it->second, "); give each key once");
+          o[key] = convert(kv.second, depth + 1);
+        }
+        return o;
+      }
+    }
+    return nullptr;
+  }
+};
 
 bool compatible(const Json& expected, const Json& got) {
   if (expected.is_number_float()) return got.is_number();
@@ -339,8 +383,10 @@ Json load_yaml_file(const std::string& path) {
   QTUNE_CHECK(fs::exists(path), "config file not found: ", path);
   Json j;
   try {
-    // Converting is inside: a key that is not a scalar fails there (YAML::BadConversion).
-    j = node_to_json(YAML::LoadFile(path));
+    j = YamlReader{path}.convert(YAML::LoadFile(path), 0);
+  } catch (const YAML::DeepRecursion& e) {
+    throw UserError(detail::concat(path, ":", e.mark.line + 1, ": the YAML nests deeper than ",
+                                   e.depth(), " levels"));
   } catch (const YAML::Exception& e) {
     throw UserError(detail::concat(path, ":", e.mark.line + 1, ": invalid YAML: ", e.msg));
   }
@@ -353,7 +399,7 @@ Json load_yaml_file(const std::string& path) {
 Json parse_yaml_value(const std::string& text) {
   Json j;
   try {
-    j = node_to_json(YAML::Load(text));
+    j = YamlReader{"value '" + text + "'"}.convert(YAML::Load(text), 0);
   } catch (const YAML::Exception& e) {
     throw UserError("cannot parse value '" + text + "': " + e.msg);
   }

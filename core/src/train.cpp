@@ -21,6 +21,7 @@
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model_files.h"
+#include "qtune/output_dir.h"
 #include "qtune/peft.h"
 #include "qtune/process.h"
 #include "qtune/process_group.h"
@@ -183,13 +184,41 @@ std::vector<std::string> recipe_changes(const Json& before, const Json& now) {
   flatten(now, "", b);
   std::vector<std::string> out;
   for (const auto& [k, v] : b) {
-    if (k == "output_dir" || k == "resume" || k == "plugin_dir" || k == "log_every") continue;
+    if (k == "output_dir" || k == "resume" || k == "overwrite" || k == "plugin_dir" ||
+        k == "log_every")
+      continue;
     auto it = a.find(k);
     if (it == a.end() || it->second != v)
       out.push_back(k + " " + (it == a.end() ? std::string("(unset)") : it->second.dump()) +
                     " -> " + v.dump());
   }
   return out;
+}
+
+// What a run leaves in its output_dir.
+constexpr const char* kRunEntries[] = {"recipe.json", "metrics.jsonl", "summary.json",
+                                       "checkpoints", "adapter",     "model"};
+
+// A new run in a directory that holds one is refused unless resuming it or replacing it
+// (`overwrite` removes the earlier run's entries; anything else in the directory stays).
+void claim_output_dir(const std::string& dir, bool overwrite, bool resuming) {
+  if (resuming) return;
+  std::vector<std::string> found;
+  for (const char* name : kRunEntries)
+    if (fs::exists(fs::path(dir) / name)) found.push_back(name);
+  if (found.empty()) return;
+  std::string list;
+  for (const auto& f : found) list += (list.empty() ? "" : ", ") + f;
+  QTUNE_CHECK(overwrite, "output_dir: ", dir, " already holds a run (", list,
+              "); continue it with --resume latest, replace it with --overwrite, or choose "
+              "another output_dir");
+  spdlog::warn("output_dir: overwrite: removing the earlier run's {} in {}", list, dir);
+  for (const auto& f : found) {
+    std::error_code ec;
+    fs::remove_all(fs::path(dir) / f, ec);
+    QTUNE_CHECK(!ec, "output_dir: cannot remove ", (fs::path(dir) / f).string(), ": ",
+                ec.message());
+  }
 }
 
 // What the training split is made of: with data.pack, fewer examples and less padding.
@@ -217,6 +246,7 @@ double null_to_nan(const Json& j, const char* key) {
 struct Trainer::Run {
   using clock = std::chrono::steady_clock;
   std::string out_dir, ckpt_root, tok_path;
+  std::unique_ptr<DirectoryLock> lock;  // of out_dir, on rank 0
   ModelConfig config;
   Json identity;
   DataSplits data;
@@ -303,14 +333,21 @@ void Trainer::setup() {
     for (const auto& change : recipe_changes(s.resumed.recipe, r_.tree))
       spdlog::warn("resume: recipe changed since the checkpoint: {}", change);
   }
-  std::error_code ec;
-  fs::create_directories(s.out_dir, ec);
-  QTUNE_CHECK(!ec, "output_dir: cannot create ", s.out_dir, ": ", ec.message());
+  // Rank 0 writes for the job: it holds output_dir for the whole run, and a run already there is
+  // only continued (resume) or replaced (overwrite), never mixed with this one.
+  if (s.main) {
+    s.lock = std::make_unique<DirectoryLock>(s.out_dir, "output_dir");
+    claim_output_dir(s.out_dir, rc.overwrite, !rc.resume.empty());
+  }
 
   // Model first (it may name its own tokenizer), then data.
   const auto t_load = Run::clock::now();
   ModelFiles files = open_model(r_.model_path);
   s.config = files.config;
+  QTUNE_CHECK(rc.data.seq_len <= files.config.max_position_embeddings, "data.seq_len ",
+              rc.data.seq_len, " is longer than the context of ", r_.model_path, " (",
+              files.config.max_position_embeddings,
+              " positions, max_position_embeddings); lower data.seq_len (--seq_len)");
   s.tok_path = r_.tokenizer_path.empty() ? files.tokenizer_path : r_.tokenizer_path;
   QTUNE_CHECK(!s.tok_path.empty(), "model.tokenizer: ", r_.model_path,
               " has no tokenizer beside it; set model.tokenizer (--tokenizer)");
@@ -362,7 +399,8 @@ void Trainer::setup() {
   for (auto& [_, p] : named) s.params.push_back(p);
   // Every rank must be about to train the same thing from the same start.
   Json local_recipe = r_.tree;
-  for (const char* k : {"output_dir", "plugin_dir", "threads", "log_every"}) local_recipe.erase(k);
+  for (const char* k : {"output_dir", "overwrite", "plugin_dir", "threads", "log_every"})
+    local_recipe.erase(k);
   s.group->check_agreement("run", {{"recipe", local_recipe},
                                    {"identity", s.identity},
                                    {"trainable_initial_state", tensor_fingerprint(s.params)}});
@@ -392,7 +430,11 @@ void Trainer::resume() {
     load_checkpoint_tensors(s.resume_dir, s.resumed, *s.model, *s.opt);
     s.loader->restore(LoaderState::from_json(s.resumed.loader));
     // Last: building the model drew adapter initialisations from this generator.
-    restore_rng_state(s.resumed.rng);
+    try {
+      restore_rng_state(s.resumed.rng);
+    } catch (const UserError& e) {
+      throw UserError((fs::path(s.resume_dir) / "trainer_state.json").string() + ": " + e.what());
+    }
     s.start_step = s.resumed.step;
     const Json& p = s.resumed.progress;
     s.tokens_seen = p.value("tokens", int64_t{0});

@@ -74,6 +74,7 @@ struct QTUNE_API Recipe {
   int64_t log_every = 0, threads = 0;
   uint64_t seed = 0;
   std::string output_dir, plugin_dir, resume;
+  bool overwrite = false;
 
   /// Reads and checks a complete recipe tree (as merge_recipe builds it): ranges and
   /// consistency, each error naming the key and the value.

@@ -37,6 +37,11 @@ class QTUNE_API WeightSource {
   virtual TensorState quantized(const std::string& name) const;
 };
 
+/// What every weight a model is built from must pass, checked as it is read: `t` (the values
+/// read) holds only finite numbers. Throws UserError naming `where` (the file) and `name`.
+QTUNE_API void check_finite_weight(const torch::Tensor& t, const std::string& where,
+                                   const std::string& name);
+
 /// A model on disk: its architecture and its weights. `tokenizer_path` is the tokenizer found
 /// beside the model (tokenizer.model in an HF directory), empty when there is none.
 struct QTUNE_API ModelFiles {
