@@ -645,6 +645,10 @@ Corpus read_corpus(const std::string& path, const std::string& key, const DataCo
   const std::string format = resolve_format(config.format, path, content);
   c.text = format == "text";
   if (c.text) {
+    // A NUL byte is never text: a binary file (a checkpoint, an archive) given as data.
+    const auto nul = content.find('\0');
+    QTUNE_CHECK(nul == std::string::npos, key, ": '", path, "' is not a text file (a NUL byte at ",
+                "offset ", nul, "); give a text, JSON or JSONL file");
     c.docs = split_documents(content);
     QTUNE_CHECK(!c.docs.empty(), key, ": '", path, "' holds no text");
   } else {

@@ -2,6 +2,7 @@
 // Conventions follow HF PEFT (peft/tuners/lora/{config,layer}.py) so adapters are interchangeable.
 #include "lora_adapter.h"
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 #include <sstream>
@@ -197,6 +198,11 @@ std::shared_ptr<Adapter> LoraFactory::create(int64_t in_features, int64_t out_fe
   QTUNE_CHECK(in_features > 0 && out_features > 0, "lora adapter: features must be > 0, got in ",
               in_features, ", out ", out_features);
   const LoraOptions o = LoraOptions::from_json(resolve_options(option_schema(), options, kContext));
+  // Bounded by the layer before anything is allocated: a rank above both dimensions adds only
+  // memory (and a mistyped 1000000 would ask for gigabytes).
+  QTUNE_CHECK(o.rank <= std::max(in_features, out_features), kContext, ".rank must be at most ",
+              std::max(in_features, out_features), " (the larger dimension of a ", out_features,
+              " x ", in_features, " layer), got ", o.rank);
   return std::make_shared<LoraAdapter>(in_features, out_features, o);
 }
 
