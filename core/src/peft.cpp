@@ -100,40 +100,62 @@ Json read_peft_qtune_info(const std::string& dir) {
 
 namespace {
 
-// adapter_config.json must describe the adapter it sits beside: the fields the model's adapter
-// (built from what qtune recorded, or from this very config) writes itself are compared, and for
-// a qtune adapter the target modules too. A difference is refused, never ignored.
-void check_config_agrees(const Json& config, const std::string& file,
-                         const LlamaForCausalLMImpl& model, bool recorded_by_qtune) {
-  Json own;
-  std::set<std::string> targets;
-  for (const auto& [path, slot] : model.slots()) {
-    if (!slot->adapter()) continue;
-    if (own.is_null()) own = slot->adapter()->peft_config();
-    targets.insert(peft_module_name(short_name_of(path)));
-  }
-  if (own.is_null()) return;
-  const char* source = recorded_by_qtune ? "what qtune recorded in the adapter's safetensors"
-                                         : "the adapter's tensors";
-  for (const char* key : {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora"}) {
-    if (!config.contains(key) || !own.contains(key) || config[key].is_null()) continue;
-    const Json &a = config[key], &b = own[key];
-    const bool same = a.is_number() && b.is_number() ? a.get<double>() == b.get<double>() : a == b;
-    QTUNE_CHECK(same, file, ": ", key, " is ", a.dump(), ", but ", source, " says ", b.dump(),
+// adapter_config.json must describe the adapter it sits beside: its rank against the tensors'
+// (lora_A is [r, in]), and for a qtune adapter rank, alpha, rsLoRA and target modules against what
+// qtune recorded; its kind (peft_type, use_dora) against the adapter loading it. A difference is
+// refused, never ignored.
+void check_config_agrees(const Json& config, const std::string& file, const SafetensorsFile& st,
+                         const Json& identity, const LlamaForCausalLMImpl& model) {
+  auto differs = [&](const char* key, const Json& other, const std::string& source) {
+    const Json& a = config[key];
+    const bool same = a.is_number() && other.is_number() ? a.get<double>() == other.get<double>()
+                                                         : a == other;
+    QTUNE_CHECK(same, file, ": ", key, " is ", a.dump(), ", but ", source, " says ", other.dump(),
                 "; the config does not describe this adapter");
-  }
-  if (!recorded_by_qtune || !config.contains("target_modules") ||
-      !config["target_modules"].is_array())
-    return;
-  std::set<std::string> listed;
-  for (const auto& m : config["target_modules"]) listed.insert(m.is_string() ? m.get<std::string>() : m.dump());
-  auto join = [](const std::set<std::string>& s) {
-    std::string out;
-    for (const auto& x : s) out += (out.empty() ? "" : ", ") + x;
-    return out.empty() ? std::string("none") : out;
   };
-  QTUNE_CHECK(listed == targets, file, ": target_modules [", join(listed), "], but ", source,
-              " says [", join(targets), "]; the config does not describe this adapter");
+  auto has = [&](const char* key) { return config.contains(key) && !config[key].is_null(); };
+  // Kind: the adapter plugin that loads it writes these itself.
+  Json own;
+  for (const auto& [path, slot] : model.slots())
+    if (slot->adapter()) {
+      own = slot->adapter()->peft_config();
+      break;
+    }
+  for (const char* key : {"peft_type", "use_dora"})
+    if (has(key) && own.contains(key)) differs(key, own[key], "the adapter loading it");
+  // Rank: every lora_A tensor, and the modules they sit on.
+  const std::string suffix = ".lora_A.weight";
+  std::set<std::string> modules;
+  for (const auto& name : st.names()) {
+    if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    const std::string module = name.substr(0, name.size() - suffix.size());
+    modules.insert(module.substr(module.rfind('.') + 1));
+    const auto& shape = st.info(name).shape;
+    if (has("r") && !shape.empty() && !(config.contains("rank_pattern") && !config["rank_pattern"].empty()))
+      differs("r", Json(shape[0]), "tensor " + name + " of " + st.path());
+  }
+  if (!identity.is_object()) return;  // an adapter of another tool: its config is all there is
+  const Json recorded = identity.value("adapter_options", Json());
+  const std::string source = "what qtune recorded in " + st.path();
+  if (recorded.is_object()) {
+    if (has("r") && recorded.contains("rank")) differs("r", recorded["rank"], source);
+    if (has("lora_alpha") && recorded.contains("alpha")) differs("lora_alpha", recorded["alpha"], source);
+    if (has("use_rslora") && recorded.contains("use_rslora"))
+      differs("use_rslora", recorded["use_rslora"], source);
+  }
+  if (config.contains("target_modules") && config["target_modules"].is_array()) {
+    std::set<std::string> listed;
+    for (const auto& m : config["target_modules"])
+      listed.insert(m.is_string() ? m.get<std::string>() : m.dump());
+    auto join = [](const std::set<std::string>& set) {
+      std::string out;
+      for (const auto& x : set) out += (out.empty() ? "" : ", ") + x;
+      return out.empty() ? std::string("none") : out;
+    };
+    QTUNE_CHECK(listed == modules, file, ": target_modules [", join(listed), "], but the tensors of ",
+                st.path(), " are on [", join(modules), "]; the config does not describe this adapter");
+  }
 }
 
 }  // namespace
@@ -165,9 +187,9 @@ void load_peft_adapter(const std::string& dir, LlamaForCausalLMImpl& model,
       options["use_rslora"] = config["use_rslora"];
   }
 
-  check_config_agrees(config, (fs::path(dir) / kConfigFile).string(), model, identity.is_object());
-
   auto st = SafetensorsFile::open(file);
+  check_config_agrees(config, (fs::path(dir) / kConfigFile).string(), *st, identity, model);
+
   std::set<std::string> used;
   bool any = false;
   for (const auto& [path, slot] : model.slots()) {

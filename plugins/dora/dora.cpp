@@ -7,7 +7,6 @@
 // DoRA is PEFT's LoraConfig with use_dora, and plugins never include each other (DESIGN.md).
 #include "dora.h"
 
-#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -42,6 +41,9 @@ DoraOptions DoraOptions::from_json(const Json& resolved) {
   o.use_rslora = resolved.at("use_rslora").get<bool>();
   o.init = resolved.at("init").get<std::string>();
   QTUNE_CHECK(o.rank > 0, kContext, ".rank must be > 0, got ", o.rank);
+  // Bounded before anything is allocated from it (a mistyped 1000000 would ask for gigabytes);
+  // far above any rank in use (PEFT's largest published recipes use 256).
+  QTUNE_CHECK(o.rank <= 65536, kContext, ".rank must be at most 65536, got ", o.rank);
   QTUNE_CHECK(std::isfinite(o.alpha) && o.alpha > 0, kContext, ".alpha must be > 0, got ", o.alpha);
   QTUNE_CHECK(o.dropout >= 0 && o.dropout < 1, kContext, ".dropout must be in [0, 1), got ",
               o.dropout);
@@ -250,16 +252,15 @@ std::vector<OptionSpec> DoraFactory::option_schema() const {
   };
 }
 
+Json DoraFactory::check_options(const Json& user, const std::string& context) const {
+  return DoraOptions::from_json(resolve_options(option_schema(), user, context)).to_json();
+}
+
 std::shared_ptr<Adapter> DoraFactory::create(int64_t in_features, int64_t out_features,
                                              const Json& options) const {
   QTUNE_CHECK(in_features > 0 && out_features > 0, "dora adapter: features must be > 0, got in ",
               in_features, ", out ", out_features);
   const DoraOptions o = DoraOptions::from_json(resolve_options(option_schema(), options, kContext));
-  // Bounded by the layer before anything is allocated: a rank above both dimensions adds only
-  // memory (and a mistyped 1000000 would ask for gigabytes).
-  QTUNE_CHECK(o.rank <= std::max(in_features, out_features), kContext, ".rank must be at most ",
-              std::max(in_features, out_features), " (the larger dimension of a ", out_features,
-              " x ", in_features, " layer), got ", o.rank);
   return std::make_shared<DoraAdapter>(in_features, out_features, o);
 }
 

@@ -89,6 +89,8 @@ class DoraFactory : public AdapterFactory {
  public:
   std::string name() const override { return "dora"; }
   std::vector<OptionSpec> option_schema() const override;
+  /// The schema's types and the ranges of DoraOptions, before any adapter is built.
+  Json check_options(const Json& user, const std::string& context) const override;
   std::shared_ptr<Adapter> create(int64_t in_features, int64_t out_features,
                                   const Json& options) const override;
 };

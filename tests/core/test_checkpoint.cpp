@@ -49,7 +49,7 @@ void train_step(LlamaForCausalLMImpl& m, torch::optim::AdamW& opt, uint64_t seed
 CheckpointState state_at(int64_t step, const Json& identity = Json::object()) {
   CheckpointState s;
   s.step = step;
-  s.loader = Json{{"epoch", 0}, {"index", step}};
+  s.loader = Json{{"epoch", 0}, {"index", step}, {"seed", 0}, {"num_examples", 64}, {"batch_size", 2}};
   s.rng = capture_rng_state();
   s.recipe = Json{{"note", "test"}};
   s.identity = identity;
