@@ -80,6 +80,9 @@ std::string cached(const std::string& name, const std::function<void(const std::
   fs::create_directories(tmp);
   make(tmp.string());
   fs::rename(tmp, dir);
+  for (const auto& entry : fs::directory_iterator(root))  // made by earlier builds
+    if (entry.path() != dir && entry.path().filename().string().rfind(name + "-", 0) == 0)
+      fs::remove_all(entry.path());
   return dir.string();
 }
 
@@ -101,30 +104,44 @@ void edit_json(const std::string& path, const std::function<void(json&)>& edit) 
   write(path, j.dump(2));
 }
 
-// The header of a safetensors file, edited in place (the data bytes stay as they are).
-void edit_safetensors_header(const std::string& path, const std::function<void(json&)>& edit) {
-  const std::string bytes = test::read_file(path);
+// The header of a safetensors file: its JSON, and the offset where the data begins.
+std::pair<json, uint64_t> safetensors_header(const std::string& bytes) {
   uint64_t n = 0;
   std::memcpy(&n, bytes.data(), 8);
-  json header = json::parse(bytes.substr(8, n));
-  edit(header);
-  std::string h = header.dump();
-  h.resize(std::max(h.size(), static_cast<size_t>(n)), ' ');  // keep the data where it was
-  if (h.size() > n) throw std::runtime_error("edited header grew");
-  std::string out(8, '\0');
-  std::memcpy(out.data(), &n, 8);
-  write(path, out + h + bytes.substr(8 + n));
+  return {json::parse(bytes.substr(8, n)), 8 + n};
 }
 
-// Overwrites the first float of tensor `name` with `value`.
-void poke_float(const std::string& path, const std::string& name, float value) {
+// The header edited in place (the data bytes stay where they were).
+void edit_safetensors_header(const std::string& path, const std::function<void(json&)>& edit) {
+  const std::string bytes = test::read_file(path);
+  auto [header, data_begin] = safetensors_header(bytes);
+  edit(header);
+  std::string h = header.dump();
+  const size_t n = data_begin - 8;
+  if (h.size() > n) throw std::runtime_error("edited header grew");
+  h.resize(n, ' ');
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &n, 8);
+  write(path, out + h + bytes.substr(data_begin));
+}
+
+// Overwrites the first float of tensor `name`, or of the first tensor whose name ends with
+// `name` when `suffix` is set.
+void poke_float(const std::string& path, const std::string& name, float value,
+                bool suffix = false) {
   std::string bytes = test::read_file(path);
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  const json header = json::parse(bytes.substr(8, n));
-  const uint64_t at = 8 + n + header.at(name).at("data_offsets")[0].get<uint64_t>();
-  std::memcpy(bytes.data() + at, &value, 4);
-  write(path, bytes);
+  const auto [header, data_begin] = safetensors_header(bytes);
+  for (const auto& [key, info] : header.items()) {
+    const bool match = suffix ? key != "__metadata__" && key.size() >= name.size() &&
+                                    key.compare(key.size() - name.size(), name.size(), name) == 0
+                              : key == name;
+    if (!match) continue;
+    const uint64_t at = data_begin + info.at("data_offsets")[0].get<uint64_t>();
+    std::memcpy(bytes.data() + at, &value, 4);
+    write(path, bytes);
+    return;
+  }
+  throw std::runtime_error("no tensor " + name + " in " + path);
 }
 
 // Another base: stories260K with one norm weight changed (its fingerprint differs).
@@ -734,50 +751,17 @@ std::vector<Case> make_cases() {
       "not valid JSON");
   add(ckpt, "resume_moment_nan", "a NaN in an optimizer moment",
       resume_after([](const std::string& d) {
-        const std::string f = d + "/optimizer.safetensors";
-        const json h = [&] {
-          const std::string b = test::read_file(f);
-          uint64_t n = 0;
-          std::memcpy(&n, b.data(), 8);
-          return json::parse(b.substr(8, n));
-        }();
-        for (const auto& [k, _] : h.items())
-          if (k.size() > 8 && k.substr(k.size() - 8) == ".exp_avg") {
-            poke_float(f, k, NAN);
-            break;
-          }
+        poke_float(d + "/optimizer.safetensors", ".exp_avg", NAN, true);
       }),
       "holds 1 NaN");
   add(ckpt, "resume_moment_negative", "a negative second moment (exp_avg_sq)",
       resume_after([](const std::string& d) {
-        const std::string f = d + "/optimizer.safetensors";
-        const std::string b = test::read_file(f);
-        uint64_t n = 0;
-        std::memcpy(&n, b.data(), 8);
-        const json header = json::parse(b.substr(8, n));
-        for (const auto& [k, _] : header.items())
-          if (k.size() > 11 && k.substr(k.size() - 11) == ".exp_avg_sq") {
-            poke_float(f, k, -1.0f);
-            break;
-          }
+        poke_float(d + "/optimizer.safetensors", ".exp_avg_sq", -1.0f, true);
       }),
       "has negative values; a second moment is a mean of squares");
   add(ckpt, "resume_weight_nan", "a NaN in a checkpointed adapter weight",
       resume_after([](const std::string& d) {
-        for (const auto& entry : fs::directory_iterator(d)) {
-          const std::string f = entry.path().string();
-          if (f.find("optimizer") != std::string::npos || entry.path().extension() != ".safetensors")
-            continue;
-          const std::string b = test::read_file(f);
-          uint64_t n = 0;
-          std::memcpy(&n, b.data(), 8);
-          const json header = json::parse(b.substr(8, n));
-          for (const auto& [k, _] : header.items())
-            if (k != "__metadata__") {
-              poke_float(f, k, NAN);
-              return;
-            }
-        }
+        poke_float(d + "/adapter_model.safetensors", ".weight", NAN, true);
       }),
       "holds 1 NaN");
   add(ckpt, "resume_other_model", "resuming on another base model",
