@@ -145,6 +145,34 @@ bool ModelConfig::has_bias(const std::string& n) const {
   return false;
 }
 
+namespace {
+// ModelConfig::validate's upper limits (see there).
+constexpr int64_t kMaxHiddenSize = int64_t{1} << 17;
+constexpr int64_t kMaxIntermediateSize = int64_t{1} << 20;
+constexpr int64_t kMaxLayers = 4096;
+constexpr int64_t kMaxHeads = int64_t{1} << 12;
+constexpr int64_t kMaxHeadDim = int64_t{1} << 14;
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxPositions = int64_t{1} << 30;
+// Upper limits far above any real model (the largest have hidden 16384-25600, 256k vocab) that
+// keep every size product a loader forms (rows x columns x layers x bytes) inside int64_t, and
+// turn a corrupt or hostile config into an error before anything is allocated from it.
+void check_size_limits(const ModelConfig& c, const std::string& origin) {
+  auto at_most = [&](const char* key, int64_t value, int64_t limit) {
+    QTUNE_CHECK(value <= limit, origin, ": ", key, " = ", value, " is above the limit ", limit);
+  };
+  at_most("hidden_size", c.hidden_size, kMaxHiddenSize);
+  at_most("intermediate_size", c.intermediate_size, kMaxIntermediateSize);
+  at_most("num_hidden_layers", c.num_hidden_layers, kMaxLayers);
+  at_most("num_attention_heads", c.num_attention_heads, kMaxHeads);
+  at_most("num_key_value_heads", c.num_key_value_heads, kMaxHeads);
+  at_most("head_dim", c.head_size, kMaxHeadDim);
+  at_most("vocab_size", c.vocab_size, kMaxVocab);
+  at_most("max_position_embeddings", c.max_position_embeddings, kMaxPositions);
+}
+
+}  // namespace
+
 void ModelConfig::validate(const std::string& origin) const {
   family(model_type, origin);
   QTUNE_CHECK(hidden_size > 0, origin, ": hidden_size must be > 0, got ", hidden_size);
@@ -157,6 +185,7 @@ void ModelConfig::validate(const std::string& origin) const {
   QTUNE_CHECK(num_key_value_heads > 0, origin, ": num_key_value_heads must be > 0, got ",
               num_key_value_heads);
   QTUNE_CHECK(head_size >= 0, origin, ": head_dim must be > 0, got ", head_size);
+  check_size_limits(*this, origin);
   if (head_size == 0)
     QTUNE_CHECK(hidden_size % num_attention_heads == 0, origin, ": hidden_size (", hidden_size,
                 ") must be divisible by num_attention_heads (", num_attention_heads,
@@ -228,6 +257,8 @@ ModelConfig ModelConfig::from_hf_json(const Json& j, const std::string& origin) 
     c.head_size = get_int(j, "head_dim", origin);
     QTUNE_CHECK(c.head_size > 0, origin, ": \"head_dim\" must be > 0, got ", c.head_size);
   }
+  // Now, not only in validate(): sliding_layers below is sized by num_hidden_layers.
+  check_size_limits(c, origin);
 
   // Rotary scaling: transformers 5 writes rope_parameters (with rope_theta inside), older
   // versions rope_scaling beside rope_theta.

@@ -87,7 +87,10 @@ torch::Tensor HqqWeight::dequantize_flat(int64_t f0, int64_t f1) const {
   // axis 0: flat element f belongs to group f % G. Split [f0, f1) at multiples of G: whole
   // stretches of G broadcast the full scale/zero vectors, the partial ends slice them.
   const int64_t G = groups_;
-  auto [s, z] = group_params(0, G);
+  // Not a structured binding: clang before 16 cannot capture one in the lambda below.
+  const auto params = group_params(0, G);
+  const torch::Tensor& s = params.first;
+  const torch::Tensor& z = params.second;
   std::vector<torch::Tensor> parts;
   int64_t f = f0;
   auto partial = [&](int64_t a, int64_t b) {

@@ -208,6 +208,27 @@ TEST(Families, UnsupportedOptionsAreRefusedByName) {
                         "layer_types must have one entry per layer (2), got 1");
 }
 
+// Sizes no real model has are refused by name and limit before anything is sized from them (a
+// Qwen2 config sizes its per-layer sliding flags from num_hidden_layers while it is parsed).
+TEST(Families, SizesAboveTheLimitsAreRefusedBeforeAllocating) {
+  auto err = [](Json base, const Json& patch) {
+    base.merge_patch(patch);
+    return test::user_error_of([&] { ModelConfig::from_hf_json(base, "cfg.json"); });
+  };
+  const int64_t huge = int64_t{1} << 62;
+  Json qs = qwen25_config();
+  qs["use_sliding_window"] = true;
+  test::expect_contains(err(qs, {{"num_hidden_layers", huge}}),
+                        "cfg.json: num_hidden_layers = 4611686018427387904 is above the limit 4096");
+  const Json l = llama32_config();
+  test::expect_contains(err(l, {{"hidden_size", huge}}),
+                        "cfg.json: hidden_size = 4611686018427387904 is above the limit 131072");
+  test::expect_contains(err(l, {{"vocab_size", int64_t{1} << 25}}),
+                        "cfg.json: vocab_size = 33554432 is above the limit 16777216");
+  test::expect_contains(err(l, {{"intermediate_size", int64_t{1} << 21}}),
+                        "intermediate_size = 2097152 is above the limit 1048576");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary scaling
 
