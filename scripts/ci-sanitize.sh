@@ -46,9 +46,10 @@ fi
 suites="${QTUNE_SANITIZE_SUITES:-unit}"
 build_targets=(qtune_fuzz)
 if ((run_suites)); then
-  # (The tokenizer suite runs qtune-convert and qtune-tokenize.)
+  # (The tokenizer suite runs qtune-convert and qtune-tokenize; the core suite builds models
+  # with the plugins, which a fresh build folder does not have yet.)
   build_targets+=(qtune_core_tests qtune_tokenizer_tests qtune_fuzz_regression_tests
-                  qtune-convert qtune-tokenize)
+                  qtune-convert qtune-tokenize qtune_nf4 qtune_hqq qtune_int8 qtune_lora qtune_dora)
   if [[ " $suites " == *" e2e "* ]]; then
     build_targets+=(qtune_e2e_tests)
     for t in nf4 hqq int8 lora dora; do
