@@ -49,7 +49,8 @@ if ((run_suites)); then
   # (The tokenizer suite runs qtune-convert and qtune-tokenize; the core suite builds models
   # with the plugins, which a fresh build folder does not have yet.)
   build_targets+=(qtune_core_tests qtune_tokenizer_tests qtune_fuzz_regression_tests
-                  qtune-convert qtune-tokenize qtune_nf4 qtune_hqq qtune_int8 qtune_lora qtune_dora)
+                  qtune-convert qtune-tokenize qtune_nf4 qtune_hqq qtune_int8 qtune_lora qtune_dora
+                  trainer qtune-export qtune-quantize qtune-generate qtune_robustness_tests)
   if [[ " $suites " == *" e2e "* ]]; then
     build_targets+=(qtune_e2e_tests)
     for t in nf4 hqq int8 lora dora; do
@@ -68,6 +69,8 @@ if ((run_suites)); then
   exclude='(^Bench\.|_NOT_BUILT)'
   ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 \
     -LE '^(oracle|sdk|conformance|dist|e2e)$' -E "$exclude"
+  # The robustness table end to end (every program on ~200 bad inputs and faults; ~4 min here).
+  ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 -R '^Robustness\.'
   if [[ " $suites " == *" e2e "* ]]; then
     ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 \
       -L '^e2e$' -LE '^dist$' -E "$exclude"
