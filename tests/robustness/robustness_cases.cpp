@@ -447,6 +447,18 @@ std::vector<Case> make_cases() {
   add(recipe, "seq_len_beyond_context", "data.seq_len beyond the model's context",
       [](Env& e) { return train(e, {"--seq_len", "4096"}); },
       "data.seq_len 4096 is longer than the context of");
+  add(recipe, "dist_master_unreachable",
+      "rank 1 of a SLURM job whose `dist.master_addr` does not resolve (every `dist.*` key set)",
+      [](Env& e) {
+        Args a{"/usr/bin/env", "SLURM_PROCID=1", "SLURM_NTASKS=2", "SLURM_LOCALID=0"};
+        for (const auto& x : train(e, {"dist.backend=gloo", "dist.bucket_mb=1",
+                                       "dist.master_addr=no-such-host.invalid",
+                                       "dist.master_port=29517", "dist.timeout_s=3"}))
+          a.push_back(x);
+        return a;
+      },
+      "rank 1 cannot reach the master no-such-host.invalid:29517 (dist.master_addr="
+      "no-such-host.invalid, dist.master_port=29517) within 3 s");
   add(recipe, "plugin_dir_missing", "`--plugin_dir` that is not a directory",
       flags({"--plugin_dir", "/nonexistent/plugins"}), "plugin_dir: not a directory");
   add(recipe, "nproc_zero", "`--nproc_per_node 0`",
