@@ -553,6 +553,85 @@ void ProcessGroup::all_reduce_sum(torch::Tensor& t, const std::string& what) {
   reduce_bytes_ += static_cast<int64_t>(t.numel() * t.element_size());
 }
 
+struct PendingCollective::Work {
+  c10::intrusive_ptr<CollectiveWork> work;
+  std::vector<at::Tensor> keep;  // the tensors it reads and writes
+};
+
+PendingCollective::PendingCollective(ProcessGroup* group, std::string what, int64_t bytes,
+                                     bool gather, std::unique_ptr<Work> work)
+    : group_(group), what_(std::move(what)), bytes_(bytes), gather_(gather),
+      work_(std::move(work)) {}
+
+PendingCollective::~PendingCollective() {
+  if (waited_ || !work_) return;
+  try {
+    work_->work->wait(group_->impl_->timeout + std::chrono::seconds(10));
+  } catch (...) {
+  }
+}
+
+void PendingCollective::wait() {
+  if (waited_) return;
+  waited_ = true;
+  const auto t0 = Clock::now();
+  if (work_) {
+    try {
+      work_->work->wait(group_->impl_->timeout + std::chrono::seconds(10));
+    } catch (const std::exception& e) {
+      group_->fail(what_, e);
+    }
+  }
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  (gather_ ? group_->gather_seconds_ : group_->reduce_seconds_) += s;
+  (gather_ ? group_->gather_bytes_ : group_->reduce_bytes_) += bytes_;
+}
+
+std::unique_ptr<PendingCollective> ProcessGroup::all_reduce_sum_async(const torch::Tensor& t,
+                                                                      const std::string& what) {
+  TORCH_CHECK(t.is_contiguous(), "all_reduce_sum_async needs a contiguous tensor");
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  std::unique_ptr<PendingCollective::Work> work;
+  if (world_size() > 1) {
+    work = std::make_unique<PendingCollective::Work>();
+    work->keep = {t};
+    try {
+      work->work = impl_->backend->allreduce(work->keep);
+    } catch (const std::exception& e) {
+      fail(what, e);
+    }
+  }
+  return std::unique_ptr<PendingCollective>(
+      new PendingCollective(this, what, bytes, /*gather=*/false, std::move(work)));
+}
+
+std::unique_ptr<PendingCollective> ProcessGroup::all_gather_async(const torch::Tensor& mine,
+                                                                  const torch::Tensor& all,
+                                                                  const std::string& what) {
+  const int64_t n = mine.numel(), w = world_size();
+  TORCH_CHECK(mine.dim() == 1 && all.dim() == 1 && mine.is_contiguous() && all.is_contiguous() &&
+                  all.numel() == n * w && all.scalar_type() == mine.scalar_type(),
+              "all_gather_async: needs 1-D contiguous tensors of n and world_size * n elements");
+  const int64_t bytes = all.numel() * static_cast<int64_t>(all.element_size());
+  std::unique_ptr<PendingCollective::Work> work;
+  if (w == 1) {
+    all.copy_(mine);
+  } else {
+    work = std::make_unique<PendingCollective::Work>();
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int64_t r = 0; r < w; ++r) outputs[0].push_back(all.narrow(0, r * n, n));
+    work->keep = {mine, all};
+    std::vector<at::Tensor> inputs{mine};
+    try {
+      work->work = impl_->backend->allgather(outputs, inputs);
+    } catch (const std::exception& e) {
+      fail(what, e);
+    }
+  }
+  return std::unique_ptr<PendingCollective>(
+      new PendingCollective(this, what, bytes, /*gather=*/true, std::move(work)));
+}
+
 bool ProcessGroup::any(bool flag, const std::string& what) {
   if (world_size() == 1) return flag;
   auto t = torch::tensor({int64_t{flag ? 1 : 0}}, torch::kInt64);

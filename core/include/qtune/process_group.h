@@ -70,6 +70,33 @@ QTUNE_API Environment current_environment();
 QTUNE_API WorldInfo world_from_environment(const Environment& env, const DistConfig& config);
 
 class ProcessGroupImpl;  // the c10d objects (process_group.cpp)
+class ProcessGroup;
+
+/// A collective started by ProcessGroup::all_gather_async or all_reduce_sum_async, running in
+/// the backend's threads while this one computes. wait() blocks until it is done and throws the
+/// same UserError as the blocking calls on failure. Its tensors must be left alone until then.
+/// Destroying one that was never waited for waits for it first (its buffers must outlive it),
+/// swallowing its error: that is the path of a run already failing for another reason.
+class QTUNE_API PendingCollective {
+ public:
+  ~PendingCollective();
+  PendingCollective(const PendingCollective&) = delete;
+  PendingCollective& operator=(const PendingCollective&) = delete;
+  void wait();
+  bool waited() const { return waited_; }
+
+ private:
+  friend class ProcessGroup;
+  struct Work;
+  PendingCollective(ProcessGroup* group, std::string what, int64_t bytes, bool gather,
+                    std::unique_ptr<Work> work);
+  ProcessGroup* group_;
+  std::string what_;
+  int64_t bytes_;
+  bool gather_;
+  std::unique_ptr<Work> work_;  // null for a world of one (nothing in flight)
+  bool waited_ = false;
+};
 
 /// A joined process group, or the trivial group of a single process (every collective is then a
 /// no-op and nothing from c10d is created). Collectives must be called by every rank in the same
@@ -100,6 +127,16 @@ class QTUNE_API ProcessGroup {
   /// Sums `t` (contiguous; float, double or int64) over all ranks in place, as one collective.
   /// `what` names the operation in error messages.
   void all_reduce_sum(torch::Tensor& t, const std::string& what);
+  /// Starts summing `t` (contiguous; float, double or int64) over all ranks in place and returns
+  /// at once; the sum is in `t` after wait(). Collectives, blocking or not, must be started in
+  /// the same order on every rank.
+  std::unique_ptr<PendingCollective> all_reduce_sum_async(const torch::Tensor& t,
+                                                          const std::string& what);
+  /// Starts gathering every rank's `mine` (contiguous, 1-D, the same length n and dtype on every
+  /// rank) into `all` (contiguous, 1-D, world_size * n): rank r's part lands at [r*n, (r+1)*n).
+  std::unique_ptr<PendingCollective> all_gather_async(const torch::Tensor& mine,
+                                                      const torch::Tensor& all,
+                                                      const std::string& what);
   /// Whether `flag` is true on any rank (one small all-reduce; `flag` itself for a world of 1).
   bool any(bool flag, const std::string& what);
   /// Blocks until every rank has called it.
@@ -111,9 +148,13 @@ class QTUNE_API ProcessGroup {
   /// differing keys with both values. Goes through the store, not the collective backend.
   void check_agreement(const std::string& what, const Json& mine);
 
-  /// Seconds and bytes spent in all_reduce_sum since the group was joined (for measurements).
+  /// Seconds blocked in all-reduces (all_reduce_sum, or waiting for an all_reduce_sum_async)
+  /// since the group was joined, and bytes they reduced (for measurements); the same for
+  /// all-gathers. Time a collective spends in flight while this thread computes is not counted.
   double reduce_seconds() const { return reduce_seconds_; }
   int64_t reduce_bytes() const { return reduce_bytes_; }
+  double gather_seconds() const { return gather_seconds_; }
+  int64_t gather_bytes() const { return gather_bytes_; }
 
   /// Leaves the group cleanly after the last collective: a barrier, then rank 0 (which hosts the
   /// store) waits until every rank is done with the store. Destroying the group without finish()
@@ -125,14 +166,15 @@ class QTUNE_API ProcessGroup {
   void announce_failure(const std::string& message) noexcept;
 
  private:
+  friend class PendingCollective;
   ProcessGroup() = default;
   [[noreturn]] void fail(const std::string& what, const std::exception& e);
 
   WorldInfo world_;
   std::string backend_ = "none";
   std::unique_ptr<ProcessGroupImpl> impl_;
-  double reduce_seconds_ = 0;
-  int64_t reduce_bytes_ = 0;
+  double reduce_seconds_ = 0, gather_seconds_ = 0;
+  int64_t reduce_bytes_ = 0, gather_bytes_ = 0;
 };
 
 /// The gradients of a fixed list of trainable parameters all-reduced over flat buckets of about
