@@ -1,6 +1,6 @@
 // Process groups on c10d (see process_group.h): the world from the launcher's environment, the
-// join (TCPStore + Gloo/NCCL), collectives with lost-rank diagnosis, the start-up agreement
-// check and flat-bucket gradient all-reduce.
+// join (TCPStore + Gloo/NCCL), collectives with lost-rank diagnosis and the start-up agreement
+// check.
 //
 // Facts taken from PyTorch (torch/distributed/rendezvous.py, _create_c10d_store): without
 // torchrun's agent store, rank 0 starts the TCPStore server on MASTER_PORT and the other ranks
@@ -705,72 +705,6 @@ void ProcessGroup::check_agreement(const std::string& what, const Json& mine) {
     fail("the " + what + " check", e);
   }
   if (!verdict.empty()) throw UserError(verdict);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Gradient buckets
-
-GradientBuckets::GradientBuckets(std::vector<torch::Tensor> params, int64_t bucket_bytes)
-    : params_(std::move(params)) {
-  TORCH_CHECK(bucket_bytes > 0, "bucket_bytes must be > 0");
-  // Consecutive parameters of one dtype and device share a bucket until it is full; a parameter
-  // larger than a bucket gets one of its own.
-  Bucket current;
-  int64_t current_bytes = 0;
-  auto close = [&] {
-    if (current.members.empty()) return;
-    int64_t numel = 0;
-    for (int64_t i : current.members) numel += params_[i].numel();
-    const auto& p0 = params_[current.members.front()];
-    current.flat = torch::zeros({numel}, p0.options().requires_grad(false));
-    bytes_ += numel * p0.element_size();
-    buckets_.push_back(std::move(current));
-    current = Bucket{};
-    current_bytes = 0;
-  };
-  for (int64_t i = 0; i < static_cast<int64_t>(params_.size()); ++i) {
-    const auto& p = params_[i];
-    const int64_t b = p.numel() * p.element_size();
-    if (!current.members.empty()) {
-      const auto& q = params_[current.members.front()];
-      if (q.scalar_type() != p.scalar_type() || q.device() != p.device() ||
-          current_bytes + b > bucket_bytes)
-        close();
-    }
-    current.members.push_back(i);
-    current_bytes += b;
-  }
-  close();
-}
-
-void GradientBuckets::all_reduce(ProcessGroup& group) {
-  if (group.world_size() == 1) return;
-  torch::NoGradGuard no_grad;
-  for (auto& bucket : buckets_) {
-    int64_t offset = 0;
-    for (int64_t i : bucket.members) {
-      auto& p = params_[i];
-      const int64_t k = p.numel();
-      auto slot = bucket.flat.narrow(0, offset, k);
-      if (p.grad().defined())
-        slot.copy_(p.grad().reshape({k}));
-      else
-        slot.zero_();
-      offset += k;
-    }
-    group.all_reduce_sum(bucket.flat, "the gradient all-reduce");
-    offset = 0;
-    for (int64_t i : bucket.members) {
-      auto& p = params_[i];
-      const int64_t k = p.numel();
-      auto reduced = bucket.flat.narrow(0, offset, k).view(p.sizes());
-      if (p.grad().defined())
-        p.mutable_grad().copy_(reduced);
-      else
-        p.mutable_grad() = reduced.clone();
-      offset += k;
-    }
-  }
 }
 
 std::string tensor_fingerprint(const std::vector<torch::Tensor>& tensors) {

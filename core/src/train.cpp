@@ -20,6 +20,7 @@
 #include "qtune/data_shard.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
+#include "qtune/gradient_buckets.h"
 #include "qtune/model_files.h"
 #include "qtune/output_dir.h"
 #include "qtune/peft.h"
@@ -468,19 +469,27 @@ std::pair<double, int64_t> data_parallel_backward(ProcessGroup& group, ShardedLo
   }
   auto local_counts = counts.clone();
   group.all_reduce_sum(counts, "the token counts");
+  // A micro-batch without targets here is skipped; the last one run sends its gradients bucket
+  // by bucket during its backward, and finish() sends the rest in the same order on every rank.
+  auto runs = [&](int64_t m) {
+    return local_counts[m].item<int64_t>() > 0 && counts[m].item<int64_t>() > 0;
+  };
+  int64_t last = accum - 1;
+  while (last >= 0 && !runs(last)) --last;
   double loss_sum = 0;
   int64_t step_tokens = 0;
   for (int64_t m = 0; m < accum; ++m) {
     const Batch& b = micro[m];
     step_tokens += b.tokens.numel();
+    if (!runs(m)) continue;
     const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
-    if (local == 0 || global == 0) continue;
     const double weight = static_cast<double>(local) / static_cast<double>(global);
     auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
+    if (m == last) buckets.arm(group);
     (loss * (weight / static_cast<double>(accum))).backward();
     loss_sum += loss.item<double>() * weight;
   }
-  buckets.all_reduce(group);
+  buckets.finish(group);
   auto totals = torch::tensor({loss_sum, static_cast<double>(step_tokens)}, torch::kFloat64);
   group.all_reduce_sum(totals, "the step's loss");
   return {totals[0].item<double>(), static_cast<int64_t>(totals[1].item<double>())};

@@ -1,9 +1,10 @@
 // The process-group layer with real processes on loopback: each test forks its ranks (before
 // anything in this process starts threads) and bounds them in time. Sums and gradient buckets
 // equal the serial sum; a disagreement at start-up, a lost rank, a port in use, an unreachable
-// master and mismatched world sizes each give one line naming what is wrong. Also: the world from
-// torchrun/SLURM environments, per-rank data shares against one process's batches, and the
-// local launcher's environment, exit status and signal forwarding.
+// master and mismatched world sizes each give one line naming what is wrong. Buckets sent during
+// backward (grad accumulation, a micro-batch one rank skips) sum what the serial sum gives. Also:
+// the world from torchrun/SLURM environments, per-rank data shares against one process's
+// batches, and the local launcher's environment, exit status and signal forwarding.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -19,6 +20,7 @@
 
 #include "qtune/data_shard.h"
 #include "qtune/error.h"
+#include "qtune/gradient_buckets.h"
 #include "qtune/launcher.h"
 #include "qtune/process_group.h"
 #include "test_util.h"
@@ -325,6 +327,123 @@ TEST(ProcessGroup, MismatchedWorldSizesAreRefused) {
     EXPECT_EQ(res[r].code, 2) << res[r].message;
     EXPECT_EQ(res[r].message, "dist: mismatched world sizes: rank 0 has WORLD_SIZE 2, rank 1 has 3");
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient buckets sent during backward
+
+namespace {
+
+// A small model with what the trainer's have: two dtypes, a weight used twice in one graph (as a
+// tied embedding is) and a parameter that never gets a gradient.
+std::vector<torch::Tensor> toy_params() {
+  torch::manual_seed(7);
+  return {torch::randn({6, 4}).requires_grad_(),                   // emb (used twice)
+          torch::randn({5, 4}).requires_grad_(),                   // w1
+          torch::randn({5}).requires_grad_(),                      // b1
+          torch::randn({5, 4}, torch::kFloat64).requires_grad_(),  // w2
+          torch::zeros({3}).requires_grad_()};                     // unused
+}
+
+std::vector<torch::Tensor> clones(const std::vector<torch::Tensor>& ps) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : ps) out.push_back(p.detach().clone().requires_grad_());
+  return out;
+}
+
+// Rank r's micro-batch m of step s, scaled by 1 / grad accumulation.
+torch::Tensor toy_loss(const std::vector<torch::Tensor>& p, int64_t step, int64_t micro,
+                       int64_t rank) {
+  torch::manual_seed(1000 * step + 10 * micro + rank);
+  const auto x = torch::randn({2, 4});
+  const auto h = torch::tanh(torch::matmul(x, p[1].t()) + p[2]);
+  const auto h2 = torch::matmul(h, p[3].to(torch::kFloat32));
+  const auto logits = torch::matmul(h2 + x, p[0].t());
+  return (logits.pow(2).mean() + 0.1 * p[0].sum()) * 0.5;
+}
+
+void clear_grads(std::vector<torch::Tensor>& ps, int64_t step) {
+  for (auto& p : ps) {
+    if (step % 2 == 1 && p.grad().defined())
+      p.mutable_grad().zero_();  // torch 1.13's zero_grad()
+    else
+      p.mutable_grad() = torch::Tensor();  // 2.x's (set_to_none)
+  }
+}
+
+// Two ranks, grad accumulation 2, five 64-byte buckets, four steps; skips(rank, step, micro)
+// says which micro-batches a rank has no targets for. Each step, the gradients summed by
+// buckets armed for the last backward a rank runs must equal, bit for bit, both the unarmed
+// path's (all sent after backward) and the sum of both ranks' gradients computed here serially.
+void check_overlapped_sums(const std::function<bool(int, int64_t, int64_t)>& skips) {
+  const int port = qtune::free_local_port();
+  auto res = run_ranks(2, [&](int r) {
+    auto g = ProcessGroup::join(local_world(r, 2, port), quick());
+    auto armed = toy_params(), unarmed = clones(armed), serial = clones(armed);
+    qtune::GradientBuckets a(armed, 64), b(unarmed, 64);
+    QTUNE_CHECK(a.num_buckets() == 5, "buckets ", a.num_buckets());
+    bool calibrated = false;
+    for (int64_t step = 1; step <= 4; ++step) {
+      clear_grads(armed, step);
+      clear_grads(unarmed, step);
+      int64_t last = -1;
+      for (int64_t m = 0; m < 2; ++m)
+        if (!skips(r, step, m)) last = m;
+      for (int64_t m = 0; m < 2; ++m) {
+        if (skips(r, step, m)) continue;
+        auto loss = toy_loss(armed, step, m, r);
+        if (m == last) a.arm(*g);
+        loss.backward();
+      }
+      a.finish(*g);
+      // The first armed backward learns how many gradients each parameter gets; after that,
+      // every bucket is complete, and sent, before backward returns.
+      const int64_t early = last < 0 || !calibrated ? 0 : a.num_buckets();
+      QTUNE_CHECK(a.sent_during_backward() == early, "step ", step, ": ",
+                  a.sent_during_backward(), " buckets sent during backward, expected ", early);
+      calibrated = calibrated || last >= 0;
+
+      for (int64_t m = 0; m < 2; ++m)
+        if (!skips(r, step, m)) toy_loss(unarmed, step, m, r).backward();
+      b.all_reduce(*g);
+      QTUNE_CHECK(b.sent_during_backward() == 0, "unarmed buckets were sent during backward");
+
+      std::vector<torch::Tensor> want;
+      for (auto& p : serial) want.push_back(torch::zeros_like(p).detach());
+      for (int rank = 0; rank < 2; ++rank) {
+        clear_grads(serial, step);
+        for (int64_t m = 0; m < 2; ++m)
+          if (!skips(rank, step, m)) toy_loss(serial, step, m, rank).backward();
+        for (size_t i = 0; i < serial.size(); ++i)
+          if (serial[i].grad().defined()) want[i] = want[i] + serial[i].grad();
+      }
+      for (size_t i = 0; i < armed.size(); ++i) {
+        QTUNE_CHECK(torch::equal(armed[i].grad(), unarmed[i].grad()), "step ", step, " param ", i,
+                    ": armed ", armed[i].grad(), " unarmed ", unarmed[i].grad());
+        QTUNE_CHECK(torch::equal(armed[i].grad(), want[i]), "step ", step, " param ", i,
+                    ": armed ", armed[i].grad(), " serial sum ", want[i]);
+      }
+    }
+    g->finish();
+  });
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(res[r].code, 0) << "rank " << r << ": " << res[r].message;
+}
+
+}  // namespace
+
+TEST(GradientBuckets, SentDuringBackwardWithGradAccumulationEqualTheSerialSum) {
+  check_overlapped_sums([](int, int64_t, int64_t) { return false; });
+}
+
+TEST(GradientBuckets, AMicroBatchSkippedOnOneRankNeitherDeadlocksNorChangesTheSum) {
+  // Rank 1 has no targets in its last micro-batch of step 1 (it arms the first instead), in its
+  // first of step 2 (its armed backward starts from undefined gradients), in neither of step 3
+  // and in both of step 4 (it arms nothing: every bucket goes after backward while rank 0 sends
+  // them during its own).
+  check_overlapped_sums([](int rank, int64_t step, int64_t micro) {
+    if (rank != 1) return false;
+    return (step == 1 && micro == 1) || (step == 2 && micro == 0) || step == 4;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

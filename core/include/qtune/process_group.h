@@ -1,8 +1,8 @@
 // Data-parallel process groups on PyTorch's c10d: where this process sits in the job (from
 // torchrun's or SLURM's environment), joining the group (rank 0 hosts the c10d TCPStore; Gloo on
-// CPU, NCCL on GPU when LibTorch has CUDA), the collectives the trainer needs (sums, gradient
-// all-reduce over flat buckets), a start-up agreement check between ranks, and naming a lost rank
-// when a collective fails.
+// CPU, NCCL on GPU when LibTorch has CUDA), the collectives the trainer needs (sums, blocking or
+// started asynchronously; gradient buckets build on them in gradient_buckets.h), a start-up
+// agreement check between ranks, and naming a lost rank when a collective fails.
 //
 // No c10d type appears here: the c10d headers (and their LibTorch 1.13 / 2.x differences) stay in
 // process_group.cpp.
@@ -175,29 +175,6 @@ class QTUNE_API ProcessGroup {
   std::unique_ptr<ProcessGroupImpl> impl_;
   double reduce_seconds_ = 0, gather_seconds_ = 0;
   int64_t reduce_bytes_ = 0, gather_bytes_ = 0;
-};
-
-/// The gradients of a fixed list of trainable parameters all-reduced over flat buckets of about
-/// `bucket_bytes` each (one collective per bucket, parameters grouped by dtype and device, each
-/// bucket a contiguous buffer allocated once). A parameter without a gradient contributes zeros
-/// and receives the reduced gradient, so every rank's optimizer sees the same gradients.
-class QTUNE_API GradientBuckets {
- public:
-  GradientBuckets(std::vector<torch::Tensor> params, int64_t bucket_bytes);
-  /// Sums every parameter's .grad() over the ranks of `group` in place (a no-op for a world of 1).
-  void all_reduce(ProcessGroup& group);
-  /// Number of buckets and total bytes reduced per call.
-  int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
-  int64_t bytes() const { return bytes_; }
-
- private:
-  struct Bucket {
-    std::vector<int64_t> members;  // indices into params_
-    torch::Tensor flat;
-  };
-  std::vector<torch::Tensor> params_;
-  std::vector<Bucket> buckets_;
-  int64_t bytes_ = 0;
 };
 
 /// 64-bit FNV-1a over the bytes of `tensors` in order (each made contiguous on the CPU), as 16
