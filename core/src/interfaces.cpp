@@ -10,6 +10,8 @@ namespace qtune {
 
 QuantizedWeight::~QuantizedWeight() = default;
 QuantBackend::~QuantBackend() = default;
+
+bool QuantBackend::load_is_cheap() const { return true; }
 Adapter::~Adapter() = default;
 AdapterFactory::~AdapterFactory() = default;
 Json QuantBackend::check_options(const Json& user, const std::string& context) const {

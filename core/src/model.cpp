@@ -16,6 +16,7 @@
 #include "qtune/process.h"
 #include "qtune/recompute.h"
 #include "qtune/rope.h"
+#include "qtune/sharded_base.h"
 
 namespace F = torch::nn::functional;
 
@@ -261,12 +262,17 @@ class SlotBuilder {
   std::shared_ptr<QuantizedWeight> load_or_quantize(const std::string& name,
                                                     const std::string& source) const {
     const auto& quant = spec_.base.quant;
+    const auto& shards = spec_.base.shards;
+    const int64_t layer = decoder_layer_of(name);  // the head is never sharded (sharded_base.h)
     std::shared_ptr<QuantizedWeight> q;
     if (weights_.has_quantized(name)) {
       TensorState st = weights_.quantized(name);
       const std::string backend = st.meta.value("backend", "");
       QTUNE_CHECK(backend == quant->name(), weights_.describe(), ": ", name,
                   " was quantized with '", backend, "' but quant.name is '", quant->name(), "'");
+      // A sharded base reads only this rank's bytes of the stored state.
+      if (shards && layer >= 0)
+        return shards->shard(st, layer, weights_.describe() + ": module " + name);
       try {
         q = quant->load(st);
       } catch (const UserError& e) {  // the backend names the state key; say whose it is
@@ -275,6 +281,12 @@ class SlotBuilder {
     } else {
       q = quant->quantize(weights_.get(source, torch::kFloat32), spec_.base.quant_options);
       return_freed_heap();
+      if (shards && layer >= 0) {  // keep this rank's shard, drop the rest now
+        auto s = shards->shard(*q, layer, name);
+        q.reset();
+        return_freed_heap();
+        return s;
+      }
     }
     QTUNE_INTERNAL_ASSERT(q != nullptr, "quantization plugin '", quant->name(),
                           "' returned no weight for ", name);

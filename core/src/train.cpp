@@ -17,7 +17,7 @@
 #include "qtune/run_identity.h"
 #include "qtune/data.h"
 #include "qtune/data_shard.h"
-#include "qtune/data_shard.h"
+#include "qtune/sharded_base.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/gradient_buckets.h"
@@ -118,20 +118,43 @@ struct EvalResult {
 
 // Each rank evaluates its rows of the global eval batches; the sums of losses and target counts
 // are reduced, so every rank gets the one-process value.
+// With a sharded base every rank must run the same number of forward passes (each gathers every
+// layer), so a rank with fewer eval batches than another, or a batch without targets, runs a
+// one-token forward in its place.
 EvalResult evaluate_loss(LlamaForCausalLMImpl& model, const TokenDataset& data, int64_t batch_size,
                          int64_t max_batches, ProcessGroup& group) {
   torch::NoGradGuard no_grad;
   const bool was_training = model.is_training();
+  const auto& shards = model.spec().base.shards;
   model.eval();
   double sum = 0;
   int64_t count = 0;
-  for_each_eval_share(data, batch_size, group.rank(), group.world_size(), max_batches,
-                      [&](const Batch& b) {
-                        if (b.num_targets == 0) return;
-                        auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
-                        sum += loss.item<double>() * static_cast<double>(n);
-                        count += n;
-                      });
+  auto score = [&](const Batch& b) {
+    auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
+    sum += loss.item<double>() * static_cast<double>(n);
+    count += n;
+  };
+  if (!shards) {
+    for_each_eval_share(data, batch_size, group.rank(), group.world_size(), max_batches,
+                        [&](const Batch& b) {
+                          if (b.num_targets > 0) score(b);
+                        });
+  } else {
+    std::vector<Batch> mine;
+    for_each_eval_share(data, batch_size, group.rank(), group.world_size(), max_batches,
+                        [&](const Batch& b) { mine.push_back(b); });
+    auto passes = torch::zeros({group.world_size()}, torch::kInt64);
+    passes[group.rank()] = static_cast<int64_t>(mine.size());
+    group.all_reduce_sum(passes, "the evaluation's pass count");
+    const int64_t most = passes.max().item<int64_t>();
+    for (int64_t i = 0; i < most; ++i) {
+      if (i < static_cast<int64_t>(mine.size()) && mine[i].num_targets > 0)
+        score(mine[i]);
+      else
+        model.forward(torch::zeros({1, 1}, torch::kInt64));
+    }
+    shards->release_all();
+  }
   model.train(was_training);
   if (group.world_size() > 1) {
     auto totals = torch::tensor({sum, static_cast<double>(count)}, torch::kFloat64);
@@ -388,6 +411,15 @@ void Trainer::setup() {
   spdlog::info("data: {} train examples ({} tokens) from {}, {} val examples", s.data.train->size(),
                s.data.train->stats().tokens, dc.path, s.data.val ? s.data.val->size() : 0);
 
+  // dist.shard_base: each rank keeps 1/N of the quantized base (a world of one keeps it all).
+  if (rc.dist.shard_base) {
+    QTUNE_CHECK(r_.spec.quantized_base(), "dist.shard_base shards a quantized base: it needs "
+                "--train_type qlora, got ", r_.spec.name());
+    if (s.group->world_size() > 1)
+      r_.spec.base.shards = std::make_shared<BaseShards>(s.group, r_.spec.base.quant);
+    else
+      spdlog::info("dist.shard_base: a world of one rank keeps the whole base");
+  }
   s.model = LlamaForCausalLM(files.config, *files.weights, r_.spec);
   files.weights.reset();  // drop the mapping: everything the model needs is now its own
   s.model->set_activation_checkpointing(rc.train.activation_checkpointing);
@@ -469,10 +501,12 @@ std::pair<double, int64_t> data_parallel_backward(ProcessGroup& group, ShardedLo
   }
   auto local_counts = counts.clone();
   group.all_reduce_sum(counts, "the token counts");
-  // A micro-batch without targets here is skipped; the last one run sends its gradients bucket
-  // by bucket during its backward, and finish() sends the rest in the same order on every rank.
+  // A micro-batch without targets here is skipped (with a sharded base it runs with weight 0:
+  // every rank must gather the same layers); the last one run sends its gradients bucket by
+  // bucket during its backward, and finish() sends the rest in the same order on every rank.
+  const bool sharded = model.spec().base.shards != nullptr;
   auto runs = [&](int64_t m) {
-    return local_counts[m].item<int64_t>() > 0 && counts[m].item<int64_t>() > 0;
+    return (sharded || local_counts[m].item<int64_t>() > 0) && counts[m].item<int64_t>() > 0;
   };
   int64_t last = accum - 1;
   while (last >= 0 && !runs(last)) --last;
@@ -483,6 +517,17 @@ std::pair<double, int64_t> data_parallel_backward(ProcessGroup& group, ShardedLo
     step_tokens += b.tokens.numel();
     if (!runs(m)) continue;
     const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
+    if (local == 0) {
+      // A sharded base gathers every layer in forward and backward on every rank: this rank
+      // runs the micro-batch too, with weight 0 (one target made valid so the loss is finite;
+      // its gradients are exact zeros).
+      auto targets = b.targets.clone();
+      targets.view({-1})[0] = 0;
+      auto [loss, n] = model.loss(b.tokens, targets, b.positions, b.segments);
+      if (m == last) buckets.arm(group);
+      (loss * 0.0).backward();
+      continue;
+    }
     const double weight = static_cast<double>(local) / static_cast<double>(global);
     auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
     if (m == last) buckets.arm(group);
@@ -519,6 +564,8 @@ Json Trainer::step(int64_t step) {
     std::tie(loss_sum, step_tokens) =
         data_parallel_backward(*s.group, *s.loader, *s.model, *s.buckets, t.grad_accum);
   }
+  // A sharded base holds only its shards between steps.
+  if (r_.spec.base.shards) r_.spec.base.shards->release_all();
   const double grad_norm = torch::nn::utils::clip_grad_norm_(
       s.params, t.max_grad_norm > 0 ? t.max_grad_norm : INFINITY);
   QTUNE_CHECK(std::isfinite(loss_sum), "training diverged at step ", step,
@@ -603,6 +650,10 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
   Run& s = *run_;
   const TuningSpec& spec = r_.spec;
   const double train_s = s.train_seconds();
+  // What the whole base holds, and (rank_base_weight_bytes) what this rank holds of it.
+  const auto& shards = spec.base.shards;
+  const int64_t base_bytes = s.model->base_weight_bytes() +
+                             (shards ? shards->full_bytes() - shards->shard_bytes() : 0);
   Json summary = {
       {"train_type", spec.name()},
       {"dtype", r_.recipe.dtype},
@@ -615,7 +666,8 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
       {"trainable_parameters", s.model->num_trainable_parameters()},
       {"total_parameters", s.model->num_total_parameters()},
       {"linear_weight_bytes", s.model->linear_weight_bytes()},
-      {"base_weight_bytes", s.model->base_weight_bytes()},
+      {"base_weight_bytes", base_bytes},
+      {"rank_base_weight_bytes", s.model->base_weight_bytes()},
       {"peak_rss_bytes", peak_rss_bytes()},
       {"tokens", s.tokens_seen},
       {"data", data_summary(*s.data.train)},
@@ -644,7 +696,8 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
         {"allreduce_bytes_per_step", steps_done > s.start_step
                                          ? s.group->reduce_bytes() / (steps_done - s.start_step)
                                          : 0},
-        {"trainable_fingerprint", tensor_fingerprint(s.params)}}},
+        {"trainable_fingerprint", tensor_fingerprint(s.params)},
+        {"shard_base", shards ? shards->stats() : Json(nullptr)}}},
   };
   if (s.main)
     atomic_write_string((fs::path(s.out_dir) / "summary.json").string(), summary.dump(2) + "\n");

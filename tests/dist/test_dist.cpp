@@ -206,6 +206,93 @@ TEST_P(DistParity, TwoRanksOfFourMatchOneRankOfEight) {
 
 INSTANTIATE_TEST_SUITE_P(TrainTypes, DistParity, ::testing::Values("full", "lora", "qlora"));
 
+// ---------------------------------------------------------------------------------------------
+// A sharded quantized base (dist.shard_base): each rank holds half of the quantized layers and
+// gathers each layer when it runs, and the job computes bit for bit what two ranks holding the
+// whole base compute: the same base bytes, the same arithmetic.
+
+namespace {
+
+std::vector<std::string> with_quant(std::vector<std::string> a, const std::string& quant) {
+  for (size_t i = 0; i + 1 < a.size(); ++i)
+    if (a[i] == "--quant") a[i + 1] = quant;
+  return a;
+}
+
+void expect_same_job(const std::string& whole, const std::string& sharded) {
+  EXPECT_EQ(losses(whole), losses(sharded));
+  const auto e1 = records(whole, "eval"), e2 = records(sharded, "eval");
+  ASSERT_EQ(e1.size(), e2.size());
+  for (size_t i = 0; i < e1.size(); ++i) EXPECT_EQ(e1[i]["val_loss"], e2[i]["val_loss"]);
+  EXPECT_EQ(qtune::test::read_file(whole + "/adapter/adapter_model.safetensors"),
+            qtune::test::read_file(sharded + "/adapter/adapter_model.safetensors"));
+  const json a = read_json(whole + "/summary.json"), b = read_json(sharded + "/summary.json");
+  EXPECT_TRUE(a["dist"]["shard_base"].is_null());
+  const json& st = b["dist"]["shard_base"];
+  ASSERT_TRUE(st.is_object()) << b.dump(2);
+  // The same whole base; this rank holds its half of the layers' quantized bytes (plus padding)
+  // and what is not sharded (embedding, norms, head).
+  EXPECT_EQ(a["base_weight_bytes"], b["base_weight_bytes"]);
+  EXPECT_EQ(a["rank_base_weight_bytes"], a["base_weight_bytes"]);
+  const int64_t full = st["full_bytes"], shard = st["shard_bytes"], layer = st["max_layer_bytes"];
+  EXPECT_EQ(b["rank_base_weight_bytes"].get<int64_t>(),
+            b["base_weight_bytes"].get<int64_t>() - full + shard);
+  EXPECT_LE(shard, full / 2 + layer);
+  EXPECT_LT(shard, full);
+  // Gathered: never more than the layer in use and the one gathered ahead.
+  EXPECT_LE(st["peak_gathered_bytes"].get<int64_t>(), 2 * layer);
+  EXPECT_GT(st["prefetch_hits"].get<int64_t>(), 0) << st.dump();
+  EXPECT_GT(st["gather_bytes"].get<int64_t>(), 0);
+}
+
+}  // namespace
+
+class ShardedBase : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ShardedBase, TwoShardedRanksMatchTwoWholeRanks) {
+  const std::string quant = GetParam();
+  auto job = [&](const std::string& out, std::vector<std::string> extra) {
+    extra.push_back("dist.backend=gloo");
+    return plus(with_quant(run_args(out, "qlora", 4, 3, extra), quant), {"--nproc_per_node", "2"});
+  };
+  const auto whole = qtune::test::temp_dir("shard-whole");
+  auto r = run(job(whole, {}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto sharded = qtune::test::temp_dir("shard-half");
+  r = run(job(sharded, {"dist.shard_base=true"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_same_job(whole, sharded);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ShardedBase, ::testing::Values("nf4", "hqq", "int8"));
+
+TEST(ShardedBase, AQuantizedDirectoryLoadsShardedAndOnlyQloraShards) {
+  // A qtune-quantize directory: each rank keeps only its byte ranges of the stored state.
+  const auto quantized = qtune::test::temp_dir("shard-nf4-dir");
+  auto r = qtune::test::run_program({bin_path("qtune-quantize"), "--model",
+                                     data_path("stories260K.bin"), "--quant", "nf4", "--out",
+                                     quantized, "--overwrite"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto job = [&](const std::string& out, std::vector<std::string> extra) {
+    extra.insert(extra.end(), {"dist.backend=gloo", "model.path=" + quantized});
+    return plus(run_args(out, "qlora", 4, 3, extra), {"--nproc_per_node", "2"});
+  };
+  const auto whole = qtune::test::temp_dir("shard-dir-whole");
+  r = run(job(whole, {}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto sharded = qtune::test::temp_dir("shard-dir-half");
+  r = run(job(sharded, {"dist.shard_base=true"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_same_job(whole, sharded);
+
+  // A dense base has nothing to shard.
+  r = run(run_args(qtune::test::temp_dir("shard-lora"), "lora", 4, 1, {"dist.shard_base=true"}));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  const std::string line = error_line(r.output);
+  EXPECT_NE(line.find("dist.shard_base"), std::string::npos) << line;
+  EXPECT_NE(line.find("qlora"), std::string::npos) << line;
+}
+
 TEST(Dist, ThreeRanksOverAnUnevenEpochMatchOneRank) {
   // A short training file: a global batch of 6 does not divide its examples, and 7 steps cross
   // the epoch boundary (checked below); the short last eval batch is split 3 ways too.

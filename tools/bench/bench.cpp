@@ -543,7 +543,7 @@ void validate_bench_options(const BenchOptions& o, const Registry& registry,
 
 bool is_bench_child_command(const std::string& command) {
   return command == "__finetune" || command == "__finetune_ranks" || command == "__scale" ||
-         command == "__synthesize";
+         command == "__scale_ranks" || command == "__synthesize";
 }
 
 int bench_child_main(const std::vector<std::string>& args, const Registry& registry) {
@@ -552,11 +552,14 @@ int bench_child_main(const std::vector<std::string>& args, const Registry& regis
     QTUNE_CHECK(args.size() == 2, "usage: __finetune RECIPE.json");
     return bench_detail::finetune_child(args[1], registry);
   }
-  if (args[0] == "__finetune_ranks") {
-    QTUNE_CHECK(args.size() == 3, "usage: __finetune_ranks N RECIPE.json");
+  if (args[0] == "__finetune_ranks" || args[0] == "__scale_ranks") {
+    const bool scale = args[0] == "__scale_ranks";
+    QTUNE_CHECK(args.size() == (scale ? 4u : 3u), "usage: __finetune_ranks N RECIPE.json | "
+                "__scale_ranks N SPEC.json RESULT.json");
     LaunchOptions l;
     l.nproc = std::stoll(args[1]);
     const std::string self = fs::read_symlink("/proc/self/exe").string();
+    if (scale) return launch_local_ranks({self, "__scale", args[2], args[3]}, l);
     return launch_local_ranks({self, "__finetune", args[2]}, l);
   }
   if (args[0] == "__synthesize") {

@@ -185,6 +185,11 @@ struct BenchOptions {
   int64_t scale_batch = 1;
   int64_t scale_seq_len = 512;
   bool scale_checkpointing = false;  ///< activation checkpointing in the timed steps
+  /// scale: ranks per configuration (data parallel over c10d Gloo, started as torchrun would,
+  /// each with scale_batch sequences and threads / ranks threads), and whether a qlora base is
+  /// sharded over them (dist.shard_base).
+  int64_t scale_ranks = 1;
+  bool scale_shard_base = false;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@
 #include "qtune/atomic_file.h"
 #include "bench.h"
 #include "qtune/data.h"
-#include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/files.h"
+#include "qtune/gradient_buckets.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
+#include "qtune/process_group.h"
 #include "qtune/recipe.h"
+#include "qtune/sharded_base.h"
 #include "qtune/tokenizer.h"
 #include "qtune/train.h"
 #include "qtune/weight_source.h"
@@ -597,11 +599,20 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   const int threads = apply_threads(s.at("threads").get<int>());
   const torch::Device device(s.at("device").get<std::string>());
   const ModelConfig config = ModelConfig::from_hf_json(s.at("config"), spec_path);
-  const TuningSpec spec = TuningSpec::for_training(
+  TuningSpec spec = TuningSpec::for_training(
       parse_train_type(s.at("train_type").get<std::string>()),
       parse_dtype(s.at("dtype").get<std::string>(), "dtype"), registry,
       s.value("quant", std::string()), s.value("quant_options", Json::object()), false,
       s.at("adapter").get<std::string>(), s.at("adapter_options"), {"all-linear"});
+
+  // Several ranks (started as torchrun would by __scale_ranks): each trains on its own batch,
+  // the adapters' gradients are all-reduced, and a qlora base may be sharded over the ranks.
+  const DistConfig dist;
+  const WorldInfo world = world_from_environment(current_environment(), dist);
+  std::shared_ptr<ProcessGroup> group =
+      world.world_size > 1 ? ProcessGroup::join(world, dist, "cpu") : ProcessGroup::single();
+  if (s.value("shard_base", false) && spec.quantized_base() && group->world_size() > 1)
+    spec.base.shards = std::make_shared<BaseShards>(group, spec.base.quant);
 
   const uint64_t seed = s.at("seed").get<uint64_t>();
   torch::manual_seed(seed);
@@ -626,8 +637,9 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   std::vector<torch::Tensor> params;
   for (auto& [_, p] : model->trainable_parameters()) params.push_back(p);
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4));
+  GradientBuckets buckets(params, int64_t{25} << 20);
   const int64_t batch = s.at("batch").get<int64_t>(), seq = s.at("seq_len").get<int64_t>();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1 + group->rank());
   torch::Tensor ids = torch::randint(config.vocab_size, {batch, seq + 1}, gen, torch::kLong);
   torch::Tensor tokens = ids.narrow(1, 0, seq).contiguous().to(device);
   torch::Tensor targets = ids.narrow(1, 1, seq).contiguous().to(device);
@@ -642,6 +654,8 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
     opt.zero_grad();
     auto [loss, n] = model->loss(tokens, targets);
     loss.backward();
+    buckets.all_reduce(*group);
+    if (spec.base.shards) spec.base.shards->release_all();
     opt.step();
     sync(device);
     last_loss = loss.item<double>();
@@ -669,8 +683,16 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       {"trainable_parameters", model->num_trainable_parameters()},
       {"total_parameters", model->num_total_parameters()},
       {"threads", threads},
+      {"ranks", group->world_size()},
+      {"gather_seconds", group->gather_seconds()},
+      {"allreduce_seconds", group->reduce_seconds()},
+      {"shard_base", spec.base.shards ? spec.base.shards->stats() : Json(nullptr)},
   };
-  atomic_write_string(result_path, result.dump(2) + "\n");
+  // Rank 0 writes RESULT.json, rank r RESULT.json.rank<r>.
+  atomic_write_string(group->rank() == 0 ? result_path
+                                         : result_path + ".rank" + std::to_string(group->rank()),
+                      result.dump(2) + "\n");
+  group->finish();
   return 0;
 }
 
@@ -693,6 +715,16 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
   QTUNE_CHECK(o.scale_steps > 0, "--scale_steps must be > 0, got ", o.scale_steps);
   QTUNE_CHECK(o.scale_batch > 0 && o.scale_seq_len > 0,
               "--scale_batch and --scale_seq_len must be > 0");
+  QTUNE_CHECK(o.scale_ranks >= 1 && o.scale_ranks <= std::max(1, threads),
+              "--scale_ranks must be in [1, the threads (", threads, ")], got ", o.scale_ranks);
+  QTUNE_CHECK(!o.scale_shard_base || o.scale_ranks > 1,
+              "--scale_shard_base needs --scale_ranks > 1");
+  auto label_of = [&o](const auto& c) {
+    std::string l = c.label;
+    if (o.scale_ranks > 1) l += " x" + std::to_string(o.scale_ranks) + " ranks";
+    if (o.scale_shard_base && c.type == TrainType::kQlora) l += " sharded";
+    return l;
+  };
   auto adapter = pick_adapter(o, registry);
   adapter->check_options(o.adapter_options, "--adapter_options");
   std::vector<ModelConfig> configs;
@@ -730,6 +762,8 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"seq_len", 4, false},
                     {"steps", 4, false},
                     {"checkpointing", 4, true},
+                    {"ranks", 4, o.scale_ranks > 1},
+                    {"shard_base", 4, o.scale_shard_base},
                     {"build_s", 3, true},
                     {"rss_start_mb", 4, false},
                     {"build_peak_mb", 4, true},
@@ -741,6 +775,8 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"step_ms", 4, true},
                     {"tokens_per_s", 4, false},
                     {"step_ratio_vs_lora", 3, true},
+                    {"rank_base_weight_mb", 4, o.scale_shard_base},
+                    {"gather_s_per_step", 3, o.scale_shard_base},
                     {"trainable_params", 4, false},
                     {"threads", 4, false},
                     {"status", 4, true},
@@ -753,23 +789,27 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
       double lora_step = NAN;
       const std::string model_dir = synthetic_model(o, work.path(), o.scale_sizes[ci], threads);
       for (const auto& c : runs) {
+        const bool sharded = o.scale_shard_base && c.type == TrainType::kQlora;
+        const std::string label = label_of(c);
         Json row = {{"size", o.scale_sizes[ci]},
                     {"params_m", cfg.num_parameters() / 1e6},
                     {"hidden", cfg.hidden_size},
                     {"layers", cfg.num_hidden_layers},
                     {"intermediate", cfg.intermediate_size},
                     {"dtype", dtype},
-                    {"config", c.label},
+                    {"config", label},
                     {"train_type", to_string(c.type)},
                     {"backend", c.set ? c.set->backend : ""},
                     {"batch", o.scale_batch},
                     {"seq_len", o.scale_seq_len},
                     {"steps", o.scale_steps},
                     {"checkpointing", o.scale_checkpointing},
+                    {"ranks", o.scale_ranks},
+                    {"shard_base", sharded},
                     {"threads", threads},
                     {"options", c.set ? c.set->options.dump() : ""}};
         const std::string dir = work.path() + "/scale_" + std::to_string(index++) + "_" +
-                                slug(o.scale_sizes[ci] + "_" + dtype + "_" + c.label);
+                                slug(o.scale_sizes[ci] + "_" + dtype + "_" + label);
         fs::create_directories(dir);
         const Json spec = {{"config", cfg.to_hf_json()},
                            {"model_dir", model_dir},
@@ -784,22 +824,35 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                            {"steps", o.scale_steps},
                            {"checkpointing", o.scale_checkpointing},
                            {"warmup", std::max(1, o.warmup)},
-                           {"threads", threads},
+                           {"threads", std::max<int64_t>(1, threads / o.scale_ranks)},
+                           {"shard_base", sharded},
                            {"seed", static_cast<int64_t>(o.seed)},
                            {"device", o.device.str()}};
         atomic_write_string(dir + "/spec.json", spec.dump(2) + "\n");
         const std::string log = dir + "/log.txt";
-        spdlog::info("bench scale: {} {} {}", o.scale_sizes[ci], dtype, c.label);
+        spdlog::info("bench scale: {} {} {}", o.scale_sizes[ci], dtype, label);
         const int rc =
-            run_child(o.self_exe, {"__scale", dir + "/spec.json", dir + "/result.json"}, log);
+            o.scale_ranks > 1
+                ? run_child(o.self_exe,
+                            {"__scale_ranks", std::to_string(o.scale_ranks), dir + "/spec.json",
+                             dir + "/result.json"},
+                            log)
+                : run_child(o.self_exe, {"__scale", dir + "/spec.json", dir + "/result.json"}, log);
         if (rc != 0) {
           row["status"] = child_status(rc, log);
-          spdlog::warn("bench scale: {} {} {}: {}", o.scale_sizes[ci], dtype, c.label,
+          spdlog::warn("bench scale: {} {} {}: {}", o.scale_sizes[ci], dtype, label,
                        row["status"].get<std::string>());
           table.add(row);
           continue;
         }
-        const Json r = read_json_file(dir + "/result.json");
+        Json r = read_json_file(dir + "/result.json");
+        // Several ranks: the memory columns are the largest rank's.
+        for (int64_t k = 1; k < o.scale_ranks; ++k) {
+          const Json rk = read_json_file(dir + "/result.json.rank" + std::to_string(k));
+          for (const char* key : {"build_peak_bytes", "rss_built_bytes", "peak_rss_bytes",
+                                  "train_peak_bytes", "rss_start_bytes"})
+            if (!rk[key].is_null() && !r[key].is_null() && rk[key] > r[key]) r[key] = rk[key];
+        }
         const double step = r["step_s"].get<double>();
         if (c.type == TrainType::kLora) lora_step = step;
         row["build_s"] = r["build_s"];
@@ -816,11 +869,21 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
         row["tokens_per_s"] = static_cast<double>(o.scale_batch * o.scale_seq_len) / step;
         row["step_ratio_vs_lora"] = step / lora_step;
         row["trainable_params"] = r["trainable_parameters"];
+        if (sharded) {
+          const Json& st = r["shard_base"];
+          row["base_weight_mb"] = (r["base_weight_bytes"].get<double>() -
+                                   st["shard_bytes"].get<double>() +
+                                   st["full_bytes"].get<double>()) / 1e6;
+          row["rank_base_weight_mb"] = r["base_weight_bytes"].get<double>() / 1e6;
+          row["gather_s_per_step"] =
+              r["gather_seconds"].get<double>() /
+              static_cast<double>(std::max(1, o.warmup) + r["steps"].get<int64_t>());
+        }
         row["status"] = "ok";
         spdlog::info(
             "bench scale: {} {} {}: built {:.0f} MB, training peak {} MB, step {:.0f} ms "
             "(x{:.2f} LoRA)",
-            o.scale_sizes[ci], dtype, c.label, row["rss_built_mb"].get<double>(),
+            o.scale_sizes[ci], dtype, label, row["rss_built_mb"].get<double>(),
             row["train_peak_mb"].dump(), 1e3 * step, step / lora_step);
         table.add(row);
       }
@@ -839,7 +902,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"base_bytes_per_param", 3, true}});
   std::vector<std::pair<std::string, std::string>> series;
   for (const auto& d : o.scale_dtypes)
-    for (const auto& c : runs) series.emplace_back(d, c.label);
+    for (const auto& c : runs) series.emplace_back(d, label_of(c));
   for (const auto& [d, label] : series) {
     std::vector<double> x, y, b, bp;
     for (size_t r = 0; r < table.rows().size(); ++r) {
@@ -897,6 +960,20 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           " warm-up step(s); *step_ratio_vs_lora* is the QLoRA / LoRA step time at the same "
           "size and compute dtype in the same run.",
   };
+  if (o.scale_ranks > 1)
+    table.notes.push_back(
+        std::to_string(o.scale_ranks) + " ranks per configuration (c10d Gloo on loopback, "
+        "started as torchrun would), each with its own " + std::to_string(o.scale_batch) +
+        " x " + std::to_string(o.scale_seq_len) + " tokens and " +
+        std::to_string(std::max<int64_t>(1, threads / o.scale_ranks)) +
+        " thread(s); the adapters' gradients are all-reduced every step. Memory columns are the "
+        "largest rank's; *step_ms* is rank 0's." +
+        (o.scale_shard_base
+             ? std::string(" *sharded*: the qlora base is sharded over the ranks "
+                           "(dist.shard_base): *base_weight_mb* is the whole base, "
+                           "*rank_base_weight_mb* what one rank holds, *gather_s_per_step* the "
+                           "seconds a step waited for layer gathers.")
+             : std::string()));
   slope.notes = {
       "*train_peak_bytes_per_param*: the least-squares slope of the training peak RSS against "
       "parameter count across sizes, i.e. what one more parameter costs while training (a bf16 "

@@ -120,6 +120,8 @@ int run(int argc, char** argv) {
     ("scale_batch", po::value<int64_t>(), "scale: sequences per step (1)")
     ("scale_seq_len", po::value<int64_t>(), "scale: tokens per sequence (512, quick 128)")
     ("scale_checkpointing", "scale: activation checkpointing (each decoder layer recomputed in backward)")
+    ("scale_ranks", po::value<int64_t>(), "scale: data-parallel ranks per configuration (1; each with --scale_batch sequences, the threads split between them)")
+    ("scale_shard_base", "scale: with --scale_ranks > 1, shard each qlora base over the ranks (dist.shard_base)")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first")
     ("work_dir", po::value<std::string>(), "folder for the fine-tune/scale runs (default: a temp folder)")
     ("keep_runs", "keep the run folders (logs, metrics, adapters)")
@@ -245,6 +247,8 @@ int run(int argc, char** argv) {
   o.scale_steps = vm.count("scale_steps") ? vm["scale_steps"].as<int64_t>() : (quick ? 2 : 4);
   if (vm.count("scale_batch")) o.scale_batch = vm["scale_batch"].as<int64_t>();
   o.scale_checkpointing = vm.count("scale_checkpointing") > 0;
+  if (vm.count("scale_ranks")) o.scale_ranks = vm["scale_ranks"].as<int64_t>();
+  o.scale_shard_base = vm.count("scale_shard_base") > 0;
   o.scale_seq_len =
       vm.count("scale_seq_len") ? vm["scale_seq_len"].as<int64_t>() : (quick ? 128 : 512);
 

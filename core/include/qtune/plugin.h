@@ -17,7 +17,8 @@ namespace qtune {
 /// AdapterFactory, TensorState, OptionSpec, PluginInfo) would break a plugin built before it.
 // 2: Adapter::bind_base and Adapter::apply; OptionSpec min/max/choices,
 //    QuantBackend::check_options and AdapterFactory::check_options.
-constexpr uint32_t kPluginAbiVersion = 2;
+// 3: QuantBackend::load_is_cheap (sharded bases).
+constexpr uint32_t kPluginAbiVersion = 3;
 
 // Overridable for tests only (a plugin that claims another ABI or LibTorch must be refused).
 #ifndef QTUNE_PLUGIN_ABI_VERSION

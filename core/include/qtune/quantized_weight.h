@@ -86,6 +86,11 @@ class QTUNE_API QuantBackend {
                                                     const Json& options) const = 0;
   /// Rebuilds a weight from state() output; throws UserError naming the missing or bad key.
   virtual std::unique_ptr<QuantizedWeight> load(const TensorState& state) const = 0;
+  /// Whether load() costs little next to one use of the weight (views or a copy of the state,
+  /// some checks). A sharded base (dist.shard_base, sharded_base.h) rebuilds each layer with
+  /// load() every time it gathers it; a backend whose load() recomputes something expensive
+  /// returns false and sharding it is refused. The default is true.
+  virtual bool load_is_cheap() const;
 };
 
 }  // namespace qtune

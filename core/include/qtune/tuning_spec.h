@@ -26,6 +26,7 @@
 namespace qtune {
 
 class Registry;
+class BaseShards;
 
 enum class TrainType { kFull, kLora, kQlora };
 /// "full" | "lora" | "qlora"; throws UserError naming `train_type` otherwise.
@@ -62,6 +63,9 @@ struct QTUNE_API BaseSpec {
   /// kQuantized: module patterns kept dense (bitsandbytes' llm_int8_skip_modules; see
   /// module_matches). A pre-quantized model also keeps dense what it stores dense.
   std::vector<std::string> quant_skip_modules;
+  /// kQuantized: when set, each decoder layer's quantized projections keep only this rank's
+  /// shard (dist.shard_base, sharded_base.h); null keeps the whole base on every rank.
+  std::shared_ptr<BaseShards> shards;
 };
 
 /// The trainable adapter beside the (frozen) base projections; absent when `factory` is null.
@@ -77,8 +81,8 @@ struct QTUNE_API AdapterSpec {
   }
 };
 
-/// What to put in each projection slot, and in which dtype to compute. The next fields to come
-/// here are the device and the process group (rank, world size, sharded base).
+/// What to put in each projection slot, and in which dtype to compute. The next field to come
+/// here is the device.
 struct QTUNE_API TuningSpec {
   BaseSpec base;
   AdapterSpec adapter;

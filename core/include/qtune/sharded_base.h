@@ -1,0 +1,84 @@
+// A quantized base sharded over the ranks of a process group (recipe key dist.shard_base), the way
+// FSDP shards fsdp_qlora's 4-bit base: every rank keeps 1/N of the bytes of each decoder layer's
+// quantized projections and gathers a layer's full weights when the layer is used — in forward,
+// and again in backward (the input gradient needs W) — dropping the previous layer's then.
+// While a layer computes, the layer expected next is already being gathered (all-gathers in
+// flight in the backend's threads), so a rank holds its shards plus about two layers.
+//
+// It works for every backend without plugin changes: what is sharded is the bytes of the tensors
+// QuantizedWeight::state() returns (each weight's held tensors laid end to end, split evenly over
+// the ranks, the last share padded; the small ones state() derives on demand are kept whole),
+// and a gathered weight is rebuilt from those bytes with the backend's own QuantBackend::load —
+// so it is byte for byte the weight an unsharded run holds.
+// A backend whose load is not cheap (QuantBackend::load_is_cheap) is refused.
+//
+// Which layer comes next is learned, not assumed: after each layer switch the pair (previous
+// layer, current layer) remembers its successor, which covers forward (0, 1, ...), backward
+// (..., 1, 0), activation checkpointing and evaluation alike. Every rank runs the same layers in
+// the same order, so every rank starts the same collectives in the same order; a wrong guess
+// costs one gather that is waited for and dropped. The output head is not sharded: how often it
+// runs depends on each rank's count of targets (chunked loss), and it is one matrix.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "qtune/export.h"
+#include "qtune/options.h"
+#include "qtune/quantized_weight.h"
+#include "qtune/tensor_state.h"
+
+namespace qtune {
+
+class ProcessGroup;
+
+class QTUNE_API BaseShards {
+ public:
+  /// Throws UserError (naming dist.shard_base) when `backend` says its load is not cheap.
+  BaseShards(std::shared_ptr<ProcessGroup> group, std::shared_ptr<QuantBackend> backend);
+  ~BaseShards();
+
+  /// This rank's shard of `full`, a projection of decoder layer `layer` called `name` (for
+  /// messages). The caller drops `full` afterwards: only the shard is kept.
+  std::shared_ptr<QuantizedWeight> shard(const QuantizedWeight& full, int64_t layer,
+                                         const std::string& name);
+  /// The same from a stored state (a qtune-quantize directory): only this rank's byte ranges of
+  /// the state's tensors are read, so a memory-mapped file is touched only there (every stored
+  /// tensor is sharded). The state is checked by the backend when its layer is first gathered
+  /// (errors name `name`).
+  std::shared_ptr<QuantizedWeight> shard(const TensorState& state, int64_t layer,
+                                         const std::string& name);
+
+  /// Drops every gathered layer, waiting for a gather in flight: only the shards stay held.
+  /// Called by every rank at the same points (the trainer: after each step's backward and after
+  /// each evaluation).
+  void release_all();
+
+  int64_t world_size() const;
+  /// Bytes of the shards this rank holds, and of the whole quantized weights (what they hold
+  /// unsharded, QuantizedWeight::nbytes; for a stored state, its tensors' bytes until the
+  /// weight is first gathered).
+  int64_t shard_bytes() const;
+  int64_t full_bytes() const;
+  /// Gathered bytes held now, their peak since construction, and the largest layer's.
+  int64_t gathered_bytes() const;
+  int64_t peak_gathered_bytes() const;
+  int64_t max_layer_bytes() const;
+  /// Layer gathers started, and how many of them were started early and then used.
+  int64_t gathers() const;
+  int64_t prefetch_hits() const;
+  /// All of the above as JSON (for summary.json).
+  Json stats() const;
+
+  struct Impl;  // process group, shards, the gathered layers (sharded_base.cpp)
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+/// The decoder layer of a module or tensor path ("model.layers.3.mlp.up_proj.weight" -> 3), or
+/// -1 when it is not inside one.
+QTUNE_API int64_t decoder_layer_of(const std::string& path);
+
+}  // namespace qtune
