@@ -186,6 +186,17 @@ torch::Tensor SafetensorsWeightSource::get(const std::string& name, torch::Scala
   return t;
 }
 
+std::optional<torch::ScalarType> SafetensorsWeightSource::stored_dtype(
+    const std::string& name) const {
+  if (!has(name)) return std::nullopt;
+  const std::string& d = info(name).dtype;
+  if (d == "BF16") return torch::kBFloat16;
+  if (d == "F16") return torch::kHalf;
+  if (d == "F32") return torch::kFloat32;
+  if (d == "F64") return torch::kFloat64;
+  return std::nullopt;
+}
+
 std::vector<std::string> SafetensorsWeightSource::names() const {
   std::vector<std::string> out;
   out.reserve(where_.size());

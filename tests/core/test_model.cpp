@@ -5,6 +5,7 @@
 #include "qtune/error.h"
 #include "qtune/generate.h"
 #include "qtune/model.h"
+#include "qtune/model_files.h"
 #include "qtune/registry.h"
 #include "qtune/tokenizer.h"
 #include "test_util.h"
@@ -124,6 +125,46 @@ TEST(Model, LoraWithZeroBIsExactlyTheBaseModel) {
     torch::NoGradGuard no_grad;
     auto tokens = torch::randint(0, c.vocab_size, {2, 9}, torch::kLong);
     EXPECT_TRUE(torch::equal(base->forward(tokens), lora->forward(tokens))) << "tied=" << tied;
+  }
+}
+
+TEST(Model, AFrozenLookupOnlyEmbeddingKeepsItsNarrowerStoredDtype) {
+  // The same bf16 values stored as BF16 and as F32: under fp32 compute a frozen embedding that
+  // is only looked up stays bf16 (half the bytes) and the model computes exactly the same; a
+  // trained one (full) or one a dense tied head multiplies by (lora) is fp32 as before.
+  auto src = open_model(test::data_path("stories260K.bin"));  // tied embeddings
+  const std::string root = test::temp_dir("embedding_dtype");
+  save_hf_model(root + "/bf16", src.config, *src.weights, torch::kBFloat16);
+  auto bf16 = open_model(root + "/bf16");
+  save_hf_model(root + "/f32", bf16.config, *bf16.weights, torch::kFloat32);
+  auto f32 = open_model(root + "/f32");
+  ASSERT_EQ(bf16.weights->stored_dtype("model.embed_tokens.weight"), torch::kBFloat16);
+  ASSERT_EQ(f32.weights->stored_dtype("model.embed_tokens.weight"), torch::kFloat32);
+  EXPECT_EQ(f32.weights->stored_dtype("no.such.tensor"), std::nullopt);
+
+  const auto qlora = TuningSpec::for_training(TrainType::kQlora, torch::kFloat32, plugins(),
+                                              "nf4", {}, false, "lora", {}, {"all-linear"});
+  const TuningSpec full;
+  struct Case {
+    const TuningSpec spec;
+    torch::ScalarType expected;
+  };
+  const std::vector<std::pair<std::string, Case>> cases = {
+      {"qlora", {qlora, torch::kBFloat16}},  // the head is a quantized copy
+      {"lora", {lora_spec(), torch::kFloat32}},  // the dense tied head is this very tensor
+      {"full", {full, torch::kFloat32}}};  // trained: an fp32 master
+  const auto tokens = torch::randint(0, src.config.vocab_size, {2, 11}, torch::kLong);
+  for (const auto& [name, c] : cases) {
+    LlamaForCausalLM a(bf16.config, *bf16.weights, c.spec);
+    LlamaForCausalLM b(f32.config, *f32.weights, c.spec);
+    EXPECT_EQ(a->model->embed_tokens->weight.scalar_type(), c.expected) << name;
+    EXPECT_EQ(b->model->embed_tokens->weight.scalar_type(), torch::kFloat32) << name;
+    const int64_t saved = c.expected == torch::kBFloat16
+                              ? src.config.vocab_size * src.config.hidden_size * 2
+                              : 0;
+    EXPECT_EQ(b->base_weight_bytes() - a->base_weight_bytes(), saved) << name;
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(torch::equal(a->forward(tokens), b->forward(tokens))) << name;
   }
 }
 

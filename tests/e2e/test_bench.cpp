@@ -435,7 +435,7 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
   const auto names = quant_plugins();
   auto args = bench("scale", out);
   for (const char* a :
-       {"--scale_sizes", "tiny", "--scale_steps", "1", "--scale_seq_len", "16", "--warmup", "0",
+       {"--scale_sizes", "tiny:1", "--scale_steps", "1", "--scale_seq_len", "16", "--warmup", "0",
         "--scale_checkpointing"})
     args.push_back(a);
   auto r = run_program(args);
@@ -454,6 +454,8 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
                      "seq_len",
                      "steps",
                      "checkpointing",
+                     "ranks",
+                     "shard_base",
                      "build_s",
                      "rss_start_mb",
                      "build_peak_mb",
@@ -465,6 +467,8 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
                      "step_ms",
                      "tokens_per_s",
                      "step_ratio_vs_lora",
+                     "rank_base_weight_mb",
+                     "gather_s_per_step",
                      "trainable_params",
                      "threads",
                      "status",
@@ -475,7 +479,11 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
   for (size_t i = 0; i < c.rows.size(); ++i) {
     EXPECT_EQ(c.at(i, "status"), "ok") << c.at(i, "config");
     EXPECT_EQ(c.at(i, "dtype"), "bf16");
+    EXPECT_EQ(c.at(i, "size"), "tiny:1");
+    EXPECT_EQ(c.at(i, "layers"), "1");  // tiny's shapes with one decoder layer instead of two
+    EXPECT_EQ(c.at(i, "hidden"), "64");
     EXPECT_EQ(c.at(i, "checkpointing"), "true");  // lora and qlora train with it
+    EXPECT_EQ(c.at(i, "ranks"), "1");
     EXPECT_GE(std::stod(c.at(i, "peak_rss_mb")), std::stod(c.at(i, "rss_built_mb")));
     EXPECT_GE(std::stod(c.at(i, "build_peak_mb")), std::stod(c.at(i, "rss_built_mb")));
     EXPECT_GT(std::stod(c.at(i, "train_peak_mb")), 0.0);
@@ -522,6 +530,9 @@ TEST(Bench, UserErrorsAreOneLineWithExitCode2) {
       {"quant", "--quant_sets", "x:{not json"},
       {"quant", "--matrices", "gaussian:12by3"},
       {"scale", "--scale_sizes", "7T"},
+      {"scale", "--scale_sizes", "tiny:0"},
+      {"scale", "--scale_sizes", "tiny:3"},  // tiny has 2 layers
+      {"scale", "--scale_sizes", "7B:x"},
       {"quant", "--device", "tpu"},
   };
   for (const auto& extra : cases) {

@@ -249,7 +249,20 @@ std::vector<QuantSet> select_quant_sets(const std::vector<QuantSet>& wanted,
   return out;
 }
 
-ModelConfig synthetic_config(const std::string& name, const std::string& flag) {
+ModelConfig synthetic_config(const std::string& size, const std::string& flag) {
+  // "<name>:<layers>": the named shapes with fewer decoder layers (per-layer costs at full width
+  // without writing and training the whole model).
+  std::string name = size;
+  int64_t layers_override = 0;
+  if (const auto colon = size.find(':'); colon != std::string::npos) {
+    name = size.substr(0, colon);
+    const std::string n = size.substr(colon + 1);
+    const bool digits = !n.empty() && n.size() <= 4 &&
+                        std::all_of(n.begin(), n.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+    layers_override = digits ? std::stoll(n) : 0;
+    QTUNE_CHECK(layers_override > 0, flag, ": '", size,
+                "': expected <size>:<layers> with layers a positive integer");
+  }
   ModelConfig c;
   c.vocab_size = 32000;
   c.max_position_embeddings = 2048;
@@ -280,7 +293,12 @@ ModelConfig synthetic_config(const std::string& name, const std::string& flag) {
     c.max_position_embeddings = 4096;
   } else {
     throw UserError(flag + ": unknown synthetic model size '" + name +
-                    "', expected one of tiny, 15M, 60M, 250M, 1B, 7B");
+                    "', expected one of tiny, 15M, 60M, 250M, 1B, 7B (optionally :<layers>)");
+  }
+  if (layers_override > 0) {
+    QTUNE_CHECK(layers_override <= c.num_hidden_layers, flag, ": '", size, "': ",
+                layers_override, " layers, at most ", c.num_hidden_layers, " for ", name);
+    c.num_hidden_layers = layers_override;
   }
   c.validate(flag + " " + name);
   return c;

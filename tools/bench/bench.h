@@ -116,9 +116,10 @@ std::vector<QuantSet> select_quant_sets(const std::vector<QuantSet>& wanted,
 
 /// A synthetic Llama configuration for `scale`: "tiny" (~0.1M, tests), "15M" (llama2.c
 /// stories15M), "60M", "250M", "1B" (TinyLlama-1.1B's shape, GQA 32/4), "7B" (Llama-2-7B's
-/// shape: 32 layers, hidden 4096, intermediate 11008, 32 heads, untied head). Throws UserError naming
-/// `flag` and listing the names otherwise.
-ModelConfig synthetic_config(const std::string& name, const std::string& flag);
+/// shape: 32 layers, hidden 4096, intermediate 11008, 32 heads, untied head); "<name>:<layers>"
+/// keeps the shapes with fewer decoder layers ("7B:2"). Throws UserError naming `flag` and
+/// listing the names otherwise.
+ModelConfig synthetic_config(const std::string& size, const std::string& flag);
 
 /// Everything the sub-commands need. Paths of shared data resolve like recipe paths
 /// (resolve_data_path: absolute, relative to the working directory, $QTUNE_DATA, ../shared/data).

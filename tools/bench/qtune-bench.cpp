@@ -114,7 +114,7 @@ int run(int argc, char** argv) {
      "finetune: threads per run (0 = --threads; 1 is fastest and steadiest at stories260K size)")
     ("adapter", po::value<std::string>(), "adapter plugin (default: lora when found, else the first adapter plugin)")
     ("adapter_options", po::value<std::string>(), "adapter options as JSON, e.g. '{\"rank\":16}'")
-    ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B, 7B (15M..1B; quick 15M,60M)")
+    ("scale_sizes", po::value<std::string>(), "scale: comma list of tiny, 15M, 60M, 250M, 1B, 7B, each optionally :<layers> (fewer decoder layers, e.g. 7B:2; quick 15M,60M)")
     ("scale_dtypes", po::value<std::string>(), "scale: comma list of compute dtypes (bf16)")
     ("scale_steps", po::value<int64_t>(), "scale: timed steps per configuration (4, quick 2)")
     ("scale_batch", po::value<int64_t>(), "scale: sequences per step (1)")

@@ -68,6 +68,7 @@ class QTUNE_API SafetensorsWeightSource : public WeightSource {
   /// A fresh contiguous CPU copy converted to `dtype`.
   torch::Tensor get(const std::string& name, torch::ScalarType dtype) const override;
   std::vector<std::string> names() const override;
+  std::optional<torch::ScalarType> stored_dtype(const std::string& name) const override;
 
  protected:
   /// For subclasses (e.g. a pre-quantized directory): construct empty, then load_dir/load_file.

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,12 @@ class QTUNE_API WeightSource {
   virtual torch::Tensor get(const std::string& name, torch::ScalarType dtype) const = 0;
   /// Every tensor name.
   virtual std::vector<std::string> names() const = 0;
+  /// The floating dtype `name` is stored in, where the source knows it without reading the data
+  /// (a frozen tensor that is only looked up can stay in it); nullopt otherwise.
+  virtual std::optional<torch::ScalarType> stored_dtype(const std::string& name) const {
+    (void)name;
+    return std::nullopt;
+  }
 
   /// A pre-quantized directory (written by qtune-quantize) also holds packed states: when
   /// has_quantized(name) is true, quantized(name) returns the TensorState to hand to
