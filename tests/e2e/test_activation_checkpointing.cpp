@@ -59,7 +59,11 @@ void expect_same_losses(const std::string& train_type, const std::string& quant,
 }  // namespace
 
 TEST(TrainerCheckpointing, FullAndLoraMatchTheRunWithoutIt) {
-  expect_same_losses("full", "", "fp32", 1e-6);
+  // full: every weight takes an AdamW step, whose m / sqrt(v) turns a last-bit difference in a
+  // near-zero gradient into a step of the learning rate's size. Measured 1.2e-6 at step 2 on an
+  // Intel Xeon (AVX-512 kernels), under 1e-6 on an AMD EPYC; a skipped recompute moves the loss
+  // by far more (no gradient reaches the layers).
+  expect_same_losses("full", "", "fp32", 5e-6);
   expect_same_losses("lora", "", "fp32", 1e-6);
 }
 
