@@ -517,19 +517,16 @@ std::pair<double, int64_t> data_parallel_backward(ProcessGroup& group, ShardedLo
     step_tokens += b.tokens.numel();
     if (!runs(m)) continue;
     const int64_t local = local_counts[m].item<int64_t>(), global = counts[m].item<int64_t>();
+    const double weight = static_cast<double>(local) / static_cast<double>(global);
+    torch::Tensor targets = b.targets;
     if (local == 0) {
       // A sharded base gathers every layer in forward and backward on every rank: this rank
       // runs the micro-batch too, with weight 0 (one target made valid so the loss is finite;
       // its gradients are exact zeros).
-      auto targets = b.targets.clone();
+      targets = b.targets.clone();
       targets.view({-1})[0] = 0;
-      auto [loss, n] = model.loss(b.tokens, targets, b.positions, b.segments);
-      if (m == last) buckets.arm(group);
-      (loss * 0.0).backward();
-      continue;
     }
-    const double weight = static_cast<double>(local) / static_cast<double>(global);
-    auto [loss, n] = model.loss(b.tokens, b.targets, b.positions, b.segments);
+    auto [loss, n] = model.loss(b.tokens, targets, b.positions, b.segments);
     if (m == last) buckets.arm(group);
     (loss * (weight / static_cast<double>(accum))).backward();
     loss_sum += loss.item<double>() * weight;
