@@ -4,7 +4,7 @@
 #      (QTUNE_SANITIZE=ON QTUNE_FUZZ=ON), only what steps 2 and 3 run;
 #   2. runs the unit and end-to-end suites under the sanitizers (CTest: everything but the
 #      oracle, sdk, conformance and dist labels, and qtune-bench's e2e tests);
-#   3. runs each libFuzzer target for QTUNE_FUZZ_SECONDS (default 30) from a corpus of the seeds
+#   3. runs each libFuzzer target for QTUNE_FUZZ_SECONDS (default 12) from a corpus of the seeds
 #      and regression inputs in tests/fuzz/ plus small valid files made from ../shared/data.
 # Any sanitizer report, test failure or fuzz finding fails the step; a finding's input is kept in
 # build-asan/fuzz/findings/ (add it to tests/fuzz/regressions/<target>/ once fixed).
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 BUILD_DIR="${QTUNE_ASAN_BUILD_DIR:-build-asan}"
-FUZZ_SECONDS="${QTUNE_FUZZ_SECONDS:-30}"
+FUZZ_SECONDS="${QTUNE_FUZZ_SECONDS:-12}"
 DATA="${QTUNE_DATA:-$root/../shared/data}"
 run_suites=1 run_fuzz=1
 targets=()
@@ -96,7 +96,10 @@ if ((run_fuzz)); then
   { printf '\002'; head -n 3 "$DATA/self_instruct_seed_tasks.jsonl"; } | seed data self_instruct.jsonl
   for f in configs/*.yaml; do seed recipe "$(basename "$f")" <"$f"; done
   all=()
-  for exe in "$BUILD_DIR"/bin/qtune_fuzz_*; do all+=("${exe##*/qtune_fuzz_}"); done
+  # The fuzz executables only: bin/qtune_fuzz_regression_tests is the GoogleTest replay suite.
+  for exe in "$BUILD_DIR"/bin/qtune_fuzz_*; do
+    [[ "$exe" == */qtune_fuzz_regression_tests ]] || all+=("${exe##*/qtune_fuzz_}")
+  done
   ((${#targets[@]})) || targets=("${all[@]}")
   failed=()
   for t in "${targets[@]}"; do

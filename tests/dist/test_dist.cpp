@@ -266,7 +266,7 @@ TEST_P(ShardedBase, TwoShardedRanksMatchTwoWholeRanks) {
 
 INSTANTIATE_TEST_SUITE_P(Backends, ShardedBase, ::testing::Values("nf4", "hqq", "int8"));
 
-TEST(ShardedBase, AQuantizedDirectoryLoadsShardedAndOnlyQloraShards) {
+TEST(ShardedBaseRuns, AQuantizedDirectoryLoadsShardedAndOnlyQloraShards) {
   // A qtune-quantize directory: each rank keeps only its byte ranges of the stored state.
   const auto quantized = qtune::test::temp_dir("shard-nf4-dir");
   auto r = qtune::test::run_program({bin_path("qtune-quantize"), "--model",

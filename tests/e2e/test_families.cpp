@@ -133,7 +133,7 @@ std::vector<double> losses(const std::string& out) {
 
 }  // namespace
 
-TEST(Families, TrainerTrainsLlama3MistralAndQwen2Directories) {
+TEST(FamilyRuns, TrainerTrainsLlama3MistralAndQwen2Directories) {
   const std::string llama = family_dir("llama");
   const json base = train(llama);
   EXPECT_LT(final_loss(base), base["first_val_loss"].get<double>() - 0.05) << base.dump(2);
@@ -158,7 +158,7 @@ TEST(Families, TrainerTrainsLlama3MistralAndQwen2Directories) {
   EXPECT_EQ(read_json(full_out + "/model/config.json")["model_type"], "qwen2");
 }
 
-TEST(Families, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
+TEST(FamilyRuns, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
   const auto dir = qtune::test::temp_dir("bnb") + "/model";
   auto r = qtune::test::run_program({bin_path("qtune-quantize"), "--model",
                                      data_path("stories260K.bin"), "--tokenizer",
@@ -194,7 +194,7 @@ TEST(Families, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
   EXPECT_NE(r.output.find("is only stored quantized"), std::string::npos) << r.output;
 }
 
-TEST(Dora, TrainerTrainsExportsMergesAndResumes) {
+TEST(DoraRuns, TrainerTrainsExportsMergesAndResumes) {
   const std::string model = family_dir("llama");
   // The head stays dense: stories260K ties it to the embedding, and a merged model keeps the
   // tie, so a quantized head during training would differ from the merged one (export notes it).
