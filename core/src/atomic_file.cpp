@@ -13,13 +13,14 @@
 #include <vector>
 
 #include "qtune/error.h"
+#include "text_util.h"
 
 namespace fs = std::filesystem;
 
 namespace qtune {
 namespace {
 
-std::string errno_text() { return std::strerror(errno); }
+using detail::errno_text;
 
 // A minimal output streambuf over a POSIX fd. std::ofstream cannot give us its descriptor, and
 // we need it for fsync; write errors are remembered (not thrown through the iostream layer,

@@ -18,6 +18,7 @@
 #include "qtune/safetensors.h"
 #include "qtune/tokenizer.h"
 #include "weight_names.h"
+#include "text_util.h"
 
 namespace fs = std::filesystem;
 
@@ -29,7 +30,7 @@ namespace {
 
 constexpr const char* kQuantStatePrefix = "weight.quant_state.bitsandbytes__";
 
-bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+using detail::starts_with;
 
 // The checks of quantization_config; returns the 4-bit quant type ("nf4").
 std::string check_bnb_config(const Json& qc, const std::string& origin) {

@@ -30,6 +30,7 @@
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
 #include "qtune/safetensors.h"
+#include "text_util.h"
 
 namespace fs = std::filesystem;
 
@@ -43,7 +44,7 @@ const char* kOptimizerFile = "optimizer.safetensors";
 const char* kAdapterFile = "adapter_model.safetensors";
 const char* kLatestFile = "latest";
 
-std::string errno_text() { return std::strerror(errno); }
+using detail::errno_text;
 
 
 }  // namespace
@@ -208,9 +209,7 @@ typename Map::key_type optimizer_key(const Map&, const torch::Tensor& p) {
   }
 }
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
+using detail::starts_with;
 
 // step-<N> -> N; -1 for any other name.
 int64_t step_of(const std::string& name) {

@@ -14,6 +14,7 @@
 #include "qtune/llama2c.h"
 #include "qtune/quantized_model.h"
 #include "qtune/tokenizer.h"
+#include "text_util.h"
 
 namespace fs = std::filesystem;
 
@@ -21,10 +22,7 @@ namespace qtune {
 
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+using detail::ends_with;
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include "../spm/qtune_spm.h"
 #include "qtune/error.h"
 #include "tokenizer_internal.h"
+#include "text_util.h"
 
 namespace fs = std::filesystem;
 
@@ -59,10 +60,7 @@ TokenizerConfig merge_config(const tok::ConfigFile& f, const std::string& bos,
   return c;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+using detail::ends_with;
 
 int hex_value(char c) {
   if (c >= '0' && c <= '9') return c - '0';

@@ -7,10 +7,15 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
 
+#include <nlohmann/json.hpp>
+
+#include "char_tokenizer.h"
+#include "qtune/data.h"
 #include "qtune/error.h"
 #include "qtune/registry.h"
 
@@ -128,6 +133,53 @@ std::string user_error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "(no error)";
+}
+
+std::vector<double> train_losses(const std::string& out_dir) {
+  std::ifstream in(out_dir + "/metrics.jsonl");
+  EXPECT_TRUE(in.good()) << "missing " << out_dir << "/metrics.jsonl";
+  std::vector<double> l;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j["type"] != "train") continue;
+    EXPECT_EQ(j["step"].get<size_t>(), l.size() + 1) << "train records out of order in " << out_dir;
+    l.push_back(j["loss"].get<double>());
+  }
+  return l;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a UserError";
+  return "";
+}
+
+std::string write_temp_file(const std::string& tag, const std::string& name,
+                            const std::string& content) {
+  static std::map<std::string, std::string> dirs;
+  auto it = dirs.find(tag);
+  if (it == dirs.end()) it = dirs.emplace(tag, temp_dir(tag)).first;
+  const std::string path = it->second + "/" + name;
+  std::ofstream(path, std::ios::binary) << content;
+  return path;
+}
+
+std::string load_data_error(const DataConfig& c) {
+  try {
+    load_data(c, CharTokenizer());
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TuningSpec lora_spec(torch::ScalarType dtype) {
+  return TuningSpec::for_training(TrainType::kLora, dtype, plugins(), "", {}, false, "lora",
+                                  Json{{"rank", 4}}, {"all-linear", "output"});
 }
 
 void expect_contains(const std::string& text, const std::string& part) {

@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "qtune/model_config.h"
+#include "qtune/tuning_spec.h"
 
 namespace qtune {
 class Registry;
+struct DataConfig;
 }
 
 namespace qtune::test {
@@ -45,14 +47,27 @@ RunResult run_program(const std::vector<std::string>& args,
                       const std::vector<std::string>& env = {});
 
 std::string read_file(const std::string& path);
+/// The training losses of the run in `out_dir`, from its metrics.jsonl (index = step - 1); a test
+/// failure when a step is missing or out of order.
+std::vector<double> train_losses(const std::string& out_dir);
 
 /// The message of the qtune::UserError `f` throws, or "(no error)".
 std::string user_error_of(const std::function<void()>& f);
+/// The message of the qtune::UserError `f` throws; a test failure (and "") when it throws none.
+std::string error_of(const std::function<void()>& f);
+/// Writes `content` to `name` in a temporary directory of `tag` (one per tag and process);
+/// returns its path.
+std::string write_temp_file(const std::string& tag, const std::string& name,
+                            const std::string& content);
+/// The message of the UserError that loading `c` with a CharTokenizer throws, or "".
+std::string load_data_error(const DataConfig& c);
 /// A non-fatal gtest failure when `part` is not in `text` (both are printed).
 void expect_contains(const std::string& text, const std::string& part);
 
 /// A 2-layer Llama small enough for exact checks: `hidden` wide (16: 4 query / 2 key-value
 /// heads), MLP 40, vocabulary 32, context 64.
 ModelConfig tiny_config(int64_t hidden = 16, bool tied = false);
+/// LoRA rank 4 on every projection and the output head, computing in `dtype`.
+TuningSpec lora_spec(torch::ScalarType dtype = torch::kFloat32);
 
 }  // namespace qtune::test

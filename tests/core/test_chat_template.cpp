@@ -31,15 +31,7 @@ std::string token_or_empty(const nlohmann::json& v) {
   return v.is_string() ? v.get<std::string>() : std::string();
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const qtune::UserError& e) {
-    return e.what();
-  }
-  return "";
-}
+using qtune::test::error_of;
 
 // The ids of `t` whose assistant flag is set, as text.
 std::string assistant_text(const qtune::ChatTokens& t) {

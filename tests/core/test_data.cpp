@@ -17,30 +17,16 @@ using qtune::DataLoader;
 using qtune::kIgnoreIndex;
 using qtune::test::chars;
 using qtune::test::CharTokenizer;
+using qtune::test::load_data_error;
+using qtune::test::write_temp_file;
 
 namespace {
-
-std::string write_file(const std::string& name, const std::string& content) {
-  static const std::string dir = qtune::test::temp_dir("data");
-  const std::string path = dir + "/" + name;
-  std::ofstream(path, std::ios::binary) << content;
-  return path;
-}
 
 DataConfig text_config(const std::string& path, int64_t seq_len) {
   DataConfig c;
   c.path = path;
   c.seq_len = seq_len;
   return c;
-}
-
-std::string error_of(const DataConfig& c) {
-  try {
-    qtune::load_data(c, CharTokenizer());
-  } catch (const qtune::UserError& e) {
-    return e.what();
-  }
-  return "";
 }
 
 #define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << (msg)
@@ -82,7 +68,7 @@ std::set<int> document_markers(const qtune::TokenDataset& ds) {
 
 TEST(Data, TextPackingCoversEveryTokenExactlyOnce) {
   // Documents split at one or more blank lines, whitespace-only lines and CRLF included.
-  const std::string path = write_file("docs.txt", "ab\ncd\n\n\nefg\r\n\r\n  \t\nh\n\ni j\nk");
+  const std::string path = write_temp_file("data", "docs.txt", "ab\ncd\n\n\nefg\r\n\r\n  \t\nh\n\ni j\nk");
   const std::vector<std::string> docs = {"ab\ncd", "efg", "h", "i j\nk"};
   std::vector<int64_t> stream;
   for (const auto& d : docs)
@@ -127,33 +113,33 @@ TEST(Data, TextPackingCoversEveryTokenExactlyOnce) {
 }
 
 TEST(Data, TextErrorsNameTheFile) {
-  auto msg = error_of(text_config("/nonexistent/dir/corpus.txt", 8));
+  auto msg = load_data_error(text_config("/nonexistent/dir/corpus.txt", 8));
   EXPECT_HAS(msg, "data.path");
   EXPECT_HAS(msg, "/nonexistent/dir/corpus.txt");
 
-  const std::string tiny = write_file("tiny.txt", "hello\n\nworld\n");
-  msg = error_of(text_config(tiny, 64));
+  const std::string tiny = write_temp_file("data", "tiny.txt", "hello\n\nworld\n");
+  msg = load_data_error(text_config(tiny, 64));
   EXPECT_HAS(msg, tiny);
   EXPECT_HAS(msg, "14 tokens");  // ^hello$ ^world$
   EXPECT_HAS(msg, "data.seq_len + 1 = 65");
 
-  msg = error_of(text_config(write_file("blank.txt", "\n  \n\n"), 8));
+  msg = load_data_error(text_config(write_temp_file("data", "blank.txt", "\n  \n\n"), 8));
   EXPECT_HAS(msg, "holds no text");
 
   DataConfig c = text_config(tiny, 4);
   c.format = "csv";
-  EXPECT_HAS(error_of(c), "data.format");
+  EXPECT_HAS(load_data_error(c), "data.format");
   c = text_config(tiny, 0);
-  EXPECT_HAS(error_of(c), "data.seq_len must be >= 1, got 0");
+  EXPECT_HAS(load_data_error(c), "data.seq_len must be >= 1, got 0");
   c = text_config(tiny, 4);
   c.val_fraction = 1.0;
-  EXPECT_HAS(error_of(c), "data.val_fraction must be in [0, 1), got 1");
+  EXPECT_HAS(load_data_error(c), "data.val_fraction must be in [0, 1), got 1");
   c.val_fraction = 0.5;
   c.val_path = tiny;
-  EXPECT_HAS(error_of(c), "exclusive");
+  EXPECT_HAS(load_data_error(c), "exclusive");
   c = text_config(tiny, 4);
   c.val_path = "/nonexistent/val.txt";
-  msg = error_of(c);
+  msg = load_data_error(c);
   EXPECT_HAS(msg, "data.val_path");
   EXPECT_HAS(msg, "/nonexistent/val.txt");
 }
@@ -177,7 +163,7 @@ TEST(Data, AlpacaPromptIsStanfordAlpacaText) {
 
 TEST(Data, AlpacaMasksExactlyThePromptTokens) {
   const std::string path =
-      write_file("alpaca.json",
+      write_temp_file("data", "alpaca.json",
                  R"([{"instruction": "Add.", "input": "1 and 2", "output": "3"},
           {"instruction": "Say hi.", "input": "", "output": "hi there", "extra": 1},
           {"instruction": "Name a color.", "output": "red"}])");
@@ -224,7 +210,7 @@ TEST(Data, AlpacaMasksExactlyThePromptTokens) {
 
 TEST(Data, AlpacaTruncationKeepsPartialResponsesAndDropsLostOnes) {
   const std::string long_prompt(100, 'x');
-  const std::string path = write_file(
+  const std::string path = write_temp_file("data", 
       "trunc.jsonl", "{\"instruction\": \"Hi\", \"output\": \"" + std::string(80, 'y') +
                          "\"}\n\n{\"instruction\": \"" + long_prompt + "\", \"output\": \"z\"}\n");
   const int64_t p0 = 1 + static_cast<int64_t>(qtune::alpaca_prompt("Hi", "").size());
@@ -245,68 +231,68 @@ TEST(Data, AlpacaTruncationKeepsPartialResponsesAndDropsLostOnes) {
                          2));
 
   // Nothing usable at all is an error.
-  auto msg = error_of(text_config(path, 20));
+  auto msg = load_data_error(text_config(path, 20));
   EXPECT_HAS(msg, path);
   EXPECT_HAS(msg, "no usable record");
 }
 
 TEST(Data, AlpacaErrorsNameFileRecordAndKey) {
   const std::string missing =
-      write_file("missing.json", R"([{"instruction": "a", "output": "b"}, {"instruction": "c"}])");
-  auto msg = error_of(text_config(missing, 64));
+      write_temp_file("data", "missing.json", R"([{"instruction": "a", "output": "b"}, {"instruction": "c"}])");
+  auto msg = load_data_error(text_config(missing, 64));
   EXPECT_HAS(msg, missing);
   EXPECT_HAS(msg, "record [1]");
   EXPECT_HAS(msg, "\"output\"");
 
   const std::string wrong_type =
-      write_file("wrong.jsonl",
+      write_temp_file("data", "wrong.jsonl",
                  "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 5, \"output\": "
                  "\"b\"}\n");
-  msg = error_of(text_config(wrong_type, 64));
+  msg = load_data_error(text_config(wrong_type, 64));
   EXPECT_HAS(msg, wrong_type);
   EXPECT_HAS(msg, "line 2");
   EXPECT_HAS(msg, "\"instruction\" must be a string");
 
   const std::string bad_input =
-      write_file("badinput.json", R"([{"instruction": "a", "input": ["x"], "output": "b"}])");
-  msg = error_of(text_config(bad_input, 64));
+      write_temp_file("data", "badinput.json", R"([{"instruction": "a", "input": ["x"], "output": "b"}])");
+  msg = load_data_error(text_config(bad_input, 64));
   EXPECT_HAS(msg, "record [0]");
   EXPECT_HAS(msg, "\"input\"");
 
-  const std::string bad_jsonl = write_file(
+  const std::string bad_jsonl = write_temp_file("data", 
       "bad.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n\n{\"instruction\": \"a\", ");
-  msg = error_of(text_config(bad_jsonl, 64));
+  msg = load_data_error(text_config(bad_jsonl, 64));
   EXPECT_HAS(msg, bad_jsonl);
   EXPECT_HAS(msg, "line 3");
   EXPECT_HAS(msg, "invalid JSON");
 
-  const std::string bad_array = write_file(
+  const std::string bad_array = write_temp_file("data", 
       "bad.json",
       "[\n{\"instruction\": \"a\", \"output\": \"b\"},\n{\"instruction\": \"a\" \"output\"}\n]");
-  msg = error_of(text_config(bad_array, 64));
+  msg = load_data_error(text_config(bad_array, 64));
   EXPECT_HAS(msg, bad_array);
   EXPECT_HAS(msg, "line 3");
   EXPECT_HAS(msg, "invalid JSON");
 
-  const std::string not_objects = write_file("numbers.json", "[1, 2]");
-  msg = error_of(text_config(not_objects, 64));
+  const std::string not_objects = write_temp_file("data", "numbers.json", "[1, 2]");
+  msg = load_data_error(text_config(not_objects, 64));
   EXPECT_HAS(msg, "record [0]");
 
   // Forced alpaca on a text file says what it expected.
-  DataConfig c = text_config(write_file("prose.txt", "just prose\n"), 64);
+  DataConfig c = text_config(write_temp_file("data", "prose.txt", "just prose\n"), 64);
   c.format = "alpaca";
-  EXPECT_HAS(error_of(c), "not Alpaca data");
+  EXPECT_HAS(load_data_error(c), "not Alpaca data");
 }
 
 TEST(Data, FormatDetection) {
   // JSON content in a file without a known extension is Alpaca; .txt is text even if it looks
   // like JSON; an explicit format wins.
   const std::string json = R"([{"instruction": "a", "output": "b"}])";
-  auto s = qtune::load_data(text_config(write_file("records.dat", json), 256), CharTokenizer());
+  auto s = qtune::load_data(text_config(write_temp_file("data", "records.dat", json), 256), CharTokenizer());
   EXPECT_EQ(s.train->stats().format, "alpaca");
-  s = qtune::load_data(text_config(write_file("records.txt", json), 4), CharTokenizer());
+  s = qtune::load_data(text_config(write_temp_file("data", "records.txt", json), 4), CharTokenizer());
   EXPECT_EQ(s.train->stats().format, "text");
-  DataConfig c = text_config(write_file("records2.json", json), 4);
+  DataConfig c = text_config(write_temp_file("data", "records2.json", json), 4);
   c.format = "text";
   EXPECT_EQ(qtune::load_data(c, CharTokenizer()).train->stats().format, "text");
 }
@@ -315,7 +301,7 @@ TEST(Data, FormatDetection) {
 // Split
 
 TEST(Data, ValidationSplitHoldsOutWholeDocuments) {
-  const std::string path = write_file("numbered.txt", numbered_documents(40));
+  const std::string path = write_temp_file("data", "numbered.txt", numbered_documents(40));
   DataConfig c = text_config(path, 1);  // seq_len 1 drops nothing, so every document is visible
   c.val_fraction = 0.25;
   c.seed = 11;
@@ -339,7 +325,7 @@ TEST(Data, ValidationSplitHoldsOutWholeDocuments) {
   for (int r = 0; r < 20; ++r)
     records += (r ? "," : "") + std::string("{\"instruction\": \"r") + std::to_string(r) +
                "\", \"output\": \"o\"}";
-  DataConfig a = text_config(write_file("records.json", records + "]"), 256);
+  DataConfig a = text_config(write_temp_file("data", "records.json", records + "]"), 256);
   a.val_fraction = 0.2;
   auto sa = qtune::load_data(a, CharTokenizer());
   EXPECT_EQ(sa.val->size(), 4);
@@ -351,23 +337,23 @@ TEST(Data, ValidationSplitHoldsOutWholeDocuments) {
 
   // A fraction that rounds to no document is an error, as is one that leaves no training data.
   c.val_fraction = 0.01;
-  auto msg = error_of(c);
+  auto msg = load_data_error(c);
   EXPECT_HAS(msg, "data.val_fraction");
   EXPECT_HAS(msg, "holds out none");
-  DataConfig two = text_config(write_file("two.txt", "a\n\nb\n"), 1);
+  DataConfig two = text_config(write_temp_file("data", "two.txt", "a\n\nb\n"), 1);
   two.val_fraction = 0.9;
-  EXPECT_HAS(error_of(two), "leaves no training");
+  EXPECT_HAS(load_data_error(two), "leaves no training");
   // A held-out split too short for one block names the split.
   DataConfig shortval = text_config(path, 200);
   shortval.val_fraction = 0.05;
-  msg = error_of(shortval);
+  msg = load_data_error(shortval);
   EXPECT_HAS(msg, "validation split");
   EXPECT_HAS(msg, path);
 }
 
 TEST(Data, SeparateValidationFile) {
-  DataConfig c = text_config(write_file("train.txt", numbered_documents(10)), 200);
-  c.val_path = write_file("val.json", R"([{"instruction": "a", "output": "b"}])");
+  DataConfig c = text_config(write_temp_file("data", "train.txt", numbered_documents(10)), 200);
+  c.val_path = write_temp_file("data", "val.json", R"([{"instruction": "a", "output": "b"}])");
   auto s = qtune::load_data(c, CharTokenizer());
   EXPECT_EQ(s.train->stats().documents, 10);
   ASSERT_TRUE(s.val);
@@ -381,7 +367,7 @@ TEST(Data, SeparateValidationFile) {
 namespace {
 std::shared_ptr<qtune::TokenDataset> blocks_dataset() {
   // 40 documents of ~30 tokens with seq_len 4: a few hundred examples.
-  return qtune::load_data(text_config(write_file("loader.txt", numbered_documents(40)), 4),
+  return qtune::load_data(text_config(write_temp_file("data", "loader.txt", numbered_documents(40)), 4),
                           CharTokenizer())
       .train;
 }

@@ -22,17 +22,12 @@ using qtune::DataConfig;
 using qtune::kIgnoreIndex;
 using qtune::test::chars;
 using qtune::test::CharTokenizer;
+using qtune::test::load_data_error;
+using qtune::test::write_temp_file;
 
 namespace {
 
 #define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << (msg)
-
-std::string write_file(const std::string& name, const std::string& content) {
-  static const std::string dir = qtune::test::temp_dir("data_chat");
-  const std::string path = dir + "/" + name;
-  std::ofstream(path, std::ios::binary) << content;
-  return path;
-}
 
 DataConfig chat_config(const std::string& path, int64_t seq_len, const std::string& tmpl = "llama2") {
   DataConfig c;
@@ -40,15 +35,6 @@ DataConfig chat_config(const std::string& path, int64_t seq_len, const std::stri
   c.seq_len = seq_len;
   c.chat_template = tmpl;
   return c;
-}
-
-std::string error_of(const DataConfig& c) {
-  try {
-    qtune::load_data(c, CharTokenizer());
-  } catch (const qtune::UserError& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // The counted targets of example i, as text.
@@ -78,7 +64,7 @@ const json kOneTurn = {{"messages",
 }  // namespace
 
 TEST(DataChat, MessagesLossIsOnTheAssistantTokensOnly) {
-  const std::string path = write_file("chat.jsonl", jsonl({kTwoTurns, kOneTurn}));
+  const std::string path = write_temp_file("data_chat", "chat.jsonl", jsonl({kTwoTurns, kOneTurn}));
   auto s = qtune::load_data(chat_config(path, 128), CharTokenizer());
   const auto& ds = *s.train;
   ASSERT_EQ(ds.size(), 2);
@@ -101,7 +87,7 @@ TEST(DataChat, MessagesLossIsOnTheAssistantTokensOnly) {
     }
 
   // The same records as a JSON array give the same examples, named by index instead of line.
-  const std::string array = write_file("chat.json", json::array({kTwoTurns, kOneTurn}).dump(1));
+  const std::string array = write_temp_file("data_chat", "chat.json", json::array({kTwoTurns, kOneTurn}).dump(1));
   auto a = qtune::load_data(chat_config(array, 128), CharTokenizer());
   for (int64_t i = 0; i < 2; ++i) {
     EXPECT_EQ(a.train->get(i).tokens, ds.get(i).tokens);
@@ -116,7 +102,7 @@ TEST(DataChat, MessagesLossIsOnTheAssistantTokensOnly) {
 }
 
 TEST(DataChat, ShareGptAndRenamedFieldsGiveTheSameExamples) {
-  const std::string messages = write_file("m.jsonl", jsonl({kTwoTurns}));
+  const std::string messages = write_temp_file("data_chat", "m.jsonl", jsonl({kTwoTurns}));
   const json share = {{"conversations",
                        {{{"from", "system"}, {"value", "Be brief."}},
                         {{"from", "human"}, {"value", "Hi"}},
@@ -135,13 +121,13 @@ TEST(DataChat, ShareGptAndRenamedFieldsGiveTheSameExamples) {
                                      {{"type", "text"}, {"text", "lo"}}};
   const auto want = qtune::load_data(chat_config(messages, 96), CharTokenizer()).train->get(0);
 
-  DataConfig c = chat_config(write_file("s.json", json::array({share}).dump()), 96);
+  DataConfig c = chat_config(write_temp_file("data_chat", "s.json", json::array({share}).dump()), 96);
   auto s = qtune::load_data(c, CharTokenizer());
   EXPECT_EQ(s.train->stats().format, "sharegpt");  // detected
   EXPECT_EQ(s.train->get(0).tokens, want.tokens);
   EXPECT_EQ(s.train->get(0).targets, want.targets);
 
-  c = chat_config(write_file("r.jsonl", jsonl({renamed})), 96);
+  c = chat_config(write_temp_file("data_chat", "r.jsonl", jsonl({renamed})), 96);
   c.format = "messages";
   c.messages_field = "dialog";
   c.role_field = "speaker";
@@ -151,13 +137,13 @@ TEST(DataChat, ShareGptAndRenamedFieldsGiveTheSameExamples) {
   c.role_assistant = {"agent", "bot"};
   EXPECT_EQ(qtune::load_data(c, CharTokenizer()).train->get(0).targets, want.targets);
 
-  c = chat_config(write_file("p.jsonl", jsonl({parts})), 96);
+  c = chat_config(write_temp_file("data_chat", "p.jsonl", jsonl({parts})), 96);
   EXPECT_EQ(qtune::load_data(c, CharTokenizer()).train->get(0).targets, want.targets);
 }
 
 TEST(DataChat, FormatAutoPicksByContent) {
   const auto format_of = [](const std::string& name, const std::string& content) {
-    DataConfig c = chat_config(write_file(name, content), 400);
+    DataConfig c = chat_config(write_temp_file("data_chat", name, content), 400);
     return qtune::load_data(c, CharTokenizer()).train->stats().format;
   };
   EXPECT_EQ(format_of("a.jsonl", jsonl({kOneTurn})), "messages");
@@ -170,13 +156,13 @@ TEST(DataChat, FormatAutoPicksByContent) {
                                                   {"from": "gpt", "value": "b"}]}])"),
             "sharegpt");
   EXPECT_EQ(format_of("e.json", R"([{"instruction": "a", "output": "b"}])"), "alpaca");
-  const std::string msg = error_of(chat_config(write_file("f.json", R"([{"prompt": "a"}])"), 64));
+  const std::string msg = load_data_error(chat_config(write_temp_file("data_chat", "f.json", R"([{"prompt": "a"}])"), 64));
   EXPECT_HAS(msg, "f.json record [0]");
   EXPECT_HAS(msg, "cannot tell the format from the keys (prompt)");
 }
 
 TEST(DataChat, EveryMalformedRecordIsReported) {
-  const std::string path = write_file(
+  const std::string path = write_temp_file("data_chat", 
       "bad.jsonl",
       jsonl({kOneTurn,
              {{"messages", {{{"role", "user"}, {"content", "a"}}, {{"role", "bot"}, {"content", "b"}}}}},
@@ -186,14 +172,14 @@ TEST(DataChat, EveryMalformedRecordIsReported) {
              {{"messages", {{{"role", "user"}, {"content", "a"}}, {{"role", "user"}, {"content", "b"}}}}},
              {{"messages", {{{"role", "user"}, {"content", 5}}}}}}) +
           "{\"messages\": [\n");
-  const std::string msg = error_of(chat_config(path, 64));
+  const std::string msg = load_data_error(chat_config(path, 64));
   // The line is the first malformed record; the count covers all seven.
   EXPECT_HAS(msg, path + " line 2: messages[1]: unknown role \"bot\"");
   EXPECT_HAS(msg, "data.role_assistant");
   EXPECT_HAS(msg, "and 6 more malformed records in " + path);
   // Each kind on its own names the record and what was expected.
   const auto only = [&](const json& record) {
-    return error_of(chat_config(write_file("one.jsonl", jsonl({kOneTurn, record})), 64));
+    return load_data_error(chat_config(write_temp_file("data_chat", "one.jsonl", jsonl({kOneTurn, record})), 64));
   };
   EXPECT_HAS(only({{"messages", {{{"role", "user"}}}}}),
              "line 2: messages[0]: key \"content\" is missing");
@@ -207,15 +193,15 @@ TEST(DataChat, EveryMalformedRecordIsReported) {
   EXPECT_HAS(only({{"messages", {{{"role", "user"}, {"content", 5}}}}}),
              "line 2: messages[0]: key \"content\" must be a string");
   EXPECT_HAS(only(json::array({1})), "line 2: expected an object with \"messages\"");
-  EXPECT_HAS(error_of(chat_config(write_file("trunc.jsonl", jsonl({kOneTurn}) + "{\"messages\"\n"), 64)),
+  EXPECT_HAS(load_data_error(chat_config(write_temp_file("data_chat", "trunc.jsonl", jsonl({kOneTurn}) + "{\"messages\"\n"), 64)),
              "line 2: invalid JSON");
 }
 
 TEST(DataChat, TemplateChoiceAndTheModelsOwn) {
-  const std::string path = write_file("t.jsonl", jsonl({kOneTurn}));
+  const std::string path = write_temp_file("data_chat", "t.jsonl", jsonl({kOneTurn}));
   // 256: with one id per byte, llama3's header tokens alone are ~100 ids.
   DataConfig c = chat_config(path, 256, "auto");
-  EXPECT_HAS(error_of(c), "data.template: auto takes the model's chat template, but the model has none");
+  EXPECT_HAS(load_data_error(c), "data.template: auto takes the model's chat template, but the model has none");
   // The model's own (known) template is used under auto.
   const auto file = qtune::read_json_file(qtune::test::data_path("chat_templates.json"));
   c.model_chat_template = file["templates"]["chatml (generic)"]["chat_template"];
@@ -224,12 +210,12 @@ TEST(DataChat, TemplateChoiceAndTheModelsOwn) {
   EXPECT_EQ(s.train->stats().chat_template, "chatml");
   EXPECT_EQ(target_text(*s.train, 0), "4<|im_end|>$");
   c.model_chat_template = "{{ 'my own' }}";
-  EXPECT_HAS(error_of(c), "m/tokenizer_config.json: its chat_template is not one qtune knows");
+  EXPECT_HAS(load_data_error(c), "m/tokenizer_config.json: its chat_template is not one qtune knows");
   // An explicit choice wins over the model's.
   c.chat_template = "llama3";
   EXPECT_EQ(qtune::load_data(c, CharTokenizer()).train->stats().chat_template, "llama3");
   c.chat_template = "vicuna";
-  EXPECT_HAS(error_of(c), "data.template: unknown chat template 'vicuna'");
+  EXPECT_HAS(load_data_error(c), "data.template: unknown chat template 'vicuna'");
 }
 
 TEST(DataChat, OverlongRecordsAreTruncatedOrDroppedAndCounted) {
@@ -237,7 +223,7 @@ TEST(DataChat, OverlongRecordsAreTruncatedOrDroppedAndCounted) {
   long_answer["messages"][1]["content"] = std::string(100, 'y');
   json long_question = kOneTurn;
   long_question["messages"][0]["content"] = std::string(100, 'x');
-  const std::string path = write_file("long.jsonl", jsonl({kOneTurn, long_answer, long_question}));
+  const std::string path = write_temp_file("data_chat", "long.jsonl", jsonl({kOneTurn, long_answer, long_question}));
   // "^[INST] 2+2? [/INST] 4 $" is 24 ids; T = 40 keeps 41.
   DataConfig c = chat_config(path, 40);
   auto s = qtune::load_data(c, CharTokenizer());
@@ -252,7 +238,7 @@ TEST(DataChat, OverlongRecordsAreTruncatedOrDroppedAndCounted) {
   EXPECT_EQ(s.train->stats().truncated_records, 0);
   EXPECT_EQ(s.train->stats().dropped_records, 2);
   c.overlong = "cut";
-  EXPECT_HAS(error_of(c), "data.overlong must be truncate or drop, got 'cut'");
+  EXPECT_HAS(load_data_error(c), "data.overlong must be truncate or drop, got 'cut'");
 }
 
 TEST(DataChat, PackingKeepsEveryRecordInItsOwnSegment) {
@@ -263,7 +249,7 @@ TEST(DataChat, PackingKeepsEveryRecordInItsOwnSegment) {
     r["messages"][1]["content"] = "a" + std::to_string(i);
     records.push_back(r);
   }
-  const std::string path = write_file("pack.jsonl", jsonl(records));
+  const std::string path = write_temp_file("data_chat", "pack.jsonl", jsonl(records));
   DataConfig c = chat_config(path, 64);
   const auto plain = qtune::load_data(c, CharTokenizer()).train;
   c.pack = true;
@@ -319,7 +305,7 @@ TEST(DataChat, PackingKeepsEveryRecordInItsOwnSegment) {
 
 TEST(DataChat, PackedTextKeepsDocumentsApart) {
   // Three documents; the 20-byte one is cut into pieces of at most T + 1 ids sharing one id.
-  const std::string path = write_file("docs.txt", "ab\n\n" + std::string(20, 'c') + "\n\nd e\n");
+  const std::string path = write_temp_file("data_chat", "docs.txt", "ab\n\n" + std::string(20, 'c') + "\n\nd e\n");
   DataConfig c;
   c.path = path;
   c.seq_len = 8;
@@ -355,9 +341,9 @@ TEST(DataChat, AlpacaTemplateOnAConversationIsTheAlpacaFormat) {
   for (const auto& r : records)
     if (r.value("input", "").empty()) plain.push_back(r);
   DataConfig a;
-  a.path = write_file("alpaca_no_input.json", json(plain).dump());
+  a.path = write_temp_file("data_chat", "alpaca_no_input.json", json(plain).dump());
   a.seq_len = 256;
-  DataConfig m = chat_config(write_file("alpaca_chat.jsonl", jsonl(chats)), 256, "alpaca");
+  DataConfig m = chat_config(write_temp_file("data_chat", "alpaca_chat.jsonl", jsonl(chats)), 256, "alpaca");
   const auto da = qtune::load_data(a, *tok).train;
   const auto dm = qtune::load_data(m, *tok).train;
   ASSERT_EQ(da->size(), dm->size());

@@ -17,10 +17,7 @@ namespace {
 using qtune::test::plugins;
 using qtune::test::tiny_config;
 
-TuningSpec lora_spec(torch::ScalarType dtype = torch::kFloat32) {
-  return TuningSpec::for_training(TrainType::kLora, dtype, plugins(), "", {}, false, "lora",
-                                  Json{{"rank", 4}}, {"all-linear", "output"});
-}
+using qtune::test::lora_spec;
 
 }  // namespace
 

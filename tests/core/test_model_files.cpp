@@ -21,16 +21,7 @@ namespace fs = std::filesystem;
 namespace qtune {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a UserError";
-  return "";
-}
+using qtune::test::error_of;
 
 // ---- llama2.c ------------------------------------------------------------------------------
 

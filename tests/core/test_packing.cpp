@@ -16,10 +16,7 @@ namespace {
 using qtune::test::plugins;
 using qtune::test::tiny_config;
 
-TuningSpec lora_spec() {
-  return TuningSpec::for_training(TrainType::kLora, torch::kFloat32, plugins(), "", {}, false,
-                                  "lora", Json{{"rank", 4}}, {"all-linear", "output"});
-}
+using qtune::test::lora_spec;
 
 // Row 0 packs examples of lengths 5, 4 and 3; row 1 one example of 9 and a padding run of 3
 // (its own segment, targets ignored).

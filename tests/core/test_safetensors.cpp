@@ -17,16 +17,7 @@ namespace fs = std::filesystem;
 namespace qtune {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a UserError";
-  return "";
-}
+using qtune::test::error_of;
 
 // Random bit patterns of `dtype` (floats include NaNs, infinities, -0 and subnormals).
 torch::Tensor random_bits(torch::ScalarType dtype, std::vector<int64_t> shape) {

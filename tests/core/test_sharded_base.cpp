@@ -19,7 +19,7 @@ namespace {
 using qtune::test::plugins;
 using qtune::test::tiny_config;
 
-TuningSpec qlora(const std::string& quant) {
+TuningSpec qlora_all_linear(const std::string& quant) {
   return TuningSpec::for_training(TrainType::kQlora, torch::kFloat32, plugins(), quant, {}, false,
                                   "lora", Json{{"rank", 4}, {"dropout", 0.0}},
                                   {"all-linear"});
@@ -55,9 +55,9 @@ TEST(ShardedBase, EveryBackendComputesWhatTheWholeBaseComputes) {
     for (bool ckpt : {false, true}) {
       SCOPED_TRACE(quant + (ckpt ? " checkpointing" : ""));
       torch::manual_seed(3);
-      LlamaForCausalLM whole(c, *w, qlora(quant));
+      LlamaForCausalLM whole(c, *w, qlora_all_linear(quant));
       whole->set_activation_checkpointing(ckpt);
-      auto spec = qlora(quant);
+      auto spec = qlora_all_linear(quant);
       auto shards = std::make_shared<BaseShards>(ProcessGroup::single(), spec.base.quant);
       spec.base.shards = shards;
       torch::manual_seed(3);
@@ -106,11 +106,11 @@ TEST(ShardedBase, ALayerSkippedOrRepeatedIsGatheredOnDemand) {
   auto c = tiny_config(64);
   c.num_hidden_layers = 4;
   auto w = random_weights(c, 2);
-  auto spec = qlora("nf4");
+  auto spec = qlora_all_linear("nf4");
   auto shards = std::make_shared<BaseShards>(ProcessGroup::single(), spec.base.quant);
   spec.base.shards = shards;
   LlamaForCausalLM sharded(c, *w, spec);
-  LlamaForCausalLM whole(c, *w, qlora("nf4"));
+  LlamaForCausalLM whole(c, *w, qlora_all_linear("nf4"));
   auto tokens = torch::randint(0, c.vocab_size, {1, 6}, torch::kLong);
   for (int i = 0; i < 3; ++i) {
     torch::NoGradGuard no_grad;
@@ -152,7 +152,7 @@ class ExpensiveLoad : public QuantBackend {
 }  // namespace
 
 TEST(ShardedBase, ABackendWhoseLoadIsNotCheapIsRefused) {
-  auto nf4 = qlora("nf4").base.quant;
+  auto nf4 = qlora_all_linear("nf4").base.quant;
   EXPECT_TRUE(nf4->load_is_cheap());
   const std::string msg = qtune::test::user_error_of([&] {
     BaseShards(ProcessGroup::single(), std::make_shared<ExpensiveLoad>(nf4));

@@ -45,16 +45,7 @@ std::string real_text() {
 }
 
 // Message of the UserError `f` throws ("" and a test failure when it throws none).
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no UserError";
-  return "";
-}
+using qtune::test::error_of;
 #define EXPECT_CONTAINS(hay, needle) \
   EXPECT_NE(std::string(hay).find(needle), std::string::npos) << "message: " << (hay)
 

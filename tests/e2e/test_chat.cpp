@@ -66,8 +66,6 @@ std::vector<std::string> chat_run(const std::string& data, const std::string& ou
           "data.seq_len=256", "eval.max_batches=8"};
 }
 
-json read_json(const std::string& path) { return qtune::read_json_file(path); }
-
 }  // namespace
 
 TEST(Chat, RecipeLowersHeldOutAssistantLossAndTheAdapterAnswers) {
@@ -81,7 +79,7 @@ TEST(Chat, RecipeLowersHeldOutAssistantLossAndTheAdapterAnswers) {
       << r.output;
   EXPECT_NE(r.output.find("(messages, template llama2)"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("packed examples of 256 tokens"), std::string::npos) << r.output;
-  const json s = read_json(out + "/summary.json");
+  const json s = qtune::read_json_file(out + "/summary.json");
   EXPECT_LT(s["final_val_loss"].get<double>(), s["first_val_loss"].get<double>() - 0.3) << s.dump(2);
 
   // The adapter answers in the chat format it was trained on (the run's data.template).
@@ -136,7 +134,7 @@ TEST(Chat, EveryChatKeyGoesThroughTrainer) {
         << r.output;
     EXPECT_NE(r.output.find("(data.overlong: drop)"), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("packed examples of 128 tokens"), std::string::npos) << r.output;
-    const json s = read_json(out + "/summary.json");
+    const json s = qtune::read_json_file(out + "/summary.json");
     EXPECT_EQ(s["steps"], 4);
     EXPECT_TRUE(std::isfinite(s["final_val_loss"].get<double>())) << s.dump(2);
   }
@@ -177,7 +175,7 @@ TEST(Chat, MalformedChatDataIsOneClearLine) {
 TEST(Chat, AutoTemplateIsTheTokenizersOwn) {
   const auto dir = qtune::test::temp_dir("chat_own");
   std::filesystem::copy_file(data_path("tok512.bin"), dir + "/tok512.bin");
-  const json templates = read_json(data_path("chat_templates.json"));
+  const json templates = qtune::read_json_file(data_path("chat_templates.json"));
   std::ofstream(dir + "/tokenizer_config.json")
       << json{{"chat_template", templates["templates"]["chatml (generic)"]["chat_template"]}}.dump();
   const std::string data = write_messages_file(dir);

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "qtune/files.h"
 #include "qtune/trained_model.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
@@ -64,12 +65,6 @@ qtune::test::RunResult run(std::vector<std::string> args) {
   return qtune::test::run_program(args);
 }
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "missing " << path;
-  return json::parse(in);
-}
-
 using qtune::test::plugins;
 
 // Logits of a fixed batch of text-like token ids.
@@ -122,7 +117,7 @@ std::string trimmed(std::string s) {
 TEST(Export, PeftFilesHaveKeysShapesAndConfig) {
   const auto out = train("peft");
   const auto dir = out + "/adapter";
-  json cfg = read_json(dir + "/adapter_config.json");
+  json cfg = qtune::read_json_file(dir + "/adapter_config.json");
   EXPECT_EQ(cfg["peft_type"], "LORA");
   EXPECT_EQ(cfg["task_type"], "CAUSAL_LM");
   EXPECT_EQ(cfg["r"], 8);
@@ -162,7 +157,7 @@ TEST(Export, PeftFilesHaveKeysShapesAndConfig) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto again = qtune::SafetensorsFile::open(exported + "/adapter_model.safetensors");
   for (const auto& n : names) EXPECT_TRUE(torch::equal(st->tensor(n), again->tensor(n))) << n;
-  EXPECT_EQ(read_json(exported + "/adapter_config.json")["r"], 8);
+  EXPECT_EQ(qtune::read_json_file(exported + "/adapter_config.json")["r"], 8);
 }
 
 // Tolerances: fp32 merged weights W + scale*B@A are rounded once more than the unmerged path,
@@ -177,7 +172,7 @@ TEST(Export, MergedLogitsEqualBasePlusAdapter) {
   const auto fp32 = qtune::test::temp_dir("merged32");
   auto r = run({"qtune-export", "--adapter", out + "/adapter", "--merge", "--out", fp32});
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  json cfg = read_json(fp32 + "/config.json");
+  json cfg = qtune::read_json_file(fp32 + "/config.json");
   EXPECT_EQ(cfg["torch_dtype"], "float32");
   EXPECT_EQ(cfg["architectures"][0], "LlamaForCausalLM");
   EXPECT_TRUE(fs::exists(fp32 + "/tokenizer.bin"));  // the run's tokenizer, copied
@@ -220,7 +215,7 @@ TEST(Export, QloraMergesOntoTheDequantizedBase) {
       {"qtune-export", "--adapter", out + "/adapter", "--requantize", "int8", "--out", requant});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("requantized with int8"), std::string::npos) << r.output;
-  EXPECT_TRUE(read_json(requant + "/config.json").contains("quantization_config"));
+  EXPECT_TRUE(qtune::read_json_file(requant + "/config.json").contains("quantization_config"));
   const double dq = max_diff(model_logits(requant), merged_logits);
   EXPECT_LT(dq, 0.05 * merged_logits.abs().max().item<double>()) << "int8 requantized vs merged";
   std::printf(
@@ -273,7 +268,7 @@ TEST(Export, ForeignPeftAdapterLoadsFromItsConfig) {
     for (const auto& n : st->names()) tensors[n] = st->tensor(n);
     qtune::write_safetensors(foreign + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
   }
-  json cfg = read_json(out + "/adapter/adapter_config.json");
+  json cfg = qtune::read_json_file(out + "/adapter/adapter_config.json");
   cfg["lora_alpha"] = 32;
   std::ofstream(foreign + "/adapter_config.json") << cfg.dump(2);
 

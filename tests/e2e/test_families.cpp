@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "qtune/files.h"
 #include "qtune/trained_model.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
@@ -103,59 +104,43 @@ std::vector<std::string> train_args(const std::string& model, const std::string&
   return args;
 }
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "missing " << path;
-  return json::parse(in);
-}
-
-json train(const std::string& model, const std::vector<std::string>& extra = {},
+json train_family(const std::string& model, const std::vector<std::string>& extra = {},
            std::string* out_dir = nullptr) {
   const auto out = qtune::test::temp_dir("run");
   auto r = qtune::test::run_program(train_args(model, out, extra));
   EXPECT_EQ(r.exit_code, 0) << r.output;
   if (out_dir) *out_dir = out;
-  return read_json(out + "/summary.json");
+  return qtune::read_json_file(out + "/summary.json");
 }
 
 double final_loss(const json& s) { return s["final_val_loss"].get<double>(); }
 
 // Per-step training losses from metrics.jsonl.
-std::vector<double> losses(const std::string& out) {
-  std::ifstream in(out + "/metrics.jsonl");
-  std::vector<double> l;
-  for (std::string line; std::getline(in, line);) {
-    auto j = json::parse(line);
-    if (j["type"] == "train") l.push_back(j["loss"].get<double>());
-  }
-  return l;
-}
-
 }  // namespace
 
 TEST(FamilyRuns, TrainerTrainsLlama3MistralAndQwen2Directories) {
   const std::string llama = family_dir("llama");
-  const json base = train(llama);
+  const json base = train_family(llama);
   EXPECT_LT(final_loss(base), base["first_val_loss"].get<double>() - 0.05) << base.dump(2);
 
   // Same function, same numbers: a window wider than the sequence, zero biases.
-  EXPECT_EQ(final_loss(train(family_dir("mistral", 4096))), final_loss(base));
+  EXPECT_EQ(final_loss(train_family(family_dir("mistral", 4096))), final_loss(base));
   const std::string qwen2 = family_dir("qwen2");
-  EXPECT_EQ(read_json(qwen2 + "/config.json")["architectures"][0], "Qwen2ForCausalLM");
-  EXPECT_EQ(final_loss(train(qwen2)), final_loss(base));
+  EXPECT_EQ(qtune::read_json_file(qwen2 + "/config.json")["architectures"][0], "Qwen2ForCausalLM");
+  EXPECT_EQ(final_loss(train_family(qwen2)), final_loss(base));
   // What the family changes reaches the trainer: a window shorter than the sequence, rope scaling.
-  EXPECT_NE(final_loss(train(family_dir("mistral", 16))), final_loss(base));
-  EXPECT_NE(final_loss(train(family_dir("llama3"))), final_loss(base));
+  EXPECT_NE(final_loss(train_family(family_dir("mistral", 16))), final_loss(base));
+  EXPECT_NE(final_loss(train_family(family_dir("llama3"))), final_loss(base));
 
   // Qwen2 under qlora keeps the biases dense beside the 4-bit base; under full they train.
-  const json q = train(qwen2, {"--train_type", "qlora", "--quant", "nf4"});
+  const json q = train_family(qwen2, {"--train_type", "qlora", "--quant", "nf4"});
   EXPECT_EQ(q["trainable_parameters"], base["trainable_parameters"]);
   std::string full_out;
-  train(qwen2, {"--train_type", "full"}, &full_out);
+  train_family(qwen2, {"--train_type", "full"}, &full_out);
   auto st = qtune::SafetensorsFile::open(full_out + "/model/model.safetensors");
   ASSERT_TRUE(st->has("model.layers.0.self_attn.k_proj.bias"));
   EXPECT_GT(st->tensor("model.layers.0.self_attn.k_proj.bias").abs().sum().item<double>(), 0.0);
-  EXPECT_EQ(read_json(full_out + "/model/config.json")["model_type"], "qwen2");
+  EXPECT_EQ(qtune::read_json_file(full_out + "/model/config.json")["model_type"], "qwen2");
 }
 
 TEST(FamilyRuns, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
@@ -165,7 +150,7 @@ TEST(FamilyRuns, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
                                      data_path("tok512.bin"), "--format", "bnb", "--dtype", "fp32",
                                      "--skip_modules", "layers.0.mlp.down_proj", "--out", dir});
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const json qc = read_json(dir + "/config.json")["quantization_config"];
+  const json qc = qtune::read_json_file(dir + "/config.json")["quantization_config"];
   EXPECT_EQ(qc["llm_int8_skip_modules"], json::array({"model.layers.0.mlp.down_proj", "lm_head"}))
       << "the tied head is named too, or transformers quantizes it";
   auto st = qtune::SafetensorsFile::open(dir + "/model.safetensors");
@@ -174,14 +159,14 @@ TEST(FamilyRuns, BnbDirectoryTrainsUnderQloraWithoutRequantizing) {
 
   // The same run quantizing stories260K on the fly with the same module kept dense (and the tied
   // head dense, as bitsandbytes keeps it) computes exactly the same.
-  const json from_bnb = train(dir, {"--train_type", "qlora"});
+  const json from_bnb = train_family(dir, {"--train_type", "qlora"});
   const json on_the_fly =
-      train(data_path("stories260K.bin"),
+      train_family(data_path("stories260K.bin"),
             {"--tokenizer", data_path("tok512.bin"), "--train_type", "qlora",
              "quant.skip_modules=[layers.0.mlp.down_proj]", "quant.skip_output=true"});
   EXPECT_EQ(final_loss(from_bnb), final_loss(on_the_fly));
   EXPECT_EQ(from_bnb["linear_weight_bytes"], on_the_fly["linear_weight_bytes"]);
-  const json all_quantized = train(
+  const json all_quantized = train_family(
       data_path("stories260K.bin"),
       {"--tokenizer", data_path("tok512.bin"), "--train_type", "qlora", "quant.skip_output=true"});
   EXPECT_GT(on_the_fly["linear_weight_bytes"].get<int64_t>(),
@@ -201,10 +186,10 @@ TEST(DoraRuns, TrainerTrainsExportsMergesAndResumes) {
   const std::vector<std::string> dora = {"--train_type", "qlora", "adapter.name=dora",
                                          "quant.skip_output=true", "checkpoint.every=1"};
   std::string out;
-  const json s = train(model, dora, &out);
+  const json s = train_family(model, dora, &out);
   EXPECT_EQ(s["adapter"], "dora");
   EXPECT_LT(final_loss(s), s["first_val_loss"].get<double>() - 0.05) << s.dump(2);
-  const json cfg = read_json(out + "/adapter/adapter_config.json");
+  const json cfg = qtune::read_json_file(out + "/adapter/adapter_config.json");
   EXPECT_EQ(cfg["use_dora"], true);
   EXPECT_EQ(cfg["peft_type"], "LORA");
   auto st = qtune::SafetensorsFile::open(out + "/adapter/adapter_model.safetensors");
@@ -248,5 +233,5 @@ TEST(DoraRuns, TrainerTrainsExportsMergesAndResumes) {
   args.insert(args.end(), {"--resume", "latest"});
   r = qtune::test::run_program(args);
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_EQ(losses(b), losses(out));
+  EXPECT_EQ(qtune::test::train_losses(b), qtune::test::train_losses(out));
 }

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "qtune/files.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
 #include "qtune/safetensors.h"
@@ -97,25 +98,6 @@ int run_and_signal(const std::vector<std::string>& args, const std::string& poin
   return code;
 }
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "missing " << path;
-  return json::parse(in);
-}
-
-// Per-step training losses from metrics.jsonl (index = step - 1); each step must appear once.
-std::vector<double> losses(const std::string& out) {
-  std::ifstream in(out + "/metrics.jsonl");
-  std::vector<double> l;
-  for (std::string line; std::getline(in, line);) {
-    auto j = json::parse(line);
-    if (j["type"] != "train") continue;
-    EXPECT_EQ(j["step"].get<size_t>(), l.size() + 1) << "train records out of order in " << out;
-    l.push_back(j["loss"].get<double>());
-  }
-  return l;
-}
-
 void expect_identical_losses(const std::vector<double>& want, const std::vector<double>& got) {
   ASSERT_EQ(want.size(), got.size());
   for (size_t i = 0; i < want.size(); ++i)
@@ -157,7 +139,7 @@ TEST(Resume, KilledRunsResumeWithIdenticalLosses) {
   const auto a = qtune::test::temp_dir("uninterrupted");
   auto r = qtune::test::run_program(tiny_run(a, steps));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto want = losses(a);
+  const auto want = qtune::test::train_losses(a);
   ASSERT_EQ(want.size(), static_cast<size_t>(steps));
 
   // SIGKILL after step 5 was logged, before its checkpoint: resumes from step 4, redoes 5.
@@ -168,13 +150,13 @@ TEST(Resume, KilledRunsResumeWithIdenticalLosses) {
   EXPECT_EQ(qtune::test::read_file(b + "/checkpoints/latest"), "step-4\n");
   r = qtune::test::run_program(plus(tiny_run(b, steps), {"--resume", "latest"}));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  expect_identical_losses(want, losses(b));
+  expect_identical_losses(want, qtune::test::train_losses(b));
   expect_identical_adapters(a, b);
-  json s = read_json(b + "/summary.json");
+  json s = qtune::read_json_file(b + "/summary.json");
   EXPECT_EQ(s["resumed_from"], b + "/checkpoints/step-4");
   EXPECT_EQ(s["steps"], steps);
   // the first eval (step 0) is kept from the first session, not repeated
-  EXPECT_EQ(s["first_val_loss"], read_json(a + "/summary.json")["first_val_loss"]);
+  EXPECT_EQ(s["first_val_loss"], qtune::read_json_file(a + "/summary.json")["first_val_loss"]);
 
   // SIGKILL in the middle of writing checkpoint 3 (weights and moments written, state not yet):
   // the temporary directory is all that is left of it; checkpoint 2 and `latest` are intact.
@@ -190,7 +172,7 @@ TEST(Resume, KilledRunsResumeWithIdenticalLosses) {
   EXPECT_FALSE(fs::exists(partial[0] + "/trainer_state.json"));
   r = qtune::test::run_program(plus(tiny_run(c, steps), {"--resume", "latest"}));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  expect_identical_losses(want, losses(c));
+  expect_identical_losses(want, qtune::test::train_losses(c));
   EXPECT_TRUE(leftovers(c + "/checkpoints").empty());
   // keep=3: the newest three remain
   for (int s = 1; s <= steps; ++s)
@@ -207,15 +189,15 @@ TEST(Resume, SigtermFinishesTheStepSavesAndExitsZero) {
   const std::string line = "stopped at step 2; checkpoint saved to " + out +
                            "/checkpoints/step-2; resume with --resume latest";
   EXPECT_NE(output.find(line), std::string::npos) << output;
-  json s = read_json(out + "/summary.json");
+  json s = qtune::read_json_file(out + "/summary.json");
   EXPECT_EQ(s["steps"], 2);
   EXPECT_EQ(s["stopped_early"], true);
-  EXPECT_EQ(read_json(out + "/checkpoints/step-2/trainer_state.json")["step"], 2);
+  EXPECT_EQ(qtune::read_json_file(out + "/checkpoints/step-2/trainer_state.json")["step"], 2);
   // and it goes on from there
   auto r = qtune::test::run_program(plus(tiny_run(out, 3), {"--resume", "latest"}));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_EQ(read_json(out + "/summary.json")["steps"], 3);
-  EXPECT_EQ(losses(out).size(), 3u);
+  EXPECT_EQ(qtune::read_json_file(out + "/summary.json")["steps"], 3);
+  EXPECT_EQ(qtune::test::train_losses(out).size(), 3u);
 }
 
 // Under qlora the checkpoint holds the adapters and training state only; the base is rebuilt
@@ -234,7 +216,7 @@ TEST(Resume, QloraCheckpointHoldsAdaptersOnlyAndChecksTheBase) {
                                           "optimizer.safetensors", "trainer_state.json"}));
   auto st = qtune::SafetensorsFile::open(ckpt + "/adapter_model.safetensors");
   for (const auto& n : st->names()) EXPECT_NE(n.find(".lora_"), std::string::npos) << n;
-  json state = read_json(ckpt + "/trainer_state.json");
+  json state = qtune::read_json_file(ckpt + "/trainer_state.json");
   EXPECT_EQ(state["identity"]["quant"], "nf4");
   EXPECT_EQ(state["identity"]["train_type"], "qlora");
   EXPECT_EQ(state["identity"]["base"]["path"],

@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "qtune/files.h"
 #include "test_util.h"
 
 using nlohmann::json;
@@ -29,16 +30,10 @@ std::vector<std::string> short_run(const std::string& out, const std::string& tr
           "eval.max_batches=4", "train.warmup_steps=5"};
 }
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "missing " << path;
-  return json::parse(in);
-}
-
 json run_and_summarize(const std::vector<std::string>& args, const std::string& out) {
   auto r = qtune::test::run_program(args);
   EXPECT_EQ(r.exit_code, 0) << r.output;
-  return read_json(out + "/summary.json");
+  return qtune::read_json_file(out + "/summary.json");
 }
 
 }  // namespace
@@ -66,7 +61,7 @@ TEST(Trainer, LoraLowersHeldOutLossAndWritesPeftAdapter) {
   }
   EXPECT_EQ(train_lines, 40);
   EXPECT_EQ(eval_lines, 3);
-  auto cfg = read_json(out + "/adapter/adapter_config.json");
+  auto cfg = qtune::read_json_file(out + "/adapter/adapter_config.json");
   EXPECT_EQ(cfg["peft_type"], "LORA");
   EXPECT_EQ(cfg["r"], 8);
   std::ifstream st(out + "/adapter/adapter_model.safetensors");
@@ -97,7 +92,7 @@ TEST(Trainer, FullFineTuneLowersHeldOutLossAndSavesHfModel) {
   EXPECT_EQ(s["train_type"], "full");
   EXPECT_EQ(s["trainable_parameters"], s["total_parameters"]);
   EXPECT_LT(s["final_val_loss"].get<double>(), s["first_val_loss"].get<double>() - 0.5) << s.dump(2);
-  auto cfg = read_json(out + "/model/config.json");
+  auto cfg = qtune::read_json_file(out + "/model/config.json");
   EXPECT_EQ(cfg["hidden_size"], 64);
   std::ifstream st(out + "/model/model.safetensors");
   EXPECT_TRUE(st.good());
@@ -166,7 +161,7 @@ TEST(Trainer, AdapterDataAndOptimizerKeysTakeEffect) {
     args.push_back(kv);
   args.push_back("data.val_path=" + val);
   json s = run_and_summarize(args, out);
-  const json r = read_json(out + "/recipe.json");
+  const json r = qtune::read_json_file(out + "/recipe.json");
   EXPECT_EQ(r["adapter"]["target_modules"], json({"q", "v"}));
   EXPECT_EQ(r["data"]["val_path"], val);
   EXPECT_EQ(r["train"]["grad_accum"], 2);
@@ -185,7 +180,7 @@ TEST(Trainer, AdapterDataAndOptimizerKeysTakeEffect) {
   }
   EXPECT_NEAR(last_lr, r["train"]["lr"].get<double>() * 0.25, 1e-12);
   // target_modules [q, v]: an adapter on q and v only (rank 8: (in + out) x 8 each).
-  auto cfg = read_json(out + "/adapter/adapter_config.json");
+  auto cfg = qtune::read_json_file(out + "/adapter/adapter_config.json");
   std::vector<std::string> targets = cfg["target_modules"];
   std::sort(targets.begin(), targets.end());
   EXPECT_EQ(targets, (std::vector<std::string>{"q_proj", "v_proj"}));
