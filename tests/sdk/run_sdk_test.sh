@@ -123,7 +123,7 @@ do_build() {
   # lines there, so step 10's reconfigure of this build compiles nothing again.
   mkdir -p "$docs_dir" && ln -sfn "$source_dir/examples" "$docs_dir/examples" || return 1
   # No CMAKE_BUILD_TYPE, as in the docs: the package must default it to an optimised build.
-  local args=(-S "$docs_dir/examples/quant-plugin" -B "$example_build" -G "$generator""
+  local args=(-S "$docs_dir/examples/quant-plugin" -B "$example_build" -G "$generator"
               -DCMAKE_PREFIX_PATH="$prefix${prefix_path:+;$prefix_path}")
   [[ -n "$torch_dir" ]] && args+=(-DTorch_DIR="$torch_dir")
   [[ -n "$launcher" ]] && args+=(-DCMAKE_CXX_COMPILER_LAUNCHER="$launcher")
