@@ -7,8 +7,9 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <map>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -126,13 +127,21 @@ ModelConfig tiny_config(int64_t hidden, bool tied) {
   return c;
 }
 
-std::string user_error_of(const std::function<void()>& f) {
+namespace {
+// The message of the UserError `f` throws; nullopt when it throws none. The one try/catch behind
+// user_error_of, error_of and load_data_error, which differ only in what "none" gives.
+std::optional<std::string> thrown_user_error(const std::function<void()>& f) {
   try {
     f();
   } catch (const UserError& e) {
-    return e.what();
+    return std::string(e.what());
   }
-  return "(no error)";
+  return std::nullopt;
+}
+}  // namespace
+
+std::string user_error_of(const std::function<void()>& f) {
+  return thrown_user_error(f).value_or("(no error)");
 }
 
 std::vector<double> train_losses(const std::string& out_dir) {
@@ -149,13 +158,9 @@ std::vector<double> train_losses(const std::string& out_dir) {
 }
 
 std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a UserError";
-  return "";
+  auto message = thrown_user_error(f);
+  if (!message) ADD_FAILURE() << "expected a UserError";
+  return message.value_or("");
 }
 
 std::string write_temp_file(const std::string& tag, const std::string& name,
@@ -169,12 +174,7 @@ std::string write_temp_file(const std::string& tag, const std::string& name,
 }
 
 std::string load_data_error(const DataConfig& c) {
-  try {
-    load_data(c, CharTokenizer());
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "";
+  return thrown_user_error([&] { load_data(c, CharTokenizer()); }).value_or("");
 }
 
 TuningSpec lora_spec(torch::ScalarType dtype) {

@@ -210,7 +210,7 @@ TEST(Data, AlpacaMasksExactlyThePromptTokens) {
 
 TEST(Data, AlpacaTruncationKeepsPartialResponsesAndDropsLostOnes) {
   const std::string long_prompt(100, 'x');
-  const std::string path = write_temp_file("data", 
+  const std::string path = write_temp_file("data",
       "trunc.jsonl", "{\"instruction\": \"Hi\", \"output\": \"" + std::string(80, 'y') +
                          "\"}\n\n{\"instruction\": \"" + long_prompt + "\", \"output\": \"z\"}\n");
   const int64_t p0 = 1 + static_cast<int64_t>(qtune::alpaca_prompt("Hi", "").size());
@@ -259,14 +259,14 @@ TEST(Data, AlpacaErrorsNameFileRecordAndKey) {
   EXPECT_HAS(msg, "record [0]");
   EXPECT_HAS(msg, "\"input\"");
 
-  const std::string bad_jsonl = write_temp_file("data", 
+  const std::string bad_jsonl = write_temp_file("data",
       "bad.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n\n{\"instruction\": \"a\", ");
   msg = load_data_error(text_config(bad_jsonl, 64));
   EXPECT_HAS(msg, bad_jsonl);
   EXPECT_HAS(msg, "line 3");
   EXPECT_HAS(msg, "invalid JSON");
 
-  const std::string bad_array = write_temp_file("data", 
+  const std::string bad_array = write_temp_file("data",
       "bad.json",
       "[\n{\"instruction\": \"a\", \"output\": \"b\"},\n{\"instruction\": \"a\" \"output\"}\n]");
   msg = load_data_error(text_config(bad_array, 64));

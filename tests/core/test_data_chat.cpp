@@ -162,7 +162,7 @@ TEST(DataChat, FormatAutoPicksByContent) {
 }
 
 TEST(DataChat, EveryMalformedRecordIsReported) {
-  const std::string path = write_temp_file("data_chat", 
+  const std::string path = write_temp_file("data_chat",
       "bad.jsonl",
       jsonl({kOneTurn,
              {{"messages", {{{"role", "user"}, {"content", "a"}}, {{"role", "bot"}, {"content", "b"}}}}},
