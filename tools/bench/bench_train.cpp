@@ -1,7 +1,6 @@
 // qtune-bench ppl, finetune and scale: whole models. ppl evaluates a quantized base in-process;
 // finetune and scale run each configuration in a fresh child process (this executable with a
 // hidden sub-command), so each one's peak RSS is its own, and collect what the child wrote.
-#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -625,12 +624,10 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   model->to(device);
   model->set_activation_checkpointing(s.value("checkpointing", false));
   const double build_s = seconds_since(t0);
-  // Building leaves freed transients (full-precision copies of each matrix, quantizer scratch)
-  // in the heap, which core's allocator policy keeps (core/src/process.cpp). Returning them
-  // measures what the built model really holds; the build's own peak is reported beside it, and
-  // the peak counter restarts so that train_peak is the training phase alone.
+  // The model returns what its build freed (core/src/process.cpp), so this RSS is what the built
+  // model holds; the build's own peak is reported beside it, and the peak counter restarts so
+  // that train_peak is the training phase alone.
   const int64_t build_peak = peak_rss_bytes();
-  malloc_trim(0);
   const int64_t rss_built = current_rss_bytes();
   const bool hwm_reset = reset_peak_rss();
 
@@ -949,7 +946,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           "(each matrix is read from the mapping, then kept in the compute dtype or quantized from "
           "an fp32 copy; its mapped pages are released once read). *rss_built_mb*: RSS once built, "
           "after returning the build's freed "
-          "heap to the system (malloc_trim): what the model holds. *train_peak_mb*: peak RSS of "
+          "memory to the system: what the model holds. *train_peak_mb*: peak RSS of "
           "the training steps alone (peak counter restarted after building): model, adapters, "
           "AdamW state, activations. *peak_rss_mb* (CSV) is the whole process's peak. "
           "*step_ms*: median of at least " +

@@ -3,6 +3,7 @@
 // the benchmark programs read, and nothing that only one program needs.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -27,11 +28,28 @@ QTUNE_API bool reset_peak_rss();
 QTUNE_API int run_child(const std::string& exe, const std::vector<std::string>& args,
                         const std::string& log_path);
 
-/// Loaders call this after each matrix they quantize. Core keeps freed heap for the training
-/// loop's reuse (process.cpp), but while a model is quantized the small results pin the freed
-/// full-precision copies in place and the heap grows by one copy per matrix: the build of a 250M
-/// QLoRA model peaked at 1034 MB for a 379 MB result. This returns the free heap to the system
-/// once more than 256 MB of it has piled up (then 558 MB).
-QTUNE_API void return_freed_heap();
+/// Loaders call this after each matrix they quantize: the freed full-precision copies would
+/// otherwise pile up (the build of a 250M QLoRA model once peaked at 1034 MB for a 379 MB
+/// result). Once more than `slack_bytes` are free (256 MB: enough that the next matrix usually
+/// reuses them without page faults, small beside the models that need it), it unmaps the cached
+/// large blocks and returns glibc's free heap to the system; 0 returns everything free.
+QTUNE_API void return_freed_heap(size_t slack_bytes = size_t{256} << 20);
+
+/// Core's cache of large CPU tensor blocks (process.cpp): each block of 1 MiB or more is a
+/// mapping of its own, kept after free for a later request of about its size. Byte counts are
+/// of whole mappings; `enabled` is false under QTUNE_SYSTEM_MALLOC=1 and in AddressSanitizer
+/// builds (all counts 0 then).
+struct CpuBlockCacheStats {
+  bool enabled = false;
+  int64_t mapped_bytes = 0;       ///< mapped now, in use or cached
+  int64_t cached_bytes = 0;       ///< of which free, kept for reuse
+  int64_t peak_mapped_bytes = 0;  ///< the most mapped at once
+  int64_t hits = 0;               ///< requests served by a cached block
+  int64_t misses = 0;             ///< requests that mapped a new block
+  int64_t evictions = 0;          ///< cached blocks unmapped to make room
+};
+
+/// A snapshot of the cache's counters (thread-safe).
+QTUNE_API CpuBlockCacheStats cpu_block_cache_stats();
 
 }  // namespace qtune
