@@ -646,7 +646,9 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   int64_t steps = asked;
   std::vector<double> times;
   double last_loss = NAN;
+  CpuBlockCacheStats cache_at_timed;  // core's block cache when the timed steps start
   for (int64_t i = 0; i < warm + steps; ++i) {
+    if (i == warm) cache_at_timed = cpu_block_cache_stats();
     t0 = clock_type::now();
     opt.zero_grad();
     auto [loss, n] = model->loss(tokens, targets);
@@ -664,8 +666,15 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
       steps = std::clamp<int64_t>(static_cast<int64_t>(kScaleStepBudgetS / std::max(dt, 1e-3)),
                                   asked, 5 * asked);
   }
+  const CpuBlockCacheStats cache = cpu_block_cache_stats();
   const Json result = {
       {"build_s", build_s},
+      {"block_cache",  // the timed steps' requests of core's large-block cache (process.h)
+       {{"enabled", cache.enabled},
+        {"hits", cache.hits - cache_at_timed.hits},
+        {"misses", cache.misses - cache_at_timed.misses},
+        {"evictions", cache.evictions - cache_at_timed.evictions},
+        {"peak_mapped_bytes", cache.peak_mapped_bytes}}},
       {"rss_start_bytes", rss_start},
       {"rss_built_bytes", rss_built},
       {"build_peak_bytes", build_peak},
