@@ -21,6 +21,7 @@
 #include "qtune/process.h"
 
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <spawn.h>
@@ -77,8 +78,6 @@ size_t block_size_for(size_t n) {
 
 class LargeBlockCache final : public c10::Allocator {
  public:
-  explicit LargeBlockCache(c10::Allocator* small) : small_(small) {}
-
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
   c10::DataPtr allocate(size_t n) override { return allocate_block(n); }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -87,6 +86,8 @@ class LargeBlockCache final : public c10::Allocator {
 #else
   c10::DataPtr allocate(size_t n) const override { return allocate_block(n); }
 #endif
+  // LibTorch's scratch buffers use raw_allocate/raw_deallocate, which need one deleter for all.
+  c10::DeleterFnPtr raw_deleter() const override { return &LargeBlockCache::deleter; }
 
   CpuBlockCacheStats stats() const {
     std::lock_guard<std::mutex> lock(mu_);
@@ -107,14 +108,13 @@ class LargeBlockCache final : public c10::Allocator {
  private:
   struct Block {
     size_t size = 0;
-    bool free = false;
     std::list<void*>::iterator lru;  // valid while free
     std::multimap<size_t, void*>::iterator by_size;
   };
 
   c10::DataPtr allocate_block(size_t n) const {
-    if (n < kLargeBlock) return small_->allocate(n);
-    void* p = const_cast<LargeBlockCache*>(this)->take(block_size_for(n));
+    void* p = n < kLargeBlock ? c10::alloc_cpu(n)  // what LibTorch's own allocator does
+                              : const_cast<LargeBlockCache*>(this)->take(block_size_for(n));
     return {p, p, &LargeBlockCache::deleter, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -126,7 +126,6 @@ class LargeBlockCache final : public c10::Allocator {
       Block& b = blocks_.at(p);
       free_.erase(it);
       lru_.erase(b.lru);
-      b.free = false;
       stats_.cached_bytes -= static_cast<int64_t>(b.size);
       stats_.peak_live_bytes =
           std::max(stats_.peak_live_bytes, stats_.mapped_bytes - stats_.cached_bytes);
@@ -153,16 +152,19 @@ class LargeBlockCache final : public c10::Allocator {
     return p;
   }
 
-  void give_back(void* p) {
+  // False when `p` is not one of the cache's blocks (a small one).
+  bool give_back(void* p) {
     std::lock_guard<std::mutex> lock(mu_);
-    Block& b = blocks_.at(p);
-    b.free = true;
+    auto node = blocks_.find(p);
+    if (node == blocks_.end()) return false;
+    Block& b = node->second;
     b.lru = lru_.insert(lru_.end(), p);
     b.by_size = free_.emplace(b.size, p);
     stats_.cached_bytes += static_cast<int64_t>(b.size);
+    return true;
   }
 
-  size_t evict_oldest() {  // with mu_ held
+  void evict_oldest() {  // with mu_ held
     void* p = lru_.front();
     lru_.pop_front();
     auto node = blocks_.find(p);
@@ -173,12 +175,10 @@ class LargeBlockCache final : public c10::Allocator {
     stats_.cached_bytes -= static_cast<int64_t>(size);
     stats_.mapped_bytes -= static_cast<int64_t>(size);
     ++stats_.evictions;
-    return size;
   }
 
   static void deleter(void* p);
 
-  c10::Allocator* small_;
   mutable std::mutex mu_;
   std::unordered_map<void*, Block> blocks_;  // every mapped block
   std::multimap<size_t, void*> free_;        // cached blocks by size
@@ -191,7 +191,9 @@ class LargeBlockCache final : public c10::Allocator {
 // cache lives for the whole process.
 LargeBlockCache* g_cache = nullptr;
 
-void LargeBlockCache::deleter(void* p) { g_cache->give_back(p); }
+void LargeBlockCache::deleter(void* p) {
+  if (!g_cache->give_back(p)) c10::free_cpu(p);
+}
 
 struct AllocatorSetup {
   AllocatorSetup() {
@@ -201,7 +203,7 @@ struct AllocatorSetup {
     mallopt(M_MMAP_THRESHOLD, static_cast<int>(kLargeBlock));  // fixed, not glibc's sliding one
     mallopt(M_TRIM_THRESHOLD, 256 << 20);  // the heap holds small blocks only; keep them
     mallopt(M_TOP_PAD, 64 << 20);          // grow the heap in 64 MB steps
-    g_cache = new LargeBlockCache(c10::GetDefaultCPUAllocator());
+    g_cache = new LargeBlockCache();
     c10::SetCPUAllocator(g_cache, /*priority=*/1);
   }
 };

@@ -13,6 +13,8 @@ import transformers
 
 import oracle
 
+oracle.bnb_generic_cpu_path()
+
 C = oracle.Checks("bnb_dirs")
 TOKENS = [[1, 45, 300, 12, 7, 99, 256, 3, 17, 400, 22, 81, 5, 60, 61, 62],
           [1, 9, 8, 7, 6, 5, 4, 3, 2, 10, 200, 300, 400, 500, 11, 0]]

@@ -14,6 +14,8 @@ import transformers
 
 import oracle
 
+oracle.bnb_generic_cpu_path()
+
 C = oracle.Checks("dora_peft")
 ATOL, RTOL = 2e-4, 1e-4
 TOKENS = [[1, 45, 300, 12, 7, 99, 256, 3, 17, 400, 22, 81, 5, 60, 61, 62],

@@ -12,6 +12,8 @@ import transformers
 import oracle
 from test_peft import TOKENS, converted_base, hf_base, logits, qtune_logits
 
+oracle.bnb_generic_cpu_path()
+
 C = oracle.Checks("peft_foreign")
 ATOL, RTOL = 2e-4, 1e-4
 
