@@ -626,9 +626,10 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   const double build_s = seconds_since(t0);
   // The model returns what its build freed (core/src/process.cpp), so this RSS is what the built
   // model holds; the build's own peak is reported beside it, and the peak counter restarts so
-  // that train_peak is the training phase alone.
-  const int64_t build_peak = peak_rss_bytes();
+  // that train_peak is the training phase alone. (The current RSS first: a peak read after it
+  // cannot be below it.)
   const int64_t rss_built = current_rss_bytes();
+  const int64_t build_peak = peak_rss_bytes();
   const bool hwm_reset = reset_peak_rss();
 
   std::vector<torch::Tensor> params;
