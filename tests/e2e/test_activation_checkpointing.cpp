@@ -3,6 +3,8 @@
 // (fp32; adapter dropout on, so the recompute must replay the random masks).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -49,9 +51,12 @@ void expect_same_losses(const std::string& train_type, const std::string& quant,
   const auto kept = step_losses(train_type, quant, dtype, false);
   const auto recomputed = step_losses(train_type, quant, dtype, true);
   ASSERT_EQ(kept.size(), recomputed.size());
+  // `tol` is relative: in the clang -O1 sanitizer build the hqq losses of steps 3-4 differ by
+  // 2.9e-6 at 5.1 (6 fp32 ulps), while a skipped or wrong recompute moves them by far more
+  // (ActivationCheckpointing.EachLayerRunsAgainInBackward, tests/core).
   for (size_t i = 0; i < kept.size(); ++i)
-    EXPECT_NEAR(kept[i], recomputed[i], tol) << train_type << " " << quant << " " << dtype
-                                             << " step " << i + 1;
+    EXPECT_NEAR(kept[i], recomputed[i], tol * std::max(1.0, std::abs(kept[i])))
+        << train_type << " " << quant << " " << dtype << " step " << i + 1;
   // the steps trained something (a later loss differs from the first)
   EXPECT_NE(kept.front(), kept.back()) << train_type << " " << quant;
 }
