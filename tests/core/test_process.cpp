@@ -10,30 +10,22 @@
 
 using namespace qtune;
 
+// Defined by the AddressSanitizer runtime only (it is linked into sanitizer builds).
+extern "C" void __asan_init() __attribute__((weak));
+
 namespace {
 
 constexpr int64_t kMiB = int64_t{1} << 20;
 
 torch::Tensor bytes(int64_t n) { return torch::empty({n}, torch::kUInt8); }
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
-
 // Starts from an empty cache; false (and the test skips its checks) only in sanitizer builds,
 // where ASan's allocator serves every block.
 bool fresh_cache() {
   return_freed_heap(0);
   const auto s = cpu_block_cache_stats();
-  EXPECT_EQ(s.enabled, !kSanitized) << "QTUNE_SYSTEM_MALLOC must be unset for this test";
+  const bool sanitized = &__asan_init != nullptr;
+  EXPECT_EQ(s.enabled, !sanitized) << "QTUNE_SYSTEM_MALLOC must be unset for this test";
   EXPECT_EQ(s.cached_bytes, 0);
   return s.enabled;
 }
