@@ -96,13 +96,13 @@ class LargeBlockCache final : public c10::Allocator {
     return s;
   }
 
-  // Unmaps every cached block when more than `slack` bytes are cached, and restarts the budget
-  // at what is live now (a build's transients must not widen the training's budget).
+  // Unmaps every cached block when more than `slack` bytes are cached. With nothing cached, the
+  // budget restarts at what is live now (a build's transients must not widen the training's).
   void release_cached(size_t slack) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (static_cast<size_t>(stats_.cached_bytes) <= slack) return;
-    while (!lru_.empty()) evict_oldest();
-    stats_.peak_live_bytes = base_live_ = stats_.mapped_bytes;
+    if (static_cast<size_t>(stats_.cached_bytes) > slack)
+      while (!lru_.empty()) evict_oldest();
+    if (lru_.empty()) stats_.peak_live_bytes = base_live_ = stats_.mapped_bytes;
   }
 
  private:
@@ -127,15 +127,14 @@ class LargeBlockCache final : public c10::Allocator {
       free_.erase(it);
       lru_.erase(b.lru);
       stats_.cached_bytes -= static_cast<int64_t>(b.size);
-      stats_.peak_live_bytes =
-          std::max(stats_.peak_live_bytes, stats_.mapped_bytes - stats_.cached_bytes);
+      stats_.peak_live_bytes = std::max(stats_.peak_live_bytes, live_bytes());
       ++stats_.hits;
       return p;
     }
     // Room for the new block within the budget: the most that was ever live, plus an eighth of
     // what that peak holds beyond the blocks live at the last release (a model's weights).
-    const int64_t live = stats_.mapped_bytes - stats_.cached_bytes + static_cast<int64_t>(size);
-    stats_.peak_live_bytes = std::max(stats_.peak_live_bytes, live);
+    stats_.peak_live_bytes =
+        std::max(stats_.peak_live_bytes, live_bytes() + static_cast<int64_t>(size));
     const int64_t budget =
         stats_.peak_live_bytes + (stats_.peak_live_bytes - base_live_) / 8;
     while (!lru_.empty() && stats_.mapped_bytes + static_cast<int64_t>(size) > budget)
@@ -163,6 +162,8 @@ class LargeBlockCache final : public c10::Allocator {
     stats_.cached_bytes += static_cast<int64_t>(b.size);
     return true;
   }
+
+  int64_t live_bytes() const { return stats_.mapped_bytes - stats_.cached_bytes; }  // mu_ held
 
   void evict_oldest() {  // with mu_ held
     void* p = lru_.front();

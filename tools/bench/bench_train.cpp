@@ -670,7 +670,8 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   const CpuBlockCacheStats cache = cpu_block_cache_stats();
   const Json result = {
       {"build_s", build_s},
-      {"block_cache",  // the timed steps' requests of core's large-block cache (process.h)
+      {"block_cache",  // core's large-block cache (process.h): the timed steps' requests, and
+                       // the most it mapped in the whole run
        {{"enabled", cache.enabled},
         {"hits", cache.hits - cache_at_timed.hits},
         {"misses", cache.misses - cache_at_timed.misses},

@@ -44,7 +44,8 @@ struct CpuBlockCacheStats {
   int64_t mapped_bytes = 0;       ///< mapped now, in use or cached
   int64_t cached_bytes = 0;       ///< of which free, kept for reuse
   int64_t peak_mapped_bytes = 0;  ///< the most mapped at once
-  int64_t peak_live_bytes = 0;    ///< the most in use at once; mapped stays within 9/8 of it
+  int64_t peak_live_bytes = 0;    ///< the most in use at once since the cache was last empty;
+                                  ///< mapped stays within it plus an eighth of its growth since
   int64_t hits = 0;               ///< requests served by a cached block
   int64_t misses = 0;             ///< requests that mapped a new block
   int64_t evictions = 0;          ///< cached blocks unmapped to make room
