@@ -143,6 +143,32 @@ TEST(Trainer, PrintConfigAndListPlugins) {
   EXPECT_NE(r.output.find("nf4"), std::string::npos) << r.output;
 }
 
+// The dist.* keys through trainer: recorded in the checked recipe, and each range refused naming
+// the key. (tests/dist runs them across ranks: gloo, the bucket size and timeout in the 1-vs-N
+// parity runs, the master address and port under SLURM variables, the sharded base.)
+TEST(Trainer, DistKeysAreRecordedAndChecked) {
+  auto r = qtune::test::run_program(
+      {bin_path("trainer"), "--print-config", "--train_type", "qlora", "dist.backend=gloo",
+       "dist.timeout_s=20", "dist.master_addr=127.0.0.1", "dist.master_port=29611",
+       "dist.bucket_mb=1.5", "dist.shard_base=true"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto d = json::parse(r.output)["dist"];
+  EXPECT_EQ(d["backend"], "gloo");
+  EXPECT_DOUBLE_EQ(d["timeout_s"].get<double>(), 20.0);
+  EXPECT_EQ(d["master_addr"], "127.0.0.1");
+  EXPECT_EQ(d["master_port"], 29611);
+  EXPECT_DOUBLE_EQ(d["bucket_mb"].get<double>(), 1.5);
+  EXPECT_EQ(d["shard_base"], true);
+  expect_user_error({bin_path("trainer"), "dist.backend=mpi"},
+                    "dist.backend must be auto, gloo or nccl, got \"mpi\"");
+  expect_user_error({bin_path("trainer"), "dist.timeout_s=0"},
+                    "dist.timeout_s must be in (0, 86400]");
+  expect_user_error({bin_path("trainer"), "dist.master_port=70000"},
+                    "dist.master_port must be in [1, 65535], got 70000");
+  expect_user_error({bin_path("trainer"), "dist.bucket_mb=0"},
+                    "dist.bucket_mb must be in (0, 4096]");
+}
+
 // The recipe keys the other e2e runs leave at their defaults, each set through trainer and each
 // shown to act: the recipe records it, and the run's numbers follow from it.
 TEST(Trainer, AdapterDataAndOptimizerKeysTakeEffect) {
