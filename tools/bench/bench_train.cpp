@@ -642,7 +642,7 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
   torch::Tensor tokens = ids.narrow(1, 0, seq).contiguous().to(device);
   torch::Tensor targets = ids.narrow(1, 1, seq).contiguous().to(device);
   model->train();
-  const int64_t warm = std::max<int64_t>(1, s.at("warmup").get<int64_t>());
+  const int64_t warm = std::max<int64_t>(0, s.at("warmup").get<int64_t>());
   const int64_t asked = s.at("steps").get<int64_t>();
   int64_t steps = asked;
   std::vector<double> times;
@@ -663,9 +663,16 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
     if (i >= warm) times.push_back(dt);
     // Small models get more timed steps (about kScaleStepBudgetS of them, at most 5x the number
     // asked): they are cheap, and their medians are the noisiest.
-    if (i == warm - 1)
+    if (i == warm - 1) {
       steps = std::clamp<int64_t>(static_cast<int64_t>(kScaleStepBudgetS / std::max(dt, 1e-3)),
                                   asked, 5 * asked);
+      // Every rank must take as many steps as the others (each is a collective): rank 0's count.
+      if (group->world_size() > 1) {
+        torch::Tensor n = torch::tensor({group->is_main() ? steps : int64_t{0}}, torch::kLong);
+        group->all_reduce_sum(n, "the bench's timed step count");
+        steps = n.item<int64_t>();
+      }
+    }
   }
   const CpuBlockCacheStats cache = cpu_block_cache_stats();
   const Json result = {
@@ -790,6 +797,10 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"status", 4, true},
                     {"options", 4, false}});
 
+  // A dense base that cannot fit is not started: the OOM killer would take the child (or the
+  // machine's other work) minutes into its build, as LoRA fp32 at 7B did (27 GB of weights).
+  const double memory_bytes =
+      bench_machine_info(o)["memory_gib"].get<double>() * 1024.0 * 1024.0 * 1024.0;
   size_t index = 0;
   for (const auto& dtype : o.scale_dtypes) {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
@@ -818,6 +829,18 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"options", c.set ? c.set->options.dump() : ""}};
         const std::string dir = work.path() + "/scale_" + std::to_string(index++) + "_" +
                                 slug(o.scale_sizes[ci] + "_" + dtype + "_" + label);
+        const double dense_bytes = static_cast<double>(cfg.num_parameters()) *
+                                   (dtype == "fp32" ? 4.0 : 2.0);
+        if (c.type != TrainType::kQlora && memory_bytes > 0 && dense_bytes > memory_bytes) {
+          row["status"] = fmt::format(
+              "skipped: its dense base alone ({:.1f} GB in {}) exceeds this machine's memory "
+              "({:.1f} GB)",
+              dense_bytes / 1e9, dtype, memory_bytes / 1e9);
+          spdlog::warn("bench scale: {} {} {}: {}", o.scale_sizes[ci], dtype, label,
+                       row["status"].get<std::string>());
+          table.add(row);
+          continue;
+        }
         fs::create_directories(dir);
         const Json spec = {{"config", cfg.to_hf_json()},
                            {"model_dir", model_dir},
@@ -831,7 +854,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                            {"seq_len", o.scale_seq_len},
                            {"steps", o.scale_steps},
                            {"checkpointing", o.scale_checkpointing},
-                           {"warmup", std::max(1, o.warmup)},
+                           {"warmup", o.warmup},
                            {"threads", std::max<int64_t>(1, threads / o.scale_ranks)},
                            {"shard_base", sharded},
                            {"seed", static_cast<int64_t>(o.seed)},
@@ -885,7 +908,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           row["rank_base_weight_mb"] = r["base_weight_bytes"].get<double>() / 1e6;
           row["gather_s_per_step"] =
               r["gather_seconds"].get<double>() /
-              static_cast<double>(std::max(1, o.warmup) + r["steps"].get<int64_t>());
+              static_cast<double>(o.warmup + r["steps"].get<int64_t>());
         }
         row["status"] = "ok";
         spdlog::info(
@@ -964,8 +987,11 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
           std::to_string(o.scale_steps) +
           " optimizer steps (*steps*: more for small models, about 3 s of them) of " +
           std::to_string(o.scale_batch) + " x " + std::to_string(o.scale_seq_len) +
-          " tokens after " + std::to_string(std::max(1, o.warmup)) +
-          " warm-up step(s); *step_ratio_vs_lora* is the QLoRA / LoRA step time at the same "
+          " tokens " +
+          (o.warmup > 0 ? "after " + std::to_string(o.warmup) + " warm-up step(s)"
+                        : std::string("with no warm-up step (so the time includes faulting in "
+                                      "the step's memory)")) +
+          "; *step_ratio_vs_lora* is the QLoRA / LoRA step time at the same "
           "size and compute dtype in the same run.",
   };
   if (o.scale_ranks > 1)
