@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,14 +29,15 @@ QTUNE_SPM_EXPORT int qtune_spm_abi_version(void) { return QTUNE_SPM_ABI_VERSION;
 
 QTUNE_SPM_EXPORT QtuneSpm* qtune_spm_load(const char* path, char* err, size_t err_cap) {
   try {
-    auto* h = new QtuneSpm();
+    // Owned until returned: sentencepiece's Load can also throw (darts-clone's "failed to
+    // insert key" on a malformed piece list), and the processor must be freed then too.
+    auto h = std::make_unique<QtuneSpm>();
     auto status = h->sp.Load(path);
     if (!status.ok()) {
       set_err(err, err_cap, status.ToString());
-      delete h;
       return nullptr;
     }
-    return h;
+    return h.release();
   } catch (const std::exception& e) {
     set_err(err, err_cap, e.what());
   } catch (...) {

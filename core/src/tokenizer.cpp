@@ -316,21 +316,21 @@ const SpmApi& spm_api() {
 class SentencePieceTokenizer : public Tokenizer {
  public:
   SentencePieceTokenizer(const std::string& path, const tok::ConfigFile& config)
-      : path_(path), api_(spm_api()) {
+      : path_(path), api_(spm_api()), handle_(nullptr, api_.free_) {
     char err[512] = {0};
-    handle_ = api_.load(path.c_str(), err, sizeof(err));
+    handle_.reset(api_.load(path.c_str(), err, sizeof(err)));
     QTUNE_CHECK(handle_ != nullptr, "cannot load sentencepiece model ", path, ": ", err);
-    const int n = api_.piece_size(handle_);
-    bos_ = api_.bos_id(handle_);
-    eos_ = api_.eos_id(handle_);
+    const int n = api_.piece_size(handle_.get());
+    bos_ = api_.bos_id(handle_.get());
+    eos_ = api_.eos_id(handle_.get());
     // Decoded text of every piece, computed once (what decode_token returns when not after BOS).
     pieces_.resize(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) {
       size_t len = 0;
-      const char* p = api_.id_to_piece(handle_, i, &len);
+      const char* p = api_.id_to_piece(handle_.get(), i, &len);
       std::string piece(p, len);
-      const int type = api_.piece_type(handle_, i);
-      raw_.push_back(tok::SpmPiece{piece, api_.score(handle_, i),
+      const int type = api_.piece_type(handle_.get(), i);
+      raw_.push_back(tok::SpmPiece{piece, api_.score(handle_.get(), i),
                                    type == QTUNE_SPM_UNKNOWN        ? tok::SpmPiece::kUnknown
                                    : type == QTUNE_SPM_CONTROL      ? tok::SpmPiece::kControl
                                    : type == QTUNE_SPM_BYTE         ? tok::SpmPiece::kByte
@@ -355,15 +355,11 @@ class SentencePieceTokenizer : public Tokenizer {
         }
       }
     }
-    const int unk = api_.unk_id(handle_);
+    const int unk = api_.unk_id(handle_.get());
     config_ = merge_config(config, bos_ >= 0 ? raw_[static_cast<size_t>(bos_)].text : "",
                            eos_ >= 0 ? raw_[static_cast<size_t>(eos_)].text : "",
                            unk >= 0 ? raw_[static_cast<size_t>(unk)].text : "", *this);
   }
-  ~SentencePieceTokenizer() override {
-    if (handle_) api_.free_(handle_);
-  }
-
   int64_t vocab_size() const override { return static_cast<int64_t>(pieces_.size()); }
   int bos_id() const override { return bos_; }
   int eos_id() const override { return eos_; }
@@ -379,7 +375,7 @@ class SentencePieceTokenizer : public Tokenizer {
       static_cast<std::vector<int>*>(ctx)->insert(static_cast<std::vector<int>*>(ctx)->end(), p,
                                                   p + n);
     };
-    int rc = api_.encode(handle_, text.data(), text.size(), sink, &ids, err, sizeof(err));
+    int rc = api_.encode(handle_.get(), text.data(), text.size(), sink, &ids, err, sizeof(err));
     QTUNE_CHECK(rc == 0, "sentencepiece encode with ", path_, " failed: ", err);
     if (eos) {
       QTUNE_CHECK(eos_ >= 0, "sentencepiece model ", path_, " has no EOS token");
@@ -412,7 +408,8 @@ class SentencePieceTokenizer : public Tokenizer {
  private:
   std::string path_;
   const SpmApi& api_;
-  QtuneSpm* handle_ = nullptr;
+  // Owned from the load on, so a constructor that throws after it (a malformed model) frees it.
+  std::unique_ptr<QtuneSpm, void (*)(QtuneSpm*)> handle_;
   int bos_ = -1, eos_ = -1;
   std::vector<std::string> pieces_;
   std::vector<tok::SpmPiece> raw_;  // the model's own pieces, scores and types
