@@ -646,12 +646,16 @@ std::string rewrite_links(const std::string& md, const std::string& prefix) {
 
 }  // namespace
 
+double machine_memory_bytes() {
+  const std::string mem = read_first("/proc/meminfo", "MemTotal");  // "24568316 kB"
+  return mem.empty() ? 0.0 : std::atof(mem.c_str()) * 1024.0;
+}
+
 Json bench_machine_info(const BenchOptions& options) {
   Json m;
   m["cpu"] = read_first("/proc/cpuinfo", "model name");
   m["cores"] = static_cast<int64_t>(sysconf(_SC_NPROCESSORS_ONLN));
-  const std::string mem = read_first("/proc/meminfo", "MemTotal");  // "24568316 kB"
-  m["memory_gib"] = mem.empty() ? 0.0 : std::atof(mem.c_str()) / (1024.0 * 1024.0);
+  m["memory_gib"] = machine_memory_bytes() / (1024.0 * 1024.0 * 1024.0);
   struct utsname u {};
   if (uname(&u) == 0) m["os"] = std::string(u.sysname) + " " + u.release + " " + u.machine;
   m["torch"] = TORCH_VERSION;

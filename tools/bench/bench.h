@@ -228,6 +228,8 @@ bool is_bench_child_command(const std::string& command);
 /// The machine and run: cpu, cores, memory, LibTorch version, threads, device, date (UTC),
 /// command.
 Json bench_machine_info(const BenchOptions& options);
+/// The machine's memory (MemTotal of /proc/meminfo) in bytes; 0 when unreadable.
+double machine_memory_bytes();
 
 /// Writes <out>/<table>.csv and .md for every table, <out>/<plot>.gp, and runs gnuplot on each
 /// (PNG next to it). Returns the markdown section for this result (tables, images, notes).

@@ -799,8 +799,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
 
   // A dense base that cannot fit is not started: the OOM killer would take the child (or the
   // machine's other work) minutes into its build, as LoRA fp32 at 7B did (27 GB of weights).
-  const double memory_bytes =
-      bench_machine_info(o)["memory_gib"].get<double>() * 1024.0 * 1024.0 * 1024.0;
+  const double memory_bytes = machine_memory_bytes();
   size_t index = 0;
   for (const auto& dtype : o.scale_dtypes) {
     for (size_t ci = 0; ci < configs.size(); ++ci) {
