@@ -24,14 +24,6 @@ constexpr int64_t kAlign = 64;  // every tensor of a gathered weight starts on a
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-// One tensor of a weight's state inside the weight's flat bytes.
-struct Piece {
-  std::string key;
-  torch::ScalarType dtype;
-  std::vector<int64_t> shape;
-  int64_t offset = 0, nbytes = 0;
-};
-
 }  // namespace
 
 class ShardedWeight;
@@ -42,6 +34,14 @@ struct BaseShards::Impl {
   std::shared_ptr<QuantBackend> backend;
   int64_t rank = 0, world = 1;
 
+  // One tensor of a weight's state inside the weight's flat bytes. (Declared here, not in the
+  // anonymous namespace: Weight, a member of an exported class's Impl, holds it.)
+  struct Piece {
+    std::string key;
+    torch::ScalarType dtype;
+    std::vector<int64_t> shape;
+    int64_t offset = 0, nbytes = 0;
+  };
   struct Weight {
     std::string name;
     int64_t layer = 0;

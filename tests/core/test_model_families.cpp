@@ -380,8 +380,10 @@ TEST(Families, SlidingWindowMasksKeysBeyondIt) {
   ModelConfig s = c;
   s.sliding_window = 4;
   const auto windowed = logits(s, *w, tokens);
-  // Within the window nothing changes; past it, the far keys are gone.
-  EXPECT_EQ(max_diff(windowed.narrow(1, 0, 4), full.narrow(1, 0, 4)), 0.0);
+  // Within the window nothing changes (up to fp32 rounding: on LibTorch 2.x the plain causal
+  // mask runs in its scaled_dot_product_attention, the window in core's tiled kernel); past it,
+  // the far keys are gone.
+  EXPECT_LT(max_diff(windowed.narrow(1, 0, 4), full.narrow(1, 0, 4)), 1e-6);
   EXPECT_GT(max_diff(windowed.narrow(1, 4, 6), full.narrow(1, 4, 6)), 1e-4);
   // One layer and relative positions: the last query sees exactly the last 4 tokens.
   const auto last4 = logits(c, *w, tokens.narrow(1, 6, 4));
