@@ -685,6 +685,7 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
       {"dist",
        {{"world_size", s.group->world_size()},
         {"rank", s.group->rank()},
+        {"local_world_size", s.group->world().local_world_size},
         {"backend", s.group->backend()},
         {"threads_per_rank", at::get_num_threads()},
         {"buckets", s.buckets ? s.buckets->num_buckets() : 0},

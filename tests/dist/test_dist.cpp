@@ -438,3 +438,32 @@ TEST(Dist, SlurmRanksTakeTheMasterFromTheRecipe) {
   EXPECT_EQ(read_json(out + "/summary.json")["dist"]["world_size"], 2);
   EXPECT_EQ(records(out, "train").size(), 2u);
 }
+
+// Two "machines" of one rank each, as torchrun --nnodes 2 --nproc_per_node 1 starts them, on
+// loopback: LOCAL_WORLD_SIZE=1 below WORLD_SIZE=2 takes the multi-node set-up (the Gloo device
+// from GLOO_SOCKET_IFNAME, not the single-machine loopback default), and the job still computes
+// what one process with the global batch computes.
+TEST(Dist, TwoNodesOfOneRankMatchOneRank) {
+  const auto one = qtune::test::temp_dir("dist-nodes-one");
+  auto r = run(run_args(one, "qlora", 8, 2));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+
+  const int port = qtune::free_local_port();
+  const auto two = qtune::test::temp_dir("dist-nodes-two");
+  Ranks ranks;
+  for (int i = 0; i < 2; ++i) {
+    ranks.logs.push_back(qtune::test::temp_dir("node") + "/out.txt");
+    ranks.pids.push_back(qtune::test::spawn(
+        run_args(two, "qlora", 4, 2),
+        {"RANK=" + std::to_string(i), "WORLD_SIZE=2", "LOCAL_RANK=0", "LOCAL_WORLD_SIZE=1",
+         "GROUP_RANK=" + std::to_string(i), "MASTER_ADDR=127.0.0.1",
+         "MASTER_PORT=" + std::to_string(port), "GLOO_SOCKET_IFNAME=lo"},
+        ranks.logs.back()));
+  }
+  const auto codes = wait_all(ranks);
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(codes[i], 0) << qtune::test::read_file(ranks.logs[i]);
+  expect_close(losses(one), losses(two), 1e-5);
+  const json s = read_json(two + "/summary.json");
+  EXPECT_EQ(s["dist"]["world_size"], 2);
+  EXPECT_EQ(s["dist"]["local_world_size"], 1) << s["dist"].dump();
+}
