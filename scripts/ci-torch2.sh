@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LibTorch 2.x step of CI (.ci/run runs it last): builds build-torch2/ against PyPI's torch
-# wheel in the oracle venv (LibTorch 2.x with CUDA and NCCL; README "Building against LibTorch
-# 2.x"), then runs the suites that differ most between 1.13 and 2.x on the CPU: the core unit
+# wheel in the oracle venv (LibTorch 2.x with CUDA and NCCL), configured as the README shows,
+# then runs the suites that differ most between 1.13 and 2.x on the CPU: the core unit
 # suites (the allocator override, scaled_dot_product_attention, the model families) and the
 # data-parallel suites (c10d moved Work and added Backend in 2.x; the NCCL build's refusals).
 # Only what those suites need is built: the library, the plugins, trainer, qtune-convert and the
