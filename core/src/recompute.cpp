@@ -29,6 +29,22 @@ void RngSnapshot::restore() const {
 
 namespace {
 
+thread_local int recompute_depth = 0;
+
+// Marks the thread as recomputing for in_recompute(), also when fn throws.
+struct RecomputeScope {
+  RecomputeScope() { ++recompute_depth; }
+  ~RecomputeScope() { --recompute_depth; }
+  RecomputeScope(const RecomputeScope&) = delete;
+  RecomputeScope& operator=(const RecomputeScope&) = delete;
+};
+
+}  // namespace
+
+bool in_recompute() { return recompute_depth > 0; }
+
+namespace {
+
 // Holds the function in the autograd context (saved_data keeps IValues; a capsule carries it).
 struct RecomputeState : torch::CustomClassHolder {
   RecomputeFn fn;
@@ -85,6 +101,7 @@ struct RecomputeFunction : public torch::autograd::Function<RecomputeFunction> {
       const RngSnapshot now(saved.empty() ? torch::Device(torch::kCPU) : saved[0].device());
       state->rng.restore();
       torch::AutoGradMode enable(true);
+      const RecomputeScope scope;
       y = state->fn(inputs);
       now.restore();
     }

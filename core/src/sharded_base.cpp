@@ -10,11 +10,13 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "qtune/error.h"
 #include "qtune/process_group.h"
+#include "qtune/recompute.h"
 
 namespace qtune {
 
@@ -49,40 +51,42 @@ struct BaseShards::Impl {
     std::vector<Piece> pieces;
     // Tensors state() derives on demand (a serialised record, say): small, kept whole.
     std::map<std::string, torch::Tensor> derived;
-    int64_t shard_len = 0;   // bytes per rank; world * shard_len >= the pieces' end
-    int64_t full_bytes = 0;  // what the unsharded weight holds
+    int64_t shard_len = 0;          // bytes per rank; world * shard_len >= the pieces' end
+    int64_t full_bytes = 0;         // what the unsharded weight holds
     bool full_bytes_known = false;  // a stored state's: learnt when first rebuilt
-    torch::Tensor shard;     // uint8 [shard_len], this rank's bytes
-    std::shared_ptr<QuantizedWeight> rebuilt;  // while its layer is gathered
+    torch::Tensor shard;            // uint8 [shard_len], this rank's bytes
+    std::shared_ptr<QuantizedWeight> rebuilt;  // while it is the gathered weight
   };
   std::vector<Weight> weights;
   std::map<int64_t, std::vector<int64_t>> layers;  // layer -> weight ids, in build order
 
-  // A layer being gathered or gathered: one flat buffer and one all-gather per weight.
+  // A weight being gathered or gathered: its flat buffer and its all-gather.
   struct Gathered {
-    int64_t layer = -1;
-    std::vector<torch::Tensor> flats;
-    std::vector<std::unique_ptr<PendingCollective>> pending;
+    int64_t id = -1;
+    torch::Tensor flat;
+    std::unique_ptr<PendingCollective> pending;
     int64_t bytes = 0;
   };
   std::unique_ptr<Gathered> current, ahead;
-  std::map<std::pair<int64_t, int64_t>, int64_t> successor;  // (previous, current) -> next
+  // What followed a weight: keyed by the weight before it, the weight, and the use it was
+  // switched to for (Use, plus kUses inside a checkpointed layer's recompute: the recompute calls
+  // the first forward's weights in the same order, and different ones follow).
+  using Key = std::tuple<int64_t, int64_t, int>;
+  std::map<Key, int64_t> successor;
   int64_t prev = -1, last = -1;
+  int last_use = 0;
 
   int64_t gathered = 0, peak = 0, gathers = 0, hits = 0;
   std::recursive_mutex mu;
 
-  std::unique_ptr<Gathered> start(int64_t layer) {
+  std::unique_ptr<Gathered> start(int64_t id) {
+    const Weight& w = weights[id];
     auto g = std::make_unique<Gathered>();
-    g->layer = layer;
-    for (int64_t id : layers.at(layer)) {
-      const Weight& w = weights[id];
-      auto flat = torch::empty({world * w.shard_len}, w.shard.options());
-      g->pending.push_back(group->all_gather_async(
-          w.shard, flat, "the gather of layer " + std::to_string(layer) + " (" + w.name + ")"));
-      g->flats.push_back(std::move(flat));
-      g->bytes += world * w.shard_len;
-    }
+    g->id = id;
+    g->flat = torch::empty({world * w.shard_len}, w.shard.options());
+    g->pending = group->all_gather_async(
+        w.shard, g->flat, "the gather of " + w.name + " (layer " + std::to_string(w.layer) + ")");
+    g->bytes = world * w.shard_len;
     gathered += g->bytes;
     peak = std::max(peak, gathered);
     ++gathers;
@@ -91,38 +95,36 @@ struct BaseShards::Impl {
 
   void drop(std::unique_ptr<Gathered>& g) {
     if (!g) return;
-    for (auto& p : g->pending) p->wait();  // started on every rank: every rank finishes it
-    if (current == g)
-      for (int64_t id : layers.at(g->layer)) weights[id].rebuilt.reset();
+    g->pending->wait();  // started on every rank: every rank finishes it
+    if (current == g) weights[g->id].rebuilt.reset();
     gathered -= g->bytes;
     g.reset();
   }
 
-  // Makes `layer` the gathered one: its weights rebuilt by the backend from the gathered bytes.
-  void switch_to(int64_t layer) {
-    if (last >= 0) successor[{prev, last}] = layer;
+  // Makes weight `id` the gathered one, rebuilt by the backend from the gathered bytes, and
+  // starts gathering the weight expected next.
+  void switch_to(int64_t id, int use) {
+    if (last >= 0) successor[{prev, last, last_use}] = id;
     prev = last;
-    last = layer;
+    last = id;
+    last_use = use;
     drop(current);
-    if (ahead && ahead->layer == layer) {
+    if (ahead && ahead->id == id) {
       current = std::move(ahead);
       ++hits;
     } else {
       drop(ahead);
-      current = start(layer);
+      current = start(id);
     }
-    const auto& ids = layers.at(layer);
-    for (size_t i = 0; i < ids.size(); ++i) {
-      current->pending[i]->wait();
-      Weight& w = weights[ids[i]];
-      w.rebuilt = rebuild(w, current->flats[i]);
-      if (!w.full_bytes_known) {
-        w.full_bytes = w.rebuilt->nbytes();
-        w.full_bytes_known = true;
-      }
+    current->pending->wait();
+    Weight& w = weights[id];
+    w.rebuilt = rebuild(w, current->flat);
+    if (!w.full_bytes_known) {
+      w.full_bytes = w.rebuilt->nbytes();
+      w.full_bytes_known = true;
     }
-    auto next = successor.find({prev, last});
-    if (next != successor.end() && next->second != layer) ahead = start(next->second);
+    auto next = successor.find({prev, last, last_use});
+    if (next != successor.end() && next->second != id) ahead = start(next->second);
   }
 
   std::shared_ptr<QuantizedWeight> rebuild(const Weight& w, const torch::Tensor& flat) const {
@@ -149,10 +151,12 @@ struct BaseShards::Impl {
     }
   }
 
-  std::shared_ptr<QuantizedWeight> acquire(int64_t id) {
+  enum Use { kForward, kGradInput, kDequantize, kUses };
+
+  std::shared_ptr<QuantizedWeight> acquire(int64_t id, Use use) {
     std::lock_guard<std::recursive_mutex> lock(mu);
     Weight& w = weights[id];
-    if (!current || current->layer != w.layer) switch_to(w.layer);
+    if (!current || current->id != id) switch_to(id, use + (in_recompute() ? kUses : 0));
     return w.rebuilt;
   }
 
@@ -211,8 +215,8 @@ struct BaseShards::Impl {
   }
 };
 
-// A projection whose base lives in its layer's shards: every use goes through the layer's
-// gathered, rebuilt weight. Its only held tensor is this rank's shard.
+// A projection whose base lives in shards: every use goes through its gathered, rebuilt weight.
+// Its only held tensor is this rank's shard.
 class ShardedWeight final : public QuantizedWeight {
  public:
   ShardedWeight(std::shared_ptr<BaseShards::Impl> owner, int64_t id, int64_t out, int64_t in)
@@ -222,17 +226,18 @@ class ShardedWeight final : public QuantizedWeight {
   int64_t out_features() const override { return out_; }
   int64_t in_features() const override { return in_; }
   torch::Tensor dequantize(torch::ScalarType dtype, torch::Device device) const override {
-    return owner_->acquire(id_)->dequantize(dtype, device);
+    return owner_->acquire(id_, BaseShards::Impl::kDequantize)->dequantize(dtype, device);
   }
   torch::Tensor dequantize_rows(int64_t begin, int64_t end, torch::ScalarType dtype,
                                 torch::Device device) const override {
-    return owner_->acquire(id_)->dequantize_rows(begin, end, dtype, device);
+    return owner_->acquire(id_, BaseShards::Impl::kDequantize)
+        ->dequantize_rows(begin, end, dtype, device);
   }
   torch::Tensor linear(const torch::Tensor& x) const override {
-    return owner_->acquire(id_)->linear(x);
+    return owner_->acquire(id_, BaseShards::Impl::kForward)->linear(x);
   }
   torch::Tensor linear_grad_input(const torch::Tensor& g) const override {
-    return owner_->acquire(id_)->linear_grad_input(g);
+    return owner_->acquire(id_, BaseShards::Impl::kGradInput)->linear_grad_input(g);
   }
   /// The shard and what it is a shard of; not a state QuantBackend::load takes (gather first).
   TensorState state() const override {
@@ -261,7 +266,7 @@ BaseShards::BaseShards(std::shared_ptr<ProcessGroup> group, std::shared_ptr<Quan
   QTUNE_CHECK(group != nullptr && backend != nullptr, "BaseShards needs a group and a backend");
   QTUNE_CHECK(backend->load_is_cheap(), "dist.shard_base: quant backend '", backend->name(),
               "' says rebuilding a weight from its state (QuantBackend::load) is not cheap, so "
-              "its base cannot be sharded (a layer is rebuilt every time it is gathered); "
+              "its base cannot be sharded (a weight is rebuilt every time it is gathered); "
               "set dist.shard_base=false");
   impl_->group = std::move(group);
   impl_->backend = std::move(backend);
@@ -330,6 +335,12 @@ int64_t BaseShards::max_layer_bytes() const {
   return best;
 }
 
+int64_t BaseShards::max_weight_bytes() const {
+  int64_t best = 0;
+  for (const auto& w : impl_->weights) best = std::max(best, impl_->world * w.shard_len);
+  return best;
+}
+
 int64_t BaseShards::gathers() const { return impl_->gathers; }
 int64_t BaseShards::prefetch_hits() const { return impl_->hits; }
 
@@ -338,6 +349,7 @@ Json BaseShards::stats() const {
           {"shard_bytes", shard_bytes()},
           {"full_bytes", full_bytes()},
           {"max_layer_bytes", max_layer_bytes()},
+          {"max_weight_bytes", max_weight_bytes()},
           {"peak_gathered_bytes", peak_gathered_bytes()},
           {"gathers", gathers()},
           {"prefetch_hits", prefetch_hits()},

@@ -1,10 +1,12 @@
 // The sharded base's mechanics in one process (a group of one: the shard is the whole weight,
 // the gathers are copies): for every backend, a model whose decoder layers live in BaseShards
 // computes bit for bit what the unsharded model computes (forward, backward, with and without
-// activation checkpointing); a gathered weight is rebuilt byte for byte; at most two layers are
-// ever gathered, and none after release_all; the layer order is learned so the next layer is
+// activation checkpointing); a gathered weight is rebuilt byte for byte; at most two weights are
+// ever gathered, and none after release_all; the order is learned so the next weight is
 // gathered ahead; a backend whose load is not cheap is refused. Two real ranks: tests/dist.
 #include <gtest/gtest.h>
+
+#include <functional>
 
 #include "qtune/model.h"
 #include "qtune/process_group.h"
@@ -31,7 +33,9 @@ struct Trace {
   std::vector<torch::Tensor> grads;
 };
 
-Trace train_twice(LlamaForCausalLM& model, const torch::Tensor& tokens) {
+// `after_first`, when given, runs between the passes.
+Trace train_twice(LlamaForCausalLM& model, const torch::Tensor& tokens,
+                  const std::function<void()>& after_first = nullptr) {
   Trace t;
   for (int pass = 0; pass < 2; ++pass) {
     model->zero_grad();
@@ -39,6 +43,7 @@ Trace train_twice(LlamaForCausalLM& model, const torch::Tensor& tokens) {
     loss.backward();
     t.losses.push_back(loss.item<double>());
     if (auto& shards = model->spec().base.shards) shards->release_all();
+    if (pass == 0 && after_first) after_first();
   }
   for (auto& [_, p] : model->trainable_parameters()) t.grads.push_back(p.grad().clone());
   return t;
@@ -80,22 +85,34 @@ TEST(ShardedBase, EveryBackendComputesWhatTheWholeBaseComputes) {
       shards->release_all();
       EXPECT_EQ(shards->gathered_bytes(), 0);
 
-      const Trace ta = train_twice(whole, tokens), tb = train_twice(sharded, tokens);
+      int64_t gathers1 = 0, hits1 = 0;
+      const auto after_first = [&] {
+        gathers1 = shards->gathers();
+        hits1 = shards->prefetch_hits();
+      };
+      const Trace ta = train_twice(whole, tokens), tb = train_twice(sharded, tokens, after_first);
       ASSERT_EQ(ta.losses, tb.losses);
       ASSERT_EQ(ta.grads.size(), tb.grads.size());
       for (size_t i = 0; i < ta.grads.size(); ++i)
         EXPECT_TRUE(torch::equal(ta.grads[i], tb.grads[i])) << "gradient " << i;
 
-      // Never more than the layer in use and the one gathered ahead; nothing after release.
-      EXPECT_GT(shards->max_layer_bytes(), 0);
-      EXPECT_LE(shards->peak_gathered_bytes(), 2 * shards->max_layer_bytes());
+      // Never more than the weight in use and the one gathered ahead (a layer is 7 weights);
+      // nothing after release.
+      EXPECT_GT(shards->max_weight_bytes(), 0);
+      EXPECT_LT(shards->max_weight_bytes(), shards->max_layer_bytes());
+      EXPECT_LE(shards->peak_gathered_bytes(), 2 * shards->max_weight_bytes());
       EXPECT_EQ(shards->gathered_bytes(), 0);
       // The held bytes are the shards: here one rank's share is the whole, padded, plus the
       // code tables a backend shares process-wide and leaves out of nbytes (nf4: 1.1 KB).
       EXPECT_GE(shards->shard_bytes(), shards->full_bytes());
       EXPECT_LE(shards->shard_bytes(), shards->full_bytes() + 2048 * 7 * c.num_hidden_layers);
-      // The second pass knew the order: its gathers were started ahead and used.
-      EXPECT_GT(shards->prefetch_hits(), 0) << shards->stats().dump();
+      // The second pass knew the order: every gather but its first (nothing runs before it)
+      // was started ahead and used — forward, recompute and backward told apart.
+      const int64_t gathers2 = shards->gathers() - gathers1,
+                    hits2 = shards->prefetch_hits() - hits1;
+      EXPECT_GE(gathers2, 7 * c.num_hidden_layers);
+      EXPECT_LE(gathers2, (ckpt ? 3 : 2) * 7 * c.num_hidden_layers);
+      EXPECT_EQ(hits2, gathers2 - 1) << shards->stats().dump();
     }
   }
 }
@@ -121,7 +138,7 @@ TEST(ShardedBase, ALayerSkippedOrRepeatedIsGatheredOnDemand) {
       auto r = whole->slots()[7 * l].second->quantized();
       EXPECT_TRUE(torch::equal(q->dequantize(torch::kFloat32, torch::kCPU),
                                r->dequantize(torch::kFloat32, torch::kCPU)));
-      EXPECT_LE(shards->gathered_bytes(), 2 * shards->max_layer_bytes());
+      EXPECT_LE(shards->gathered_bytes(), 2 * shards->max_weight_bytes());
     }
   }
   shards->release_all();

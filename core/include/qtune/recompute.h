@@ -2,10 +2,10 @@
 // in backward, with the random-number state it first saw (dropout draws the same masks).
 #pragma once
 
+#include <torch/torch.h>
+
 #include <functional>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "qtune/export.h"
 
@@ -24,6 +24,11 @@ using RecomputeFn = std::function<torch::Tensor(const std::vector<torch::Tensor>
 /// twice counts once.
 QTUNE_API torch::Tensor recompute_in_backward(RecomputeFn fn, std::vector<torch::Tensor> inputs,
                                               std::vector<torch::Tensor> params);
+
+/// Whether this thread is running a checkpointed computation again in backward (inside
+/// recompute_in_backward's second call of fn): what tells a recompute from the first forward,
+/// which calls the same functions in the same order (the sharded base's prefetch uses it).
+QTUNE_API bool in_recompute();
 
 /// The states of the default generators a computation on `device` draws from: the CPU's, and the
 /// device's own when it is not the CPU. restore() puts them back.

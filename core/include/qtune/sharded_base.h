@@ -1,9 +1,11 @@
 // A quantized base sharded over the ranks of a process group (recipe key dist.shard_base), the way
 // FSDP shards fsdp_qlora's 4-bit base: every rank keeps 1/N of the bytes of each decoder layer's
-// quantized projections and gathers a layer's full weights when the layer is used — in forward,
-// and again in backward (the input gradient needs W) — dropping the previous layer's then.
-// While a layer computes, the layer expected next is already being gathered (all-gathers in
-// flight in the backend's threads), so a rank holds its shards plus about two layers.
+// quantized projections and gathers a projection's full weight when it is used — in forward, and
+// again in backward (the input gradient needs W) — dropping the previous one then. While one
+// projection computes, the one expected next is already being gathered (an all-gather in flight
+// in the backend's threads), so a rank holds its shards plus two projections: the unit gathered
+// is one weight, not a whole decoder layer as fsdp_qlora wraps it (a seventh of a Llama layer's
+// bytes for the largest MLP projection), with the same one all-gather per weight.
 //
 // It works for every backend without plugin changes: what is sharded is the bytes of the tensors
 // QuantizedWeight::state() returns (each weight's held tensors laid end to end, split evenly over
@@ -12,12 +14,14 @@
 // so it is byte for byte the weight an unsharded run holds.
 // A backend whose load is not cheap (QuantBackend::load_is_cheap) is refused.
 //
-// Which layer comes next is learned, not assumed: after each layer switch the pair (previous
-// layer, current layer) remembers its successor, which covers forward (0, 1, ...), backward
-// (..., 1, 0), activation checkpointing and evaluation alike. Every rank runs the same layers in
-// the same order, so every rank starts the same collectives in the same order; a wrong guess
-// costs one gather that is waited for and dropped. The output head is not sharded: how often it
-// runs depends on each rank's count of targets (chunked loss), and it is one matrix.
+// Which weight comes next is learned, not assumed: at each switch, the previous weight, the
+// current one and whether gradients are being recorded remember what followed, which covers
+// forward (q, k, v, ... of layer 0, then 1), backward (down, up, ... of the last layer first),
+// activation checkpointing (a layer's forward without gradients and its recompute with them run
+// the same weights, followed by different ones) and evaluation alike. Every rank runs the same
+// weights in the same order, so every rank starts the same collectives in the same order; a
+// wrong guess costs one gather that is waited for and dropped. The output head is not sharded:
+// how often it runs depends on each rank's count of targets (chunked loss), and it is one matrix.
 #pragma once
 
 #include <cstdint>
@@ -61,11 +65,13 @@ class QTUNE_API BaseShards {
   /// weight is first gathered).
   int64_t shard_bytes() const;
   int64_t full_bytes() const;
-  /// Gathered bytes held now, their peak since construction, and the largest layer's.
+  /// Gathered bytes held now, their peak since construction (at most two weights': the one in
+  /// use and the one gathered ahead), and the largest layer's and weight's gathered bytes.
   int64_t gathered_bytes() const;
   int64_t peak_gathered_bytes() const;
   int64_t max_layer_bytes() const;
-  /// Layer gathers started, and how many of them were started early and then used.
+  int64_t max_weight_bytes() const;
+  /// Weight gathers started, and how many of them were started early and then used.
   int64_t gathers() const;
   int64_t prefetch_hits() const;
   /// All of the above as JSON (for summary.json).
