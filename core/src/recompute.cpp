@@ -39,12 +39,6 @@ struct RecomputeScope {
   RecomputeScope& operator=(const RecomputeScope&) = delete;
 };
 
-}  // namespace
-
-bool in_recompute() { return recompute_depth > 0; }
-
-namespace {
-
 // Holds the function in the autograd context (saved_data keeps IValues; a capsule carries it).
 struct RecomputeState : torch::CustomClassHolder {
   RecomputeFn fn;
@@ -115,6 +109,8 @@ struct RecomputeFunction : public torch::autograd::Function<RecomputeFunction> {
 };
 
 }  // namespace
+
+bool in_recompute() { return recompute_depth > 0; }
 
 torch::Tensor recompute_in_backward(RecomputeFn fn, std::vector<torch::Tensor> inputs,
                                     std::vector<torch::Tensor> params) {

@@ -2,10 +2,10 @@
 // in backward, with the random-number state it first saw (dropout draws the same masks).
 #pragma once
 
-#include <torch/torch.h>
-
 #include <functional>
 #include <vector>
+
+#include <torch/torch.h>
 
 #include "qtune/export.h"
 

@@ -15,13 +15,15 @@
 // A backend whose load is not cheap (QuantBackend::load_is_cheap) is refused.
 //
 // Which weight comes next is learned, not assumed: at each switch, the previous weight, the
-// current one and whether gradients are being recorded remember what followed, which covers
-// forward (q, k, v, ... of layer 0, then 1), backward (down, up, ... of the last layer first),
-// activation checkpointing (a layer's forward without gradients and its recompute with them run
-// the same weights, followed by different ones) and evaluation alike. Every rank runs the same
-// weights in the same order, so every rank starts the same collectives in the same order; a
-// wrong guess costs one gather that is waited for and dropped. The output head is not sharded:
-// how often it runs depends on each rank's count of targets (chunked loss), and it is one matrix.
+// current one and what it is used for (forward, input gradient, dequantize; and whether a
+// checkpointed layer is being recomputed, core's in_recompute()) remember what followed, which
+// covers forward (q, k, v, ... of layer 0, then 1), backward (down, up, ... of the last layer
+// first), activation checkpointing (a layer's first forward and its recompute run the same
+// weights in the same grad mode, followed by different ones) and evaluation alike. Every rank
+// runs the same weights in the same order, so every rank starts the same collectives in the same
+// order; a wrong guess costs one gather that is waited for and dropped. The output head is not
+// sharded: how often it runs depends on each rank's count of targets (chunked loss), and it is
+// one matrix.
 #pragma once
 
 #include <cstdint>
