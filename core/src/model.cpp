@@ -106,8 +106,13 @@ EmbeddingImpl::EmbeddingImpl(torch::Tensor w, bool trainable) {
   weight = trainable ? register_parameter("weight", w) : register_buffer("weight", w);
 }
 
+EmbeddingImpl::EmbeddingImpl(torch::Tensor shard, std::function<torch::Tensor()> gather)
+    : gather_(std::move(gather)) {
+  weight = register_buffer("weight", std::move(shard));
+}
+
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& tokens) {
-  return F::embedding(tokens, weight);
+  return F::embedding(tokens, gather_ ? gather_() : weight);
 }
 
 namespace {
@@ -263,7 +268,8 @@ class SlotBuilder {
                                                     const std::string& source) const {
     const auto& quant = spec_.base.quant;
     const auto& shards = spec_.base.shards;
-    const int64_t layer = decoder_layer_of(name);  // the head is never sharded (sharded_base.h)
+    const int64_t layer = decoder_layer_of(name);  // -1: the head
+    const bool shard = shards && (layer >= 0 || name == "lm_head.weight");
     std::shared_ptr<QuantizedWeight> q;
     if (weights_.has_quantized(name)) {
       TensorState st = weights_.quantized(name);
@@ -271,8 +277,7 @@ class SlotBuilder {
       QTUNE_CHECK(backend == quant->name(), weights_.describe(), ": ", name,
                   " was quantized with '", backend, "' but quant.name is '", quant->name(), "'");
       // A sharded base reads only this rank's bytes of the stored state.
-      if (shards && layer >= 0)
-        return shards->shard(st, layer, weights_.describe() + ": module " + name);
+      if (shard) return shards->shard(st, layer, weights_.describe() + ": module " + name);
       try {
         q = quant->load(st);
       } catch (const UserError& e) {  // the backend names the state key; say whose it is
@@ -281,7 +286,7 @@ class SlotBuilder {
     } else {
       q = quant->quantize(weights_.get(source, torch::kFloat32), spec_.base.quant_options);
       return_freed_heap();
-      if (shards && layer >= 0) {  // keep this rank's shard, drop the rest now
+      if (shard) {  // keep this rank's shard, drop the rest now
         auto s = shards->shard(*q, layer, name);
         q.reset();
         return_freed_heap();
@@ -337,17 +342,24 @@ class SlotBuilder {
   /// stays in a stored dtype narrower than the compute dtype: the rows it returns convert
   /// exactly, and a bf16 checkpoint's table takes half the bytes under fp32 compute (1 GB of
   /// Llama-3-8B's 128k x 4096).
-  torch::Tensor embedding() const {
+  /// With a sharded base (dist.shard_base) it is kept in shards too, gathered for each lookup.
+  Embedding embedding() const {
     const std::string name = "model.embed_tokens.weight";
     expect_shape(name, {config_.vocab_size, config_.hidden_size});
     torch::ScalarType dtype = dense_dtype_;
     const bool shared_with_dense_head = config_.tie_word_embeddings && !head_quantized();
-    if (!spec_.trainable_base() && !shared_with_dense_head)
+    const bool frozen = !spec_.trainable_base() && !shared_with_dense_head;
+    if (frozen)
       if (const auto stored = weights_.stored_dtype(name);
           stored && torch::isFloatingType(*stored) &&
           c10::elementSize(*stored) < c10::elementSize(dtype))
         dtype = *stored;
-    return weights_.get(name, dtype);
+    torch::Tensor table = weights_.get(name, dtype);
+    if (!frozen || !spec_.base.shards) return Embedding(table, spec_.trainable_base());
+    auto sharded = spec_.base.shards->shard_table(table, name);
+    table.reset();
+    return_freed_heap();
+    return Embedding(sharded.shard, std::move(sharded.gather));
   }
   RMSNorm norm(const std::string& name) const {
     expect_shape(name, {config_.hidden_size});
@@ -416,9 +428,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& config, const Weig
   SlotBuilder b(config_, weights, spec_, master_dtype());
   const bool trainable = spec.trainable_base();
   model = register_module("model", LlamaBackbone());
-  model->embed_tokens = model->register_module(
-      "embed_tokens",
-      Embedding(b.embedding(), trainable));
+  model->embed_tokens = model->register_module("embed_tokens", b.embedding());
   model->layers = model->register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     model->layers->push_back(b.layer(i));
@@ -675,6 +685,9 @@ class ModelWeights : public WeightSource {
     auto add = [&](const std::string& n, const torch::Tensor& t) { dense_[n] = t; };
     for (const auto& [path, slot] : m.slots())
       if (slot->bias().defined()) add(path + ".bias", slot->bias());
+    QTUNE_CHECK(!m.model->embed_tokens->sharded(),
+                "the model's base is sharded over ranks (dist.shard_base): its weights cannot be "
+                "read whole in one rank");
     add("model.embed_tokens.weight", m.model->embed_tokens->weight);
     add("model.norm.weight", m.model->norm->weight);
     for (size_t i = 0; i < m.model->layers->size(); ++i) {

@@ -55,7 +55,9 @@ struct BaseShards::Impl {
     int64_t full_bytes = 0;         // what the unsharded weight holds
     bool full_bytes_known = false;  // a stored state's: learnt when first rebuilt
     torch::Tensor shard;            // uint8 [shard_len], this rank's bytes
+    bool table = false;             // a dense table (shard_table), not a quantized weight
     std::shared_ptr<QuantizedWeight> rebuilt;  // while it is the gathered weight
+    torch::Tensor rebuilt_table;               // the same for a table
   };
   std::vector<Weight> weights;
   std::map<int64_t, std::vector<int64_t>> layers;  // layer -> weight ids, in build order
@@ -96,7 +98,10 @@ struct BaseShards::Impl {
   void drop(std::unique_ptr<Gathered>& g) {
     if (!g) return;
     g->pending->wait();  // started on every rank: every rank finishes it
-    if (current == g) weights[g->id].rebuilt.reset();
+    if (current == g) {
+      weights[g->id].rebuilt.reset();
+      weights[g->id].rebuilt_table = torch::Tensor();
+    }
     gathered -= g->bytes;
     g.reset();
   }
@@ -118,7 +123,10 @@ struct BaseShards::Impl {
     }
     current->pending->wait();
     Weight& w = weights[id];
-    w.rebuilt = rebuild(w, current->flat);
+    if (w.table)
+      w.rebuilt_table = views(w, current->flat).at("table");
+    else
+      w.rebuilt = rebuild(w, current->flat);
     if (!w.full_bytes_known) {
       w.full_bytes = w.rebuilt->nbytes();
       w.full_bytes_known = true;
@@ -127,21 +135,27 @@ struct BaseShards::Impl {
     if (next != successor.end() && next->second != id) ahead = start(next->second);
   }
 
-  std::shared_ptr<QuantizedWeight> rebuild(const Weight& w, const torch::Tensor& flat) const {
-    TensorState st;
-    st.meta = w.meta;
-    st.tensors = w.derived;
+  // The held tensors of `w` as views of its gathered bytes, beside the ones kept whole.
+  static std::map<std::string, torch::Tensor> views(const Weight& w, const torch::Tensor& flat) {
+    std::map<std::string, torch::Tensor> out = w.derived;
     auto* base = static_cast<uint8_t*>(flat.data_ptr());
     for (const Piece& p : w.pieces) {
       auto options = torch::TensorOptions().dtype(p.dtype).device(flat.device());
       if (p.nbytes == 0) {
-        st.tensors[p.key] = torch::empty(p.shape, options);
+        out[p.key] = torch::empty(p.shape, options);
         continue;
       }
       torch::Tensor keep = flat;  // the views keep the gathered buffer alive
-      st.tensors[p.key] = torch::from_blob(
+      out[p.key] = torch::from_blob(
           base + p.offset, p.shape, [keep](void*) mutable { keep.reset(); }, options);
     }
+    return out;
+  }
+
+  std::shared_ptr<QuantizedWeight> rebuild(const Weight& w, const torch::Tensor& flat) const {
+    TensorState st;
+    st.meta = w.meta;
+    st.tensors = views(w, flat);
     try {
       std::shared_ptr<QuantizedWeight> q = backend->load(st);
       QTUNE_INTERNAL_ASSERT(q != nullptr, "plugin '", backend->name(), "' rebuilt no weight");
@@ -158,6 +172,12 @@ struct BaseShards::Impl {
     Weight& w = weights[id];
     if (!current || current->id != id) switch_to(id, use + (in_recompute() ? kUses : 0));
     return w.rebuilt;
+  }
+
+  torch::Tensor acquire_table(int64_t id) {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    if (!current || current->id != id) switch_to(id, kForward);
+    return weights[id].rebuilt_table;
   }
 
   void release_all() {
@@ -306,6 +326,17 @@ std::shared_ptr<QuantizedWeight> BaseShards::shard(const TensorState& state, int
                                          shape[1].get<int64_t>());
 }
 
+BaseShards::Table BaseShards::shard_table(const torch::Tensor& table, const std::string& name) {
+  QTUNE_INTERNAL_ASSERT(!table.requires_grad(), name, ": a trainable table cannot be sharded");
+  std::lock_guard<std::recursive_mutex> lock(impl_->mu);
+  const int64_t id = impl_->add({{"table", table}}, {}, Json::object(), -1, name,
+                                table.numel() * static_cast<int64_t>(table.element_size()));
+  auto& w = impl_->weights[id];
+  w.table = true;
+  std::shared_ptr<Impl> owner = impl_;
+  return {w.shard, [owner, id] { return owner->acquire_table(id); }};
+}
+
 void BaseShards::release_all() { impl_->release_all(); }
 
 int64_t BaseShards::world_size() const { return impl_->world; }
@@ -327,7 +358,8 @@ int64_t BaseShards::peak_gathered_bytes() const { return impl_->peak; }
 
 int64_t BaseShards::max_layer_bytes() const {
   int64_t best = 0;
-  for (const auto& [_, ids] : impl_->layers) {
+  for (const auto& [layer, ids] : impl_->layers) {
+    if (layer < 0) continue;  // the embedding and the head are not a decoder layer
     int64_t n = 0;
     for (int64_t id : ids) n += impl_->world * impl_->weights[id].shard_len;
     best = std::max(best, n);

@@ -230,8 +230,8 @@ void expect_same_job(const std::string& whole, const std::string& sharded) {
   EXPECT_TRUE(a["dist"]["shard_base"].is_null());
   const json& st = b["dist"]["shard_base"];
   ASSERT_TRUE(st.is_object()) << b.dump(2);
-  // The same whole base; this rank holds its half of the layers' quantized bytes (plus padding)
-  // and what is not sharded (embedding, norms, head).
+  // The same whole base; this rank holds its half of the quantized projections', head's and
+  // embedding's bytes (plus padding) and the norms, which are not sharded.
   EXPECT_EQ(a["base_weight_bytes"], b["base_weight_bytes"]);
   EXPECT_EQ(a["rank_base_weight_bytes"], a["base_weight_bytes"]);
   const int64_t full = st["full_bytes"], shard = st["shard_bytes"], layer = st["max_layer_bytes"];
@@ -239,6 +239,8 @@ void expect_same_job(const std::string& whole, const std::string& sharded) {
             b["base_weight_bytes"].get<int64_t>() - full + shard);
   EXPECT_LE(shard, full / 2 + layer);
   EXPECT_LT(shard, full);
+  EXPECT_LE(b["rank_base_weight_bytes"].get<int64_t>(),
+            b["base_weight_bytes"].get<int64_t>() / 2 + layer);
   // Gathered: never more than the weight in use and the one gathered ahead.
   EXPECT_LE(st["peak_gathered_bytes"].get<int64_t>(), 2 * st["max_weight_bytes"].get<int64_t>());
   EXPECT_GT(st["prefetch_hits"].get<int64_t>(), 0) << st.dump();

@@ -6,6 +6,7 @@
 // QLoRA is LoRA with a quantized base: one builder, one code path.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -125,8 +126,15 @@ TORCH_MODULE(DecoderLayer);
 class QTUNE_API EmbeddingImpl : public torch::nn::Module {
  public:
   EmbeddingImpl(torch::Tensor weight, bool trainable);
+  /// Sharded over ranks (BaseShards::shard_table): "weight" is this rank's bytes, and each
+  /// lookup gathers the whole table with `gather`.
+  EmbeddingImpl(torch::Tensor shard, std::function<torch::Tensor()> gather);
   torch::Tensor forward(const torch::Tensor& tokens);
+  bool sharded() const { return static_cast<bool>(gather_); }
   torch::Tensor weight;
+
+ private:
+  std::function<torch::Tensor()> gather_;
 };
 TORCH_MODULE(Embedding);
 

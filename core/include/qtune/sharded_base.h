@@ -21,12 +21,16 @@
 // first), activation checkpointing (a layer's first forward and its recompute run the same
 // weights in the same grad mode, followed by different ones) and evaluation alike. Every rank
 // runs the same weights in the same order, so every rank starts the same collectives in the same
-// order; a wrong guess costs one gather that is waited for and dropped. The output head is not
-// sharded: how often it runs depends on each rank's count of targets (chunked loss), and it is
-// one matrix.
+// order; a wrong guess costs one gather that is waited for and dropped.
+//
+// The output head (when quantized) and the token embedding (a frozen dense table, only looked up)
+// are sharded the same way: every forward pass looks the embedding up once and runs the head once
+// (its input gradient and the chunked loss's recomputes follow while the head is still the
+// gathered weight, so a rank's count of targets never changes the gathers). Norms stay whole.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -45,8 +49,8 @@ class QTUNE_API BaseShards {
   BaseShards(std::shared_ptr<ProcessGroup> group, std::shared_ptr<QuantBackend> backend);
   ~BaseShards();
 
-  /// This rank's shard of `full`, a projection of decoder layer `layer` called `name` (for
-  /// messages). The caller drops `full` afterwards: only the shard is kept.
+  /// This rank's shard of `full`, a projection of decoder layer `layer` (-1: the head) called
+  /// `name` (for messages). The caller drops `full` afterwards: only the shard is kept.
   std::shared_ptr<QuantizedWeight> shard(const QuantizedWeight& full, int64_t layer,
                                          const std::string& name);
   /// The same from a stored state (a qtune-quantize directory): only this rank's byte ranges of
@@ -55,6 +59,16 @@ class QTUNE_API BaseShards {
   /// (errors name `name`).
   std::shared_ptr<QuantizedWeight> shard(const TensorState& state, int64_t layer,
                                          const std::string& name);
+
+  /// A frozen dense table (the token embedding of a quantized base) kept in shards like a
+  /// weight: `shard` is this rank's bytes (uint8), and `gather` returns the whole table (a view
+  /// of its gathered bytes, held until the next weight is gathered). `gather` is a collective:
+  /// every rank calls it at the same point of the same pass, as a projection's use.
+  struct Table {
+    torch::Tensor shard;
+    std::function<torch::Tensor()> gather;
+  };
+  Table shard_table(const torch::Tensor& table, const std::string& name);
 
   /// Drops every gathered layer, waiting for a gather in flight: only the shards stay held.
   /// Called by every rank at the same points (the trainer: after each step's backward and after
@@ -68,7 +82,8 @@ class QTUNE_API BaseShards {
   int64_t shard_bytes() const;
   int64_t full_bytes() const;
   /// Gathered bytes held now, their peak since construction (at most two weights': the one in
-  /// use and the one gathered ahead), and the largest layer's and weight's gathered bytes.
+  /// use and the one gathered ahead), and the largest decoder layer's and weight's (the
+  /// embedding and head included) gathered bytes.
   int64_t gathered_bytes() const;
   int64_t peak_gathered_bytes() const;
   int64_t max_layer_bytes() const;
