@@ -30,6 +30,7 @@
 #include "qtune/model_files.h"
 #include "qtune/peft.h"
 #include "qtune/safetensors.h"
+#include "adamw_key.h"
 #include "text_util.h"
 
 namespace fs = std::filesystem;
@@ -194,21 +195,7 @@ void debug_point(const std::string& point, int64_t step, const std::string& mark
 
 namespace {
 
-// AdamW's per-parameter state map is keyed by the parameter's TensorImpl: as a string in
-// LibTorch 1.x, as the pointer itself in 2.x. The key type is read off the map.
-template <typename Map>
-typename Map::key_type optimizer_key(const Map&, const torch::Tensor& p) {
-  using Key = typename Map::key_type;
-  if constexpr (std::is_same_v<Key, std::string>) {
-    // What LibTorch 1.x builds with c10::guts::to_string: the pointer streamed in hex.
-    std::ostringstream os;
-    os << p.unsafeGetTensorImpl();
-    return os.str();
-  } else {
-    return static_cast<Key>(p.unsafeGetTensorImpl());
-  }
-}
-
+using detail::optimizer_key;
 using detail::starts_with;
 
 // step-<N> -> N; -1 for any other name.
@@ -460,12 +447,18 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
   QTUNE_CHECK(fs::exists(file), "checkpoint ", dir, " is incomplete: ", file, " is missing");
   auto st = SafetensorsFile::open(file);
   auto& opt_state = optimizer.state();
+  // Moments are kept only for the parameters this optimizer steps (with dist.shard_optimizer,
+  // this rank's own); every parameter's are checked.
+  std::set<const void*> stepped;
+  for (const auto& group : optimizer.param_groups())
+    for (const auto& p : group.params()) stepped.insert(p.unsafeGetTensorImpl());
   std::set<std::string> used;
   for (const auto& named : model.trainable_parameters()) {
     // Not a structured binding: clang before 16 cannot capture one in the lambda below.
     const std::string& path = named.first;
     const torch::Tensor& p = named.second;
     if (!st->has(path + ".exp_avg")) continue;
+    const bool keep = stepped.count(p.unsafeGetTensorImpl()) > 0;
     auto moment = [&](const std::string& suffix) {
       const std::string key = path + suffix;
       QTUNE_CHECK(st->has(key), file, ": missing tensor ", key);
@@ -477,7 +470,7 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
                   " has negative values; a second moment is a mean of squares");
       used.insert(key);
       // A private copy: the mapping is read-only and AdamW updates its moments in place.
-      return t.to(p.options(), /*non_blocking=*/false, /*copy=*/true);
+      return keep ? t.to(p.options(), /*non_blocking=*/false, /*copy=*/true) : torch::Tensor();
     };
     auto s = std::make_unique<torch::optim::AdamWParamState>();
     s->exp_avg(moment(".exp_avg"));
@@ -491,7 +484,7 @@ void load_checkpoint_tensors(const std::string& dir, const CheckpointState& stat
                 ", expected 0 .. ", state.step, " (the checkpoint's step)");
     s->step(step);
     used.insert(path + ".step");
-    opt_state[optimizer_key(opt_state, p)] = std::move(s);
+    if (keep) opt_state[optimizer_key(opt_state, p)] = std::move(s);
   }
   for (const auto& name : st->names())
     QTUNE_CHECK(used.count(name), file, ": tensor ", name,

@@ -136,6 +136,7 @@ void declare_keys(V& v, Recipe& r) {
   v("dist.master_port", r.dist.master_port, int64_t{29500}, "", "rank 0's TCPStore port when the launcher sets no `MASTER_PORT`");
   v("dist.bucket_mb", r.dist.bucket_mb, 25.0, "", "gradient all-reduce bucket size in MiB");
   v("dist.shard_base", r.dist.shard_base, false, "", "qlora: each rank keeps 1/N of the quantized base and gathers each projection when it runs (FSDP-style; see [distributed.md](distributed.md))");
+  v("dist.shard_optimizer", r.dist.shard_optimizer, false, "", "each rank keeps AdamW's moments for 1/N of the trainable parameters, steps those and sends them to the others (ZeRO stage 1; same results, checkpoints unchanged; see [distributed.md](distributed.md))");
   v("log_every", r.log_every, int64_t{10}, "", "log line interval when stderr is not a terminal", above<int64_t>(0));
   v("seed", r.seed, uint64_t{42}, "seed", "data split, shuffling, adapter init, dropout");
   v("threads", r.threads, int64_t{0}, "threads", "intra-op threads (0 = all cores; at most the cores)", thread_count());

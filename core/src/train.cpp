@@ -21,6 +21,7 @@
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/gradient_buckets.h"
+#include "qtune/optimizer_shards.h"
 #include "qtune/model_files.h"
 #include "qtune/output_dir.h"
 #include "qtune/peft.h"
@@ -281,6 +282,7 @@ struct Trainer::Run {
   // Data parallel (a world of one without a launcher)
   std::shared_ptr<ProcessGroup> group;
   std::unique_ptr<GradientBuckets> buckets;
+  std::unique_ptr<OptimizerShards> zero;  // dist.shard_optimizer on more than one rank
   bool main = true, stopped = false;
   std::ofstream metrics;
   double load_s = 0;
@@ -444,8 +446,13 @@ void Trainer::setup() {
       s.model->num_total_parameters(), s.model->linear_weight_bytes() / 1e6, s.load_s);
 
   const TrainRecipe& t = rc.train;
+  if (rc.dist.shard_optimizer && s.group->world_size() > 1)
+    s.zero =
+        std::make_unique<OptimizerShards>(s.params, s.group->rank(), s.group->world_size());
+  else if (rc.dist.shard_optimizer)
+    spdlog::info("dist.shard_optimizer: a world of one rank keeps the whole optimizer state");
   s.opt = std::make_unique<torch::optim::AdamW>(
-      s.params, torch::optim::AdamWOptions(t.lr)
+      s.zero ? s.zero->owned() : s.params, torch::optim::AdamWOptions(t.lr)
                     .betas({t.beta1, t.beta2})
                     .eps(t.eps)
                     .weight_decay(t.weight_decay));
@@ -547,6 +554,7 @@ Json Trainer::step(int64_t step) {
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(step_lr);
   const auto t_step = Run::clock::now();
   s.opt->zero_grad();
+  if (s.zero) s.zero->zero_others_grad();
   double loss_sum = 0;
   int64_t step_tokens = 0;
   if (s.group->world_size() == 1) {
@@ -568,6 +576,7 @@ Json Trainer::step(int64_t step) {
   QTUNE_CHECK(std::isfinite(loss_sum), "training diverged at step ", step,
               ": loss is not finite (lower train.lr?)");
   s.opt->step();
+  if (s.zero) s.zero->share_parameters(*s.group);
   s.tokens_seen += step_tokens;
   s.session_tokens += step_tokens;
   const double loss = loss_sum / static_cast<double>(t.grad_accum);
@@ -602,6 +611,8 @@ void Trainer::evaluate(int64_t step) {
 
 void Trainer::save(int64_t step) {
   Run& s = *run_;
+  // With dist.shard_optimizer every rank sends its moments and rank 0 saves them all.
+  const auto whole = s.zero ? s.zero->gather_state(*s.group, *s.opt) : nullptr;
   if (!s.main) return;
   const auto t0 = Run::clock::now();
   CheckpointState st;
@@ -616,7 +627,7 @@ void Trainer::save(int64_t step) {
   st.recipe = r_.tree;
   st.identity = s.identity;
   st.tokenizer = s.tok_path;
-  s.last_checkpoint = save_checkpoint(s.ckpt_root, *s.model, *s.opt, st,
+  s.last_checkpoint = save_checkpoint(s.ckpt_root, *s.model, whole ? *whole : *s.opt, st,
                                       r_.recipe.checkpoint.keep, r_.model_path);
   const double sec = std::chrono::duration<double>(Run::clock::now() - t0).count();
   s.checkpoint_bytes = directory_bytes(s.last_checkpoint);
@@ -695,7 +706,8 @@ Json Trainer::summary(int64_t steps_done, const std::string& saved) {
                                          ? s.group->reduce_bytes() / (steps_done - s.start_step)
                                          : 0},
         {"trainable_fingerprint", tensor_fingerprint(s.params)},
-        {"shard_base", shards ? shards->stats() : Json(nullptr)}}},
+        {"shard_base", shards ? shards->stats() : Json(nullptr)},
+        {"shard_optimizer", s.zero ? s.zero->stats() : Json(nullptr)}}},
   };
   if (s.main)
     atomic_write_string((fs::path(s.out_dir) / "summary.json").string(), summary.dump(2) + "\n");

@@ -2,7 +2,7 @@
 // per-step losses of 1 rank x N*B (full, lora, qlora-nf4; 3 ranks over an uneven epoch too);
 // SIGTERM to one rank stops every rank after the step with a checkpoint, SIGKILL of one rank
 // makes the others exit naming it, and resuming either matches the uninterrupted run bit for
-// bit; a rank with another recipe, an unreachable master and SLURM's variables with the master
+// bit; a sharded base and sharded AdamW moments compute the unsharded job bit for bit; a rank with another recipe, an unreachable master and SLURM's variables with the master
 // from the recipe.
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -294,6 +294,56 @@ TEST(ShardedBaseRuns, AQuantizedDirectoryLoadsShardedAndOnlyQloraShards) {
   EXPECT_NE(line.find("dist.shard_base"), std::string::npos) << line;
   EXPECT_NE(line.find("qlora"), std::string::npos) << line;
 }
+
+// ---------------------------------------------------------------------------------------------
+// AdamW's moments spread over the ranks (dist.shard_optimizer, ZeRO stage 1): the same job bit
+// for bit, each rank stepping about half of the parameters, and the checkpoints an unsharded job
+// writes.
+
+class ShardedOptimizer : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ShardedOptimizer, TwoRanksMatchTwoRanksHoldingEveryMoment) {
+  const std::string type = GetParam();
+  auto job = [&](const std::string& out, std::vector<std::string> extra) {
+    extra.insert(extra.end(), {"dist.backend=gloo", "checkpoint.every=2"});
+    return plus(run_args(out, type, 4, 4, extra), {"--nproc_per_node", "2"});
+  };
+  const auto whole = qtune::test::temp_dir("zero-whole");
+  auto r = run(job(whole, {}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // qlora with its base sharded too: everything FSDP would shard.
+  std::vector<std::string> shard{"dist.shard_optimizer=true"};
+  if (type == "qlora") shard.push_back("dist.shard_base=true");
+  const auto sharded = qtune::test::temp_dir("zero-half");
+  r = run(job(sharded, shard));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto want = losses(whole);
+  ASSERT_EQ(want.size(), 4u);
+  EXPECT_EQ(losses(sharded), want);
+  for (const char* step : {"step-2", "step-4"})
+    for (const char* file :
+         {"optimizer.safetensors", "adapter_model.safetensors", "trainable.safetensors"}) {
+      const std::string rel = std::string("/checkpoints/") + step + "/" + file;
+      if (!fs::exists(whole + rel)) continue;  // adapters or (full) the trainable weights
+      EXPECT_EQ(qtune::test::read_file(whole + rel), qtune::test::read_file(sharded + rel)) << rel;
+    }
+  EXPECT_TRUE(read_json(whole + "/summary.json")["dist"]["shard_optimizer"].is_null());
+  const json st = read_json(sharded + "/summary.json")["dist"]["shard_optimizer"];
+  ASSERT_TRUE(st.is_object()) << st.dump();
+  EXPECT_GT(st["owned_parameters"].get<int64_t>(), 0);
+  EXPECT_LT(st["owned_parameters"].get<int64_t>(), st["parameters"].get<int64_t>());
+  EXPECT_GT(st["owned_parameter_bytes"].get<int64_t>(), 0);
+  EXPECT_LT(st["owned_parameter_bytes"].get<int64_t>(), st["parameter_bytes"].get<int64_t>());
+
+  // Resumed from the unsharded job's step 2, each rank keeping only its own moments, the
+  // sharded job continues with the same losses.
+  const auto resumed = qtune::test::temp_dir("zero-resume");
+  r = run(plus(job(resumed, shard), {"--resume", whole + "/checkpoints/step-2"}));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(losses(resumed), std::vector<double>(want.begin() + 2, want.end()));
+}
+
+INSTANTIATE_TEST_SUITE_P(TrainTypes, ShardedOptimizer, ::testing::Values("full", "lora", "qlora"));
 
 TEST(Dist, ThreeRanksOverAnUnevenEpochMatchOneRank) {
   // A short training file: a global batch of 6 does not divide its examples, and 7 steps cross

@@ -145,12 +145,13 @@ TEST(Trainer, PrintConfigAndListPlugins) {
 
 // The dist.* keys through trainer: recorded in the checked recipe, and each range refused naming
 // the key. (tests/dist runs them across ranks: gloo, the bucket size and timeout in the 1-vs-N
-// parity runs, the master address and port under SLURM variables, the sharded base.)
+// parity runs, the master address and port under SLURM variables, the sharded base and
+// optimizer state.)
 TEST(Trainer, DistKeysAreRecordedAndChecked) {
   auto r = qtune::test::run_program(
       {bin_path("trainer"), "--print-config", "--train_type", "qlora", "dist.backend=gloo",
        "dist.timeout_s=20", "dist.master_addr=127.0.0.1", "dist.master_port=29611",
-       "dist.bucket_mb=1.5", "dist.shard_base=true"});
+       "dist.bucket_mb=1.5", "dist.shard_base=true", "dist.shard_optimizer=true"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto d = json::parse(r.output)["dist"];
   EXPECT_EQ(d["backend"], "gloo");
@@ -159,6 +160,7 @@ TEST(Trainer, DistKeysAreRecordedAndChecked) {
   EXPECT_EQ(d["master_port"], 29611);
   EXPECT_DOUBLE_EQ(d["bucket_mb"].get<double>(), 1.5);
   EXPECT_EQ(d["shard_base"], true);
+  EXPECT_EQ(d["shard_optimizer"], true);
   expect_user_error({bin_path("trainer"), "dist.backend=mpi"},
                     "dist.backend must be auto, gloo or nccl, got \"mpi\"");
   expect_user_error({bin_path("trainer"), "dist.timeout_s=0"},

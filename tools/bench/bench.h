@@ -188,9 +188,9 @@ struct BenchOptions {
   bool scale_checkpointing = false;  ///< activation checkpointing in the timed steps
   /// scale: ranks per configuration (data parallel over c10d Gloo, started as torchrun would,
   /// each with scale_batch sequences and threads / ranks threads), and whether a qlora base is
-  /// sharded over them (dist.shard_base).
+  /// sharded over them (dist.shard_base), and AdamW's moments (dist.shard_optimizer).
   int64_t scale_ranks = 1;
-  bool scale_shard_base = false;
+  bool scale_shard_base = false, scale_shard_optimizer = false;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/gradient_buckets.h"
+#include "qtune/optimizer_shards.h"
 #include "qtune/model.h"
 #include "qtune/model_files.h"
 #include "qtune/process_group.h"
@@ -634,7 +635,10 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
 
   std::vector<torch::Tensor> params;
   for (auto& [_, p] : model->trainable_parameters()) params.push_back(p);
-  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4));
+  std::unique_ptr<OptimizerShards> zero;
+  if (s.value("shard_optimizer", false) && group->world_size() > 1)
+    zero = std::make_unique<OptimizerShards>(params, group->rank(), group->world_size());
+  torch::optim::AdamW opt(zero ? zero->owned() : params, torch::optim::AdamWOptions(1e-4));
   GradientBuckets buckets(params, int64_t{25} << 20);
   const int64_t batch = s.at("batch").get<int64_t>(), seq = s.at("seq_len").get<int64_t>();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1 + group->rank());
@@ -652,11 +656,13 @@ int scale_child(const std::string& spec_path, const std::string& result_path,
     if (i == warm) cache_at_timed = cpu_block_cache_stats();
     t0 = clock_type::now();
     opt.zero_grad();
+    if (zero) zero->zero_others_grad();
     auto [loss, n] = model->loss(tokens, targets);
     loss.backward();
     buckets.all_reduce(*group);
     if (spec.base.shards) spec.base.shards->release_all();
     opt.step();
+    if (zero) zero->share_parameters(*group);
     sync(device);
     last_loss = loss.item<double>();
     const double dt = seconds_since(t0);
@@ -734,10 +740,13 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
               "--scale_ranks must be in [1, the threads (", threads, ")], got ", o.scale_ranks);
   QTUNE_CHECK(!o.scale_shard_base || o.scale_ranks > 1,
               "--scale_shard_base needs --scale_ranks > 1");
+  QTUNE_CHECK(!o.scale_shard_optimizer || o.scale_ranks > 1,
+              "--scale_shard_optimizer needs --scale_ranks > 1");
   auto label_of = [&o](const auto& c) {
     std::string l = c.label;
     if (o.scale_ranks > 1) l += " x" + std::to_string(o.scale_ranks) + " ranks";
     if (o.scale_shard_base && c.type == TrainType::kQlora) l += " sharded";
+    if (o.scale_shard_optimizer) l += " ZeRO-1";
     return l;
   };
   auto adapter = pick_adapter(o, registry);
@@ -779,6 +788,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"checkpointing", 4, true},
                     {"ranks", 4, o.scale_ranks > 1},
                     {"shard_base", 4, o.scale_shard_base},
+                    {"shard_optimizer", 4, o.scale_shard_optimizer},
                     {"build_s", 3, true},
                     {"rss_start_mb", 4, false},
                     {"build_peak_mb", 4, true},
@@ -824,6 +834,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                     {"checkpointing", o.scale_checkpointing},
                     {"ranks", o.scale_ranks},
                     {"shard_base", sharded},
+                    {"shard_optimizer", o.scale_shard_optimizer},
                     {"threads", threads},
                     {"options", c.set ? c.set->options.dump() : ""}};
         const std::string dir = work.path() + "/scale_" + std::to_string(index++) + "_" +
@@ -856,6 +867,7 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                            {"warmup", o.warmup},
                            {"threads", std::max<int64_t>(1, threads / o.scale_ranks)},
                            {"shard_base", sharded},
+                           {"shard_optimizer", o.scale_shard_optimizer},
                            {"seed", static_cast<int64_t>(o.seed)},
                            {"device", o.device.str()}};
         atomic_write_string(dir + "/spec.json", spec.dump(2) + "\n");
@@ -1006,6 +1018,10 @@ BenchResult bench_scale(const BenchOptions& o, const Registry& registry) {
                            "(dist.shard_base): *base_weight_mb* is the whole base, "
                            "*rank_base_weight_mb* what one rank holds, *gather_s_per_step* the "
                            "seconds a step waited for layer gathers.")
+             : std::string()) +
+        (o.scale_shard_optimizer
+             ? std::string(" *ZeRO-1*: AdamW's moments are spread over the ranks "
+                           "(dist.shard_optimizer), each updated parameter sent from its owner.")
              : std::string()));
   slope.notes = {
       "*train_peak_bytes_per_param*: the least-squares slope of the training peak RSS against "

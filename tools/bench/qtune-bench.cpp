@@ -122,6 +122,7 @@ int run(int argc, char** argv) {
     ("scale_checkpointing", "scale: activation checkpointing (each decoder layer recomputed in backward)")
     ("scale_ranks", po::value<int64_t>(), "scale: data-parallel ranks per configuration (1; each with --scale_batch sequences, the threads split between them)")
     ("scale_shard_base", "scale: with --scale_ranks > 1, shard each qlora base over the ranks (dist.shard_base)")
+    ("scale_shard_optimizer", "scale: with --scale_ranks > 1, spread AdamW's moments over the ranks (dist.shard_optimizer)")
     ("plugin_dir", po::value<std::string>()->default_value(""), "search this plugin folder first")
     ("work_dir", po::value<std::string>(), "folder for the fine-tune/scale runs (default: a temp folder)")
     ("keep_runs", "keep the run folders (logs, metrics, adapters)")
@@ -249,6 +250,7 @@ int run(int argc, char** argv) {
   o.scale_checkpointing = vm.count("scale_checkpointing") > 0;
   if (vm.count("scale_ranks")) o.scale_ranks = vm["scale_ranks"].as<int64_t>();
   o.scale_shard_base = vm.count("scale_shard_base") > 0;
+  o.scale_shard_optimizer = vm.count("scale_shard_optimizer") > 0;
   o.scale_seq_len =
       vm.count("scale_seq_len") ? vm["scale_seq_len"].as<int64_t>() : (quick ? 128 : 512);
 

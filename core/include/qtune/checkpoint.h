@@ -90,7 +90,8 @@ QTUNE_API CheckpointState read_checkpoint_state(const std::string& dir);
 /// Copies the trainable parameters and AdamW moments of checkpoint `dir` into `model` and
 /// `optimizer` (exact: same dtype, no rounding). Every trainable parameter must be in the
 /// checkpoint with its shape, and every stored parameter must exist in the model; throws
-/// UserError naming the file, the parameter and both shapes otherwise.
+/// UserError naming the file, the parameter and both shapes otherwise. Moments are kept only for
+/// the parameters `optimizer` steps (a dist.shard_optimizer rank's own), though all are checked.
 QTUNE_API void load_checkpoint_tensors(const std::string& dir, const CheckpointState& state,
                                        LlamaForCausalLMImpl& model, torch::optim::AdamW& optimizer);
 

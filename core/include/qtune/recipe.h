@@ -55,7 +55,7 @@ struct QTUNE_API DistRecipe {  ///< checked further by dist_config_from_recipe (
   std::string backend, master_addr;
   double timeout_s = 0, bucket_mb = 0;
   int64_t master_port = 0;
-  bool shard_base = false;
+  bool shard_base = false, shard_optimizer = false;
 };
 struct QTUNE_API CheckpointRecipe {
   int64_t every = 0, keep = 0;
