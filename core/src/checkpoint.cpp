@@ -28,6 +28,7 @@
 #include "qtune/error.h"
 #include "qtune/files.h"
 #include "qtune/model_files.h"
+#include "qtune/optimizer_shards.h"
 #include "qtune/peft.h"
 #include "qtune/safetensors.h"
 #include "adamw_key.h"
@@ -316,11 +317,10 @@ std::string save_checkpoint(const std::string& root, const LlamaForCausalLMImpl&
     if (!rest.empty()) write_safetensors((fs::path(tmp) / kTrainableFile).string(), rest);
 
     std::map<std::string, torch::Tensor> moments;
-    const auto& opt_state = optimizer.state();
     for (const auto& [path, p] : trainable) {
-      auto it = opt_state.find(optimizer_key(opt_state, p));
-      if (it == opt_state.end()) continue;  // never stepped (no gradient yet)
-      const auto& s = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      const auto* state_of_p = adamw_state(optimizer, p);
+      if (!state_of_p) continue;  // never stepped (no gradient yet)
+      const auto& s = *state_of_p;
       moments[path + ".exp_avg"] = s.exp_avg();
       moments[path + ".exp_avg_sq"] = s.exp_avg_sq();
       if (s.max_exp_avg_sq().defined()) moments[path + ".max_exp_avg_sq"] = s.max_exp_avg_sq();

@@ -120,7 +120,6 @@ std::unique_ptr<torch::optim::AdamW> OptimizerShards::gather_state(
   TORCH_CHECK(!options.amsgrad(), "OptimizerShards::gather_state: amsgrad is not supported");
   const bool keep = rank_ == 0;
   auto full = keep ? std::make_unique<torch::optim::AdamW>(params_, options) : nullptr;
-  const auto& mine = local.state();
   // Each parameter travels from its owner as [step (int64, -1 before its first update),
   // exp_avg, exp_avg_sq]; only rank 0 keeps what it receives.
   const size_t n = params_.size();
@@ -132,9 +131,7 @@ std::unique_ptr<torch::optim::AdamW> OptimizerShards::gather_state(
     const int64_t r = owner_[i];
     lengths[r] += 8 + 2 * bytes_of(p);
     if (r == rank_) {
-      auto it = mine.find(detail::optimizer_key(mine, p));
-      const auto* s =
-          it == mine.end() ? nullptr : static_cast<const AdamWParamState*>(it->second.get());
+      const auto* s = adamw_state(local, p);
       steps[i] = torch::full({1}, s ? s->step() : int64_t{-1}, torch::kLong);
       avg[i] = s ? s->exp_avg() : torch::zeros_like(p);
       avg_sq[i] = s ? s->exp_avg_sq() : torch::zeros_like(p);
@@ -161,6 +158,14 @@ std::unique_ptr<torch::optim::AdamW> OptimizerShards::gather_state(
     state[detail::optimizer_key(state, params_[i])] = std::move(s);
   }
   return full;
+}
+
+const torch::optim::AdamWParamState* adamw_state(const torch::optim::AdamW& optimizer,
+                                                 const torch::Tensor& p) {
+  const auto& state = optimizer.state();
+  auto it = state.find(detail::optimizer_key(state, p));
+  return it == state.end() ? nullptr
+                           : static_cast<const torch::optim::AdamWParamState*>(it->second.get());
 }
 
 Json OptimizerShards::stats() const {

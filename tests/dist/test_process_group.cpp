@@ -4,7 +4,8 @@
 // master and mismatched world sizes each give one line naming what is wrong. Buckets sent during
 // backward (grad accumulation, a micro-batch one rank skips) sum what the serial sum gives. Also:
 // the world from torchrun/SLURM environments, per-rank data shares against one process's
-// batches, and the local launcher's environment, exit status and signal forwarding.
+// batches, the local launcher's environment, exit status and signal forwarding, and AdamW's
+// moments sharded over the ranks (ZeRO-1) ending where one AdamW over everything ends.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -22,6 +23,7 @@
 #include "qtune/error.h"
 #include "qtune/gradient_buckets.h"
 #include "qtune/launcher.h"
+#include "qtune/optimizer_shards.h"
 #include "qtune/process_group.h"
 #include "test_util.h"
 
@@ -481,6 +483,79 @@ class CountingDataset : public qtune::TokenDataset {
 };
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// AdamW's moments spread over the ranks (dist.shard_optimizer)
+
+TEST(OptimizerShards, EachRankStepsItsOwnAndAllEndWithWhatOneAdamWComputes) {
+  const int port = qtune::free_local_port();
+  const int n = 3;
+  auto res = run_ranks(n, [&](int r) {
+    auto g = ProcessGroup::join(local_world(r, n, port), quick());
+    // Five parameters of two dtypes; 7-byte chunks split tensors across exchanges.
+    auto make = [] {
+      std::vector<torch::Tensor> v{torch::randn({4, 3}), torch::randn({5}, torch::kFloat64),
+                                   torch::randn({2, 2}), torch::randn({9}), torch::randn({1})};
+      for (auto& t : v) t.requires_grad_();
+      return v;
+    };
+    torch::manual_seed(7);
+    auto params = make();
+    torch::manual_seed(7);
+    auto reference = make();
+    const auto options = torch::optim::AdamWOptions(0.1).weight_decay(0.01);
+    torch::optim::AdamW whole(reference, options);
+    qtune::OptimizerShards shards(params, r, n, /*chunk_bytes=*/7);
+    torch::optim::AdamW mine(shards.owned(), options);
+    // Every parameter has one owner and each rank owns some.
+    auto owners = torch::zeros({static_cast<int64_t>(params.size())}, torch::kInt64);
+    for (size_t i = 0; i < params.size(); ++i) owners[i] = shards.owns(i) ? 1 : 0;
+    QTUNE_CHECK(owners.sum().item<int64_t>() > 0, "rank ", r, " owns nothing");
+    g->all_reduce_sum(owners, "owners");
+    QTUNE_CHECK(torch::equal(owners, torch::ones_like(owners)), "owners ", owners);
+    for (int step = 1; step <= 2; ++step) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        auto grad = torch::full_like(params[i], 0.5 * (i + 1) * step).detach();
+        params[i].mutable_grad() = grad.clone();
+        reference[i].mutable_grad() = grad.clone();
+      }
+      whole.step();
+      mine.step();
+      shards.share_parameters(*g);
+      for (size_t i = 0; i < params.size(); ++i)
+        QTUNE_CHECK(torch::equal(params[i], reference[i]), "step ", step, " param ", i, ": ",
+                    params[i], " against ", reference[i]);
+    }
+    // Rank 0 gathers every owner's moments: the state of the one AdamW over everything.
+    auto gathered = shards.gather_state(*g, mine);
+    QTUNE_CHECK((r == 0) == (gathered != nullptr), "rank ", r, " gathered state");
+    if (gathered) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        const auto* a = qtune::adamw_state(*gathered, params[i]);
+        const auto* b = qtune::adamw_state(whole, reference[i]);
+        QTUNE_CHECK(a && b && a->step() == 2 && b->step() == 2, "param ", i, ": no state");
+        QTUNE_CHECK(torch::equal(a->exp_avg(), b->exp_avg()) &&
+                        torch::equal(a->exp_avg_sq(), b->exp_avg_sq()),
+                    "param ", i, ": gathered moments differ");
+      }
+    }
+    g->finish();
+  });
+  for (int r = 0; r < n; ++r) EXPECT_EQ(res[r].code, 0) << "rank " << r << ": " << res[r].message;
+}
+
+TEST(OptimizerShards, FewerParametersThanRanksIsRefusedNamingTheKey) {
+  std::vector<torch::Tensor> params{torch::zeros({2}).requires_grad_(),
+                                    torch::zeros({3}).requires_grad_()};
+  try {
+    qtune::OptimizerShards shards(params, 0, 3);
+    FAIL() << "accepted";
+  } catch (const qtune::UserError& e) {
+    EXPECT_STREQ(e.what(),
+                 "dist.shard_optimizer: 2 trainable parameters cannot be spread over 3 ranks "
+                 "(each must own at least one); set dist.shard_optimizer=false");
+  }
+}
 
 TEST(ShardedLoader, TwoRanksOfFourSeeTheBatchesOfOneRankOfEight) {
   auto data = std::make_shared<CountingDataset>(37);  // 4 global batches of 8 per epoch, 5 left

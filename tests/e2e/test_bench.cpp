@@ -456,6 +456,7 @@ TEST(Bench, ScaleRunsLoraAndQloraPerBackend) {
                      "checkpointing",
                      "ranks",
                      "shard_base",
+                     "shard_optimizer",
                      "build_s",
                      "rss_start_mb",
                      "build_peak_mb",

@@ -72,4 +72,9 @@ class QTUNE_API OptimizerShards {
   int64_t rank_, world_size_, chunk_bytes_;
 };
 
+/// The state `optimizer` holds for parameter `p`, or nullptr before its first step (LibTorch keys
+/// it by the parameter's TensorImpl: a string in 1.x, the pointer in 2.x).
+QTUNE_API const torch::optim::AdamWParamState* adamw_state(const torch::optim::AdamW& optimizer,
+                                                           const torch::Tensor& p);
+
 }  // namespace qtune
