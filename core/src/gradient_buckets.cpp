@@ -56,7 +56,6 @@ GradientBuckets::GradientBuckets(std::vector<torch::Tensor> params, int64_t buck
 
   expected_.assign(n, 0);
   received_.assign(n, 0);
-  filled_.assign(n, false);
   for (int64_t i = 0; i < n; ++i)
     hooks_.push_back(params_[i].register_hook(
         [this, i](const torch::Tensor& grad) { on_gradient(i, grad); }));
@@ -72,13 +71,40 @@ void GradientBuckets::arm(ProcessGroup& group) {
   group_ = &group;
   armed_ = true;
   std::fill(received_.begin(), received_.end(), 0);
-  std::fill(filled_.begin(), filled_.end(), false);
   for (auto& b : buckets_) {
     b.waiting = 0;
     for (int64_t i : b.members) b.waiting += expected_[i] > 0 ? 1 : 0;
   }
+  // The last backward accumulates straight into the buckets: each .grad becomes its slot.
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) attach(static_cast<int64_t>(i));
   // The first armed backward only counts: until then nothing is known to be complete early.
   if (calibrated_) send_ready();
+}
+
+torch::Tensor GradientBuckets::slot(int64_t param) const {
+  const auto& p = params_[param];
+  return buckets_[bucket_of_[param]].flat.narrow(0, offset_of_[param], p.numel());
+}
+
+bool GradientBuckets::holds_gradient(int64_t param) const {
+  const auto& g = params_[param].grad();
+  return g.defined() && g.data_ptr() == slot(param).data_ptr();
+}
+
+void GradientBuckets::attach(int64_t param) {
+  if (holds_gradient(param)) return;
+  auto& p = params_[param];
+  auto s = slot(param);
+  if (p.grad().defined())
+    s.copy_(p.grad().reshape({p.numel()}));
+  else
+    s.zero_();
+  // A plain tensor over the slot's memory, not an autograd view of the flat buffer: LibTorch
+  // 1.13's zero_grad() detaches .grad in place, which a view refuses.
+  torch::Tensor keep = buckets_[bucket_of_[param]].flat;
+  p.mutable_grad() = torch::from_blob(
+      s.data_ptr(), p.sizes(), [keep](void*) mutable { keep.reset(); }, s.options());
 }
 
 void GradientBuckets::on_gradient(int64_t param, const torch::Tensor& grad) {
@@ -86,22 +112,17 @@ void GradientBuckets::on_gradient(int64_t param, const torch::Tensor& grad) {
   if (!armed_ || !grad.defined()) return;
   const int64_t k = ++received_[param];
   if (!calibrated_) return;
-  Bucket& b = buckets_[bucket_of_[param]];
-  if (b.sent) {
-    if (late_param_ < 0) late_param_ = param;
-    return;
-  }
   try {
-    // The hook runs before AccumulateGrad adds `grad`: the slot takes what .grad will hold.
-    torch::NoGradGuard no_grad;
-    const auto& p = params_[param];
-    auto slot = b.flat.narrow(0, offset_of_[param], p.numel()).view(p.sizes());
-    if (p.grad().defined())
-      torch::add_out(slot, p.grad(), grad);
-    else
-      slot.copy_(grad);
-    filled_[param] = true;
-    if (k == expected_[param] && --b.waiting == 0) send_ready();
+    // AccumulateGrad adds a gradient into .grad after its hooks ran, and the engine runs one
+    // node at a time: a bucket completed by an earlier hook has all its sums by now.
+    send_ready();
+    Bucket& b = buckets_[bucket_of_[param]];
+    if (b.sent) {
+      if (late_param_ < 0) late_param_ = param;
+      return;
+    }
+    // Sent no earlier than the next gradient's hook (or finish()), once this one is added.
+    if (k == expected_[param]) --b.waiting;
   } catch (...) {
     // Not thrown through autograd's engine (which may rewrap it): finish() rethrows it.
     if (!error_) error_ = std::current_exception();
@@ -117,16 +138,9 @@ void GradientBuckets::send_ready() {
 }
 
 void GradientBuckets::send(Bucket& b) {
+  // A .grad that is not its slot (replaced since arm(), or the unarmed path) is copied in.
   torch::NoGradGuard no_grad;
-  for (int64_t i : b.members) {
-    if (filled_[i]) continue;
-    const auto& p = params_[i];
-    auto slot = b.flat.narrow(0, offset_of_[i], p.numel());
-    if (p.grad().defined())
-      slot.copy_(p.grad().reshape({p.numel()}));
-    else
-      slot.zero_();
-  }
+  for (int64_t i : b.members) attach(i);
   b.sent = group_->all_reduce_sum_async(b.flat, "the gradient all-reduce");
 }
 
@@ -149,7 +163,6 @@ void GradientBuckets::finish(ProcessGroup& group) {
   auto reset = [&] {
     for (auto& b : buckets_) b.sent.reset();  // waits for any still in flight, quietly
     next_ = 0;
-    std::fill(filled_.begin(), filled_.end(), false);
   };
   if (error) {
     reset();
@@ -168,17 +181,7 @@ void GradientBuckets::finish(ProcessGroup& group) {
         "gradient all-reduce: trainable parameter " + std::to_string(late) +
         " received a gradient after its bucket was sent (more gradients in this backward than "
         "in the first step's): the summed gradients are wrong");
-  torch::NoGradGuard no_grad;
-  for (auto& b : buckets_) {
-    for (int64_t i : b.members) {
-      auto& p = params_[i];
-      auto sum = b.flat.narrow(0, offset_of_[i], p.numel()).view(p.sizes());
-      if (p.grad().defined())
-        p.mutable_grad().copy_(sum);
-      else
-        p.mutable_grad() = sum.clone();
-    }
-  }
+  // Every .grad is its slot, which now holds the sum.
 }
 
 }  // namespace qtune

@@ -383,7 +383,12 @@ void check_overlapped_sums(const std::function<bool(int, int64_t, int64_t)>& ski
     auto g = ProcessGroup::join(local_world(r, 2, port), quick());
     auto armed = toy_params(), unarmed = clones(armed), serial = clones(armed);
     qtune::GradientBuckets a(armed, 64), b(unarmed, 64);
-    QTUNE_CHECK(a.num_buckets() == 5, "buckets ", a.num_buckets());
+    QTUNE_CHECK(a.num_buckets() == 5, "buckets ", a.num_buckets());  // bucket k: param 4 - k
+    // The parameter whose gradient came last in the latest backward (hooks run in order of
+    // registration: these after the buckets').
+    int64_t last_arrival = -1;
+    for (int64_t i = 0; i < static_cast<int64_t>(armed.size()); ++i)
+      armed[i].register_hook([&last_arrival, i](const torch::Tensor&) { last_arrival = i; });
     bool calibrated = false;
     for (int64_t step = 1; step <= 4; ++step) {
       clear_grads(armed, step);
@@ -398,9 +403,10 @@ void check_overlapped_sums(const std::function<bool(int, int64_t, int64_t)>& ski
         loss.backward();
       }
       a.finish(*g);
-      // The first armed backward learns how many gradients each parameter gets; after that,
-      // every bucket is complete, and sent, before backward returns.
-      const int64_t early = last < 0 || !calibrated ? 0 : a.num_buckets();
+      // The first armed backward learns how many gradients each parameter gets; after that, a
+      // bucket goes at the first hook after its last gradient was added: every bucket before
+      // the one the backward's last gradient completes is sent before backward returns.
+      const int64_t early = last < 0 || !calibrated ? 0 : 4 - last_arrival;
       QTUNE_CHECK(a.sent_during_backward() == early, "step ", step, ": ",
                   a.sent_during_backward(), " buckets sent during backward, expected ", early);
       calibrated = calibrated || last >= 0;
@@ -420,6 +426,9 @@ void check_overlapped_sums(const std::function<bool(int, int64_t, int64_t)>& ski
           if (serial[i].grad().defined()) want[i] = want[i] + serial[i].grad();
       }
       for (size_t i = 0; i < armed.size(); ++i) {
+        // Gradients live in the buckets: no second copy beside them.
+        QTUNE_CHECK(a.holds_gradient(i) && b.holds_gradient(i), "step ", step, " param ", i,
+                    ": .grad is not its bucket slot");
         QTUNE_CHECK(torch::equal(armed[i].grad(), unarmed[i].grad()), "step ", step, " param ", i,
                     ": armed ", armed[i].grad(), " unarmed ", unarmed[i].grad());
         QTUNE_CHECK(torch::equal(armed[i].grad(), want[i]), "step ", step, " param ", i,

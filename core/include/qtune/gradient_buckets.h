@@ -28,17 +28,22 @@ namespace qtune {
 ///                               loss_m.backward(); }
 ///     finish(group);  // every .grad now holds the sum over the ranks
 ///
-/// While armed, a hook on each parameter sees its gradient of that backward arrive (before
-/// autograd adds it to .grad), puts `.grad + incoming` into the bucket, and once a bucket and all
-/// before it are complete sends them. finish() sends what is left (everything, when nothing was
-/// armed: a rank whose micro-batches were all skipped still issues the same collectives), waits
-/// for all and copies the sums into .grad (allocating it where undefined). A parameter without a
-/// gradient contributes zeros and receives the sum, so every rank's optimizer sees the same.
+/// arm() makes each .grad a tensor over its bucket slot (copying what earlier micro-batches
+/// accumulated), so the armed backward accumulates straight into the buckets and no second copy
+/// of the gradients exists (DDP's gradient_as_bucket_view). While armed, a hook on each parameter
+/// counts its gradients of that backward (it runs before autograd adds one to .grad); once a
+/// bucket and all before it have every gradient added (seen at the next gradient's hook, the
+/// engine running one node at a time) they are sent. finish() sends what is left (everything,
+/// when nothing was armed: a rank whose micro-batches were all skipped still issues the same
+/// collectives; a .grad that is not its slot is copied in first) and waits for all: every .grad
+/// is then its slot, holding the sum. A parameter without a gradient contributes zeros and
+/// receives the sum, so every rank's optimizer sees the same. Zeroing a .grad in place or setting
+/// it to none (LibTorch 1.13's and 2.x's zero_grad()) are both fine.
 ///
 /// How many gradients of one backward a parameter's hook sees (1 even for tied weights: autograd
 /// sums the uses before accumulating; more where a nested autograd::grad runs tensor hooks too,
 /// as LibTorch 2.x does inside activation checkpointing) is learnt in the first armed backward,
-/// which sends nothing early. Each time, the slot is rewritten from the .grad of that moment. Should a later backward deliver a gradient for a parameter whose bucket was already
+/// which sends nothing early. Should a later backward deliver a gradient for a parameter whose bucket was already
 /// sent, finish() throws std::logic_error after the collectives are done: the graph changed
 /// between steps, which the trainer never does.
 ///
@@ -66,6 +71,8 @@ class QTUNE_API GradientBuckets {
   int64_t bytes() const { return bytes_; }
   /// Buckets the last finish() found already sent during backward (for tests and measurements).
   int64_t sent_during_backward() const { return sent_during_backward_; }
+  /// Whether parameter `param`'s .grad is its bucket slot (true after finish()).
+  bool holds_gradient(int64_t param) const;
 
  private:
   struct Bucket {
@@ -76,7 +83,9 @@ class QTUNE_API GradientBuckets {
   };
   void on_gradient(int64_t param, const torch::Tensor& grad);
   void send_ready();          // sends the complete buckets from next_ on, in order
-  void send(Bucket& bucket);  // fills members no hook filled from .grad, starts the all-reduce
+  void send(Bucket& bucket);  // attaches every member, starts the all-reduce
+  torch::Tensor slot(int64_t param) const;  // its elements of its bucket's flat
+  void attach(int64_t param);  // makes .grad its slot, keeping the value
 
   std::vector<torch::Tensor> params_;
   std::vector<Bucket> buckets_;
@@ -92,7 +101,6 @@ class QTUNE_API GradientBuckets {
   bool calibrated_ = false;       // expected_ is known
   std::vector<int64_t> expected_;  // param -> gradients per backward (learnt)
   std::vector<int64_t> received_;  // param -> gradients received in this armed backward
-  std::vector<bool> filled_;       // param -> its bucket slot holds .grad + this backward's
   size_t next_ = 0;                // first bucket not sent yet
   int64_t late_param_ = -1;        // a gradient that came after its bucket was sent
   std::exception_ptr error_;       // thrown while sending from a hook; finish() rethrows it
