@@ -267,8 +267,13 @@ int run(int argc, char** argv) {
   }
 
   qtune::validate_bench_options(o, registry, command);
-  spdlog::info("qtune-bench {}: {} option sets, {} threads, device {}, out {}", command,
-               o.quant_sets.size(), o.threads > 0 ? o.threads : 0, o.device.str(), o.out_dir);
+  // scale measures its own sets (--scale_sets, or each backend's first), the rest --quant_sets.
+  std::string sets = std::to_string(o.quant_sets.size()) + " option sets";
+  if (command == "scale")
+    sets = o.scale_sets.empty() ? "each backend's first option set"
+                                : std::to_string(o.scale_sets.size()) + " option sets";
+  spdlog::info("qtune-bench {}: {}, {} threads, device {}, out {}", command, sets,
+               o.threads > 0 ? o.threads : 0, o.device.str(), o.out_dir);
   auto run_one = [&](const std::string& which) {
     qtune::BenchResult r;
     if (which == "quant")
