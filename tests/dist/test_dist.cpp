@@ -1,5 +1,6 @@
 // Data-parallel trainer runs on loopback, every process bounded in time: N ranks x batch B give the
-// per-step losses of 1 rank x N*B (full, lora, qlora-nf4; 3 ranks over an uneven epoch too);
+// per-step losses of 1 rank x N*B (full, lora, qlora-nf4; with activation checkpointing; 3 ranks
+// over an uneven epoch too);
 // SIGTERM to one rank stops every rank after the step with a checkpoint, SIGKILL of one rank
 // makes the others exit naming it, and resuming either matches the uninterrupted run bit for
 // bit; a sharded base and sharded AdamW moments compute the unsharded job bit for bit; a rank with another recipe, an unreachable master and SLURM's variables with the master
@@ -205,6 +206,26 @@ TEST_P(DistParity, TwoRanksOfFourMatchOneRankOfEight) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TrainTypes, DistParity, ::testing::Values("full", "lora", "qlora"));
+
+// With activation checkpointing each layer's gradients come out of its recompute (LibTorch 2.x
+// runs the tensor hooks inside it too): the buckets, which hold the gradients autograd
+// accumulates, must still sum exactly what one rank computes.
+TEST(Dist, CheckpointedLayersOnTwoRanksMatchOneRankForEveryTrainType) {
+  for (const char* type : {"full", "lora", "qlora"}) {
+    SCOPED_TRACE(type);
+    const std::vector<std::string> ckpt{"train.activation_checkpointing=true"};
+    const auto one = qtune::test::temp_dir("dist-ckpt-one");
+    auto r = run(run_args(one, type, 8, 3, ckpt));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const auto two = qtune::test::temp_dir("dist-ckpt-two");
+    auto extra = ckpt;
+    extra.insert(extra.end(), {"dist.bucket_mb=0.001", "dist.backend=gloo"});
+    r = run(plus(run_args(two, type, 4, 3, extra), {"--nproc_per_node", "2"}));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    expect_close(losses(one), losses(two), 1e-5);
+    EXPECT_GT(read_json(two + "/summary.json")["dist"]["buckets"].get<int64_t>(), 1);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // A sharded quantized base (dist.shard_base): each rank holds half of the quantized layers and
