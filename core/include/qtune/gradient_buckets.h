@@ -43,9 +43,9 @@ namespace qtune {
 /// How many gradients of one backward a parameter's hook sees (1 even for tied weights: autograd
 /// sums the uses before accumulating; more where a nested autograd::grad runs tensor hooks too,
 /// as LibTorch 2.x does inside activation checkpointing) is learnt in the first armed backward,
-/// which sends nothing early. Should a later backward deliver a gradient for a parameter whose bucket was already
-/// sent, finish() throws std::logic_error after the collectives are done: the graph changed
-/// between steps, which the trainer never does.
+/// which sends nothing early. Should a later backward deliver a gradient for a parameter whose
+/// bucket was already sent, finish() throws std::logic_error after the collectives are done: the
+/// graph changed between steps, which the trainer never does.
 ///
 /// Not thread-safe across calls; the hooks themselves may run on autograd's device threads. The
 /// parameters must outlive this object (its destructor removes the hooks).
