@@ -418,6 +418,7 @@ void apply_override(Json& recipe, const std::string& assignment) {
   QTUNE_CHECK(eq != std::string::npos && eq > 0, "override '", assignment,
               "' must look like key.path=value");
   const std::string key = assignment.substr(0, eq);
+  check_utf8(Json(key), "override '" + assignment + "': its key");
   Json value = parse_yaml_value(assignment.substr(eq + 1));
   // Build the nested overlay {"a": {"b": value}} and merge it with the usual checks.
   Json overlay = value;

@@ -438,6 +438,8 @@ std::vector<Case> make_cases() {
   add(recipe, "yaml_deep_override", "a key=value override nested 40 levels deep",
       flags({"seed=" + std::string(40, '[') + "1" + std::string(40, ']')}),
       "the YAML nests deeper than 32 levels");
+  add(recipe, "override_key_not_utf8", "a key=value override whose key is not UTF-8",
+      flags({"overwrite.se\xff" "ed=1"}), "its key: not valid UTF-8 text");
   add(recipe, "yaml_wrong_type", "`train: {lr: [1, 2]}` in a file",
       recipe_file("train:\n  lr: [1, 2]\n"), "train.lr must be a number");
   add(recipe, "yaml_binary", "a recipe file of binary bytes",
