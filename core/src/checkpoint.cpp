@@ -318,13 +318,12 @@ std::string save_checkpoint(const std::string& root, const LlamaForCausalLMImpl&
 
     std::map<std::string, torch::Tensor> moments;
     for (const auto& [path, p] : trainable) {
-      const auto* state_of_p = adamw_state(optimizer, p);
-      if (!state_of_p) continue;  // never stepped (no gradient yet)
-      const auto& s = *state_of_p;
-      moments[path + ".exp_avg"] = s.exp_avg();
-      moments[path + ".exp_avg_sq"] = s.exp_avg_sq();
-      if (s.max_exp_avg_sq().defined()) moments[path + ".max_exp_avg_sq"] = s.max_exp_avg_sq();
-      moments[path + ".step"] = torch::scalar_tensor(s.step(), torch::kLong);
+      const auto* s = adamw_state(optimizer, p);
+      if (!s) continue;  // never stepped (no gradient yet)
+      moments[path + ".exp_avg"] = s->exp_avg();
+      moments[path + ".exp_avg_sq"] = s->exp_avg_sq();
+      if (s->max_exp_avg_sq().defined()) moments[path + ".max_exp_avg_sq"] = s->max_exp_avg_sq();
+      moments[path + ".step"] = torch::scalar_tensor(s->step(), torch::kLong);
     }
     write_safetensors((fs::path(tmp) / kOptimizerFile).string(), moments,
                       {{"format", "qtune-adamw"}});

@@ -406,7 +406,7 @@ void check_overlapped_sums(const std::function<bool(int, int64_t, int64_t)>& ski
       // The first armed backward learns how many gradients each parameter gets; after that, a
       // bucket goes at the first hook after its last gradient was added: every bucket before
       // the one the backward's last gradient completes is sent before backward returns.
-      const int64_t early = last < 0 || !calibrated ? 0 : 4 - last_arrival;
+      const int64_t early = last < 0 || !calibrated ? 0 : a.num_buckets() - 1 - last_arrival;
       QTUNE_CHECK(a.sent_during_backward() == early, "step ", step, ": ",
                   a.sent_during_backward(), " buckets sent during backward, expected ", early);
       calibrated = calibrated || last >= 0;
